@@ -1,0 +1,225 @@
+"""Command line: lorakd train | eval | predict | params | pipeline | sweep | report | fit-budget."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from . import config as config_lib
+from .errors import UserError
+
+PRESETS = Path(__file__).resolve().parent.parent / "presets"
+
+
+def preset_path(name_or_path: str) -> Path:
+    """A config file path, or the name of a preset in presets/ (with or without .yaml)."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    for cand in (PRESETS / name_or_path, PRESETS / f"{name_or_path}.yaml"):
+        if cand.exists():
+            return cand
+    known = ", ".join(sorted(f.stem for f in PRESETS.glob("*.yaml"))) if PRESETS.is_dir() else "none"
+    raise UserError(f"{name_or_path}: no such config file or preset (presets: {known})")
+
+
+def load_config(args) -> config_lib.Config:
+    extra = {}
+    if getattr(args, "data", None):
+        extra["data.path"] = args.data
+    if getattr(args, "budget", None) is not None:
+        extra["model.budget"] = args.budget
+    path = preset_path(args.config) if getattr(args, "config", None) else None
+    return config_lib.load(path, args.overrides, extra)
+
+
+def default_run_dir(cfg, root="runs") -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(root) / f"{cfg.name}-{stamp}"
+
+
+def cmd_train(args):
+    from . import runs, train
+    from .report import plot_run
+
+    if args.resume:
+        if args.config or args.overrides or args.data:
+            raise UserError("--resume takes the run's own config; drop --config, --data and key=value")
+        run_dir = Path(args.resume)
+        cfg, _ = runs.load_run(run_dir)
+    else:
+        cfg = load_config(args)
+        run_dir = Path(args.out) if args.out else default_run_dir(cfg)
+    train.train(cfg, run_dir, resume=bool(args.resume))
+    if train.dist_env()[0] == 0:
+        plot_run(run_dir)
+        print(f"run folder: {run_dir}")
+
+
+def cmd_eval(args):
+    from .evaluate import evaluate_run
+
+    evaluate_run(args.run, args.split, device=args.device, backbone=args.backbone)
+
+
+def cmd_predict(args):
+    from .predict import predict
+
+    predict(args.run, args.input, args.out, device=args.device, batch_size=args.batch_size,
+            label_format=args.labels, backbone=args.backbone)
+
+
+def cmd_params(args):
+    from .model import count_params
+
+    if args.preset or args.config:
+        cfg = config_lib.load(preset_path(args.preset or args.config), args.overrides)
+    else:
+        cfg = config_lib.load(None, args.overrides)
+    m = {}
+    if args.model:
+        m["model.backbone"] = args.model
+    for key in ("r", "alpha", "targets", "layers"):
+        if getattr(args, key) is not None:
+            m[f"model.{key}"] = getattr(args, key)
+    if args.full_finetune:
+        m["model.full_finetune"] = True
+    if args.labels:
+        m["data.label_names"] = [f"class{i}" for i in range(args.labels)]
+    cfg = config_lib.override(cfg, **m) if m else cfg
+    counts = count_params(cfg.model, len(cfg.data.label_names))
+    mc = cfg.model
+    what = "full fine-tune" if mc.full_finetune else (
+        f"LoRA r={mc.r} alpha={mc.alpha:g} on {','.join(mc.targets)}, layers {','.join(map(str, mc.layers)) or 'all'}")
+    print(f"{mc.backbone}: {what}, {len(cfg.data.label_names)} labels")
+    print(f"{'module':<34} {'layers':>6} {'params':>12}")
+    for row in counts["breakdown"]:
+        print(f"{row['module']:<34} {row['layers'] if row['layers'] is not None else '':>6} {row['params']:>12,}")
+    print(f"trainable {counts['trainable']:,} of {counts['total']:,} "
+          f"({100 * counts['trainable'] / counts['total']:.3f}%)")
+    if cfg.role == "student" and mc.budget and not mc.full_finetune:
+        ok = counts["trainable"] <= mc.budget
+        print(f"budget {mc.budget:,}: {'within' if ok else 'OVER'} ({mc.budget - counts['trainable']:+,} left)")
+
+
+def cmd_pipeline(args):
+    from .pipeline import run_pipeline
+
+    run_pipeline(preset_path(args.config), args.overrides, out=args.out, data=args.data,
+                 predict_input=args.predict)
+
+
+def cmd_sweep(args):
+    from .sweep import run_sweep
+
+    run_sweep(args.sweep, gpus=args.gpus, dry_run=args.dry_run, data=args.data, out=args.out)
+
+
+def cmd_report(args):
+    from .report import report
+
+    report(args.paths, out_dir=args.out)
+
+
+def cmd_fit_budget(args):
+    from .sweep import fit_budget
+
+    fit_budget(budget=args.budget, backbone=args.model, targets=args.targets, num_labels=args.labels,
+               top=args.top, write=args.write, min_r=args.min_r)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lorakd", description="Budgeted LoRA text classifiers with distillation.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one run (a student or, with role=teacher, a teacher)")
+    t.add_argument("--config", help="YAML config file or preset name")
+    t.add_argument("--data", help="data folder, file or hub:ag_news (sets data.path)")
+    t.add_argument("--budget", type=int, help="trainable-parameter budget (sets model.budget)")
+    t.add_argument("--out", help="run folder (default runs/NAME-TIMESTAMP)")
+    t.add_argument("--resume", metavar="RUN", help="continue a killed run from its last checkpoint")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.r=8")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a finished run")
+    e.add_argument("run")
+    e.add_argument("--split", default="validation", choices=["validation", "test"])
+    e.add_argument("--device", default="auto")
+    e.add_argument("--backbone", help="a local copy of the run's backbone")
+    e.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("predict", help="write ID,Label predictions for unlabelled texts")
+    pr.add_argument("run")
+    pr.add_argument("--input", required=True, help="CSV, JSONL or pickle with a text column")
+    pr.add_argument("--out", required=True, help="output CSV")
+    pr.add_argument("--labels", default="index", help="index (0..K-1, default), name, or charcnn (1..K)")
+    pr.add_argument("--batch-size", type=int)
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--backbone", help="a local copy of the run's backbone")
+    pr.set_defaults(func=cmd_predict)
+
+    c = sub.add_parser("params", help="exact trainable/total parameter counts, without weights")
+    c.add_argument("--preset", help="a preset name or config file")
+    c.add_argument("--config", help="a config file")
+    c.add_argument("--model", help="backbone: roberta-base, roberta-large, bert-base-uncased, embedded:minilm, "
+                                   "a folder or hub id")
+    c.add_argument("--r", type=int)
+    c.add_argument("--alpha", type=float)
+    c.add_argument("--targets", help="comma-separated module names, e.g. query,key,value")
+    c.add_argument("--layers", help="comma-separated layer indices (default all)")
+    c.add_argument("--labels", type=int, help="number of classes (default: the config's, 4)")
+    c.add_argument("--full-finetune", action="store_true")
+    c.add_argument("overrides", nargs="*", metavar="key=value")
+    c.set_defaults(func=cmd_params)
+
+    pl = sub.add_parser("pipeline", help="teacher -> logits -> student -> evaluation -> predictions")
+    pl.add_argument("--config", required=True)
+    pl.add_argument("--data")
+    pl.add_argument("--out", help="pipeline folder (default runs/NAME)")
+    pl.add_argument("--predict", help="unlabelled input to predict at the end")
+    pl.add_argument("overrides", nargs="*", metavar="key=value")
+    pl.set_defaults(func=cmd_pipeline)
+
+    s = sub.add_parser("sweep", help="train a grid or random sample of configs under the budget")
+    s.add_argument("sweep", help="sweep YAML")
+    s.add_argument("--gpus", type=int, default=1, help="run members in parallel, one per GPU")
+    s.add_argument("--data", help="overrides data.path for every member")
+    s.add_argument("--out", help="sweep folder (default: the sweep's own, else runs/sweep-NAME)")
+    s.add_argument("--dry-run", action="store_true", help="list members and budget checks, train nothing")
+    s.set_defaults(func=cmd_sweep)
+
+    r = sub.add_parser("report", help="results table and plots across runs and sweeps")
+    r.add_argument("paths", nargs="+", help="run folders and/or sweep folders")
+    r.add_argument("--out", default="report", help="output folder (default report/)")
+    r.set_defaults(func=cmd_report)
+
+    f = sub.add_parser("fit-budget", help="propose adapter placements that use the budget well")
+    f.add_argument("--budget", type=int, default=1_000_000)
+    f.add_argument("--model", default="embedded:minilm")
+    f.add_argument("--targets", default="query,key,value,dense")
+    f.add_argument("--labels", type=int, default=4)
+    f.add_argument("--top", type=int, default=15)
+    f.add_argument("--min-r", type=int, default=1)
+    f.add_argument("--write", help="write the proposals as a sweep YAML")
+    f.set_defaults(func=cmd_fit_budget)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"lorakd: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("lorakd: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""One frozen, typed config: dataclasses that round-trip to YAML and take `section.key=value` overrides."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # folder (train.csv/test.csv, .parquet, .jsonl), one file, or hub:ag_news
+    val_fraction: float = 0.05  # carved from train, stratified and seeded
+    max_length: int = 128  # tokens; longer texts are truncated
+    max_train_samples: int = 0  # 0 = all; the first N after the split (quick runs)
+    repeat: int = 1  # repeat the training split N times (full-scale timing on the sample)
+    label_names: tuple[str, ...] = AG_NEWS_LABELS
+    group_by_length: bool = True  # batches of similar lengths: less padding, few shapes
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "embedded:minilm"  # embedded:minilm, a local folder, or a hub id
+    full_finetune: bool = False  # teachers: every weight trains, no adapters
+    r: int = 6
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("query", "key", "value")
+    layers: tuple[int, ...] = ()  # empty = every layer
+    budget: int = 1_000_000  # trainable-parameter limit for students; 0 = none
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 2e-4
+    batch_size: int = 24  # global: split across processes in multi-GPU runs
+    epochs: float = 3.0
+    max_steps: int = 0  # 0 = from epochs
+    weight_decay: float = 0.01
+    schedule: str = "polynomial"  # linear | cosine | polynomial | constant
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0  # 0 = off
+    seed: int = 42
+    log_every: int = 20  # steps between train-loss records
+    eval_every: int = 0  # steps between evaluations; 0 = each epoch
+    checkpoint_every: int = 200  # steps between resumable checkpoints; 0 = only on SIGTERM
+    eval_batch_size: int = 256
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on GPU) | bf16 | fp32
+    cuda_graphs: str = "auto"  # auto (on GPU) | on | off: one CUDA graph per shape bucket
+    threads: int = 0  # CPU threads; 0 = torch default
+    tensorboard: bool = False
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teachers: tuple[str, ...] = ()  # run folders of finished teachers
+    weights: tuple[float, ...] = ()  # per teacher; empty = equal
+    alpha: float = 0.5  # weight of CE; (1 - alpha) on T^2 * KL
+    temperature: float = 2.0
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "run"
+    role: str = "student"  # student (budget enforced) | teacher
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+CHOICES = {
+    "role": ("student", "teacher"),
+    "train.schedule": ("linear", "cosine", "polynomial", "constant"),
+    "train.precision": ("auto", "bf16", "fp32"),
+    "train.cuda_graphs": ("auto", "on", "off"),
+}
+
+
+def _coerce(value, tp, key):
+    """Check and convert one YAML value to the field's type, naming the key when it does not fit."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if value is None:
+            value = []
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key {key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, item_tp, key) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UserError(f"config key {key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise UserError(f"config key {key}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise UserError(f"config key {key}: expected an integer, got {value!r}") from None
+        if not math.isfinite(f) or f != int(f):
+            raise UserError(f"config key {key}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise UserError(f"config key {key}: expected a number, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"config key {key}: expected a number, got {value!r}") from None
+        if not math.isfinite(f):
+            raise UserError(f"config key {key}: expected a finite number, got {value!r}")
+        return f
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise UserError(f"config key {key}: expected text, got {value!r}")
+        return str(value)
+    raise TypeError(tp)
+
+
+def _build(cls, raw, prefix=""):
+    if not isinstance(raw, dict):
+        raise UserError(f"config section {prefix.rstrip('.') or '(top)'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UserError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    out = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else (list(v) if isinstance(v, tuple) else v)
+    return out
+
+
+def to_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _set_dotted(raw: dict, key: str, value):
+    parts = key.split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override {key}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str):
+    if "=" not in text:
+        raise UserError(f"override {text!r}: expected key=value, e.g. model.r=8")
+    key, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def merge(raw: dict, overrides: dict) -> dict:
+    """Deep-merge overrides (nested or dotted keys) into a copy of raw."""
+    out = yaml.safe_load(yaml.safe_dump(raw)) if raw else {}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and "." not in key and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            _set_dotted(out, key, value)
+    return out
+
+
+def read_yaml(path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such config file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected a YAML config file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of config keys at the top")
+    return raw
+
+
+def from_dict(raw: dict) -> Config:
+    cfg = _build(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def load(path=None, overrides=(), extra: dict | None = None) -> Config:
+    """Config from a YAML file (or defaults), then `extra` (dict), then `key=value` strings."""
+    raw = read_yaml(path) if path else {}
+    raw = merge(raw, extra or {})
+    raw = merge(raw, dict(parse_override(o) for o in overrides))
+    return from_dict(raw)
+
+
+def override(cfg: Config, **dotted) -> Config:
+    """A copy of cfg with dotted keys changed, e.g. override(cfg, **{"model.r": 8})."""
+    return from_dict(merge(to_dict(cfg), dotted))
+
+
+def validate(cfg: Config):
+    flat = flatten(cfg)
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise UserError(f"config key {key}: {flat[key]!r} is not one of {', '.join(allowed)}")
+    m, t, d, dc = cfg.model, cfg.train, cfg.data, cfg.distill
+    checks = [
+        (m.r >= 1, "model.r", "must be at least 1"),
+        (m.alpha > 0, "model.alpha", "must be positive"),
+        (0 <= m.dropout < 1, "model.dropout", "must be in [0, 1)"),
+        (m.full_finetune or len(m.targets) > 0, "model.targets", "needs at least one module name"),
+        (all(layer >= 0 for layer in m.layers), "model.layers", "layer indices start at 0"),
+        (m.budget >= 0, "model.budget", "must be >= 0"),
+        (t.lr > 0, "train.lr", "must be positive"),
+        (t.batch_size >= 1, "train.batch_size", "must be at least 1"),
+        (t.epochs > 0 or t.max_steps > 0, "train.epochs", "must be positive (or set train.max_steps)"),
+        (t.max_steps >= 0, "train.max_steps", "must be >= 0"),
+        (t.weight_decay >= 0, "train.weight_decay", "must be >= 0"),
+        (0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)"),
+        (t.grad_clip >= 0, "train.grad_clip", "must be >= 0"),
+        (t.log_every >= 1, "train.log_every", "must be at least 1"),
+        (t.eval_every >= 0, "train.eval_every", "must be >= 0"),
+        (t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0"),
+        (t.eval_batch_size >= 1, "train.eval_batch_size", "must be at least 1"),
+        (0 <= d.val_fraction < 1, "data.val_fraction", "must be in [0, 1)"),
+        (d.max_length >= 8, "data.max_length", "must be at least 8"),
+        (d.repeat >= 1, "data.repeat", "must be at least 1"),
+        (d.max_train_samples >= 0, "data.max_train_samples", "must be >= 0"),
+        (len(d.label_names) >= 2, "data.label_names", "needs at least two classes"),
+        (len(set(d.label_names)) == len(d.label_names), "data.label_names", "has duplicates"),
+        (0 <= dc.alpha <= 1, "distill.alpha", "must be in [0, 1]"),
+        (dc.temperature > 0, "distill.temperature", "must be positive"),
+        (not dc.weights or len(dc.weights) == len(dc.teachers), "distill.weights", "needs one weight per teacher"),
+        (all(w >= 0 for w in dc.weights) and (not dc.weights or sum(dc.weights) > 0), "distill.weights",
+         "must be non-negative and not all zero"),
+    ]
+    for ok, key, msg in checks:
+        if not ok:
+            raise UserError(f"config key {key}: {flat[key]!r} {msg}")
+
+
+def flatten(cfg) -> dict:
+    """{'model.r': 6, ...}: the form that sweeps, reports and overrides use."""
+    out = {}
+    for k, v in to_dict(cfg).items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": (tuple(vv) if isinstance(vv, list) else vv) for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+__all__ = ["Config", "DataConfig", "ModelConfig", "TrainConfig", "DistillConfig", "load", "from_dict",
+           "to_dict", "to_yaml", "flatten", "override", "merge", "read_yaml", "parse_override", "replace"]

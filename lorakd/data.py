@@ -1,0 +1,381 @@
+"""Data: read labelled splits (CSV, JSONL, parquet, hub), carve validation, tokenise once, batch by length."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+HUB_ALIASES = {"ag_news": "fancyzhx/ag_news", "fancyzhx/ag_news": "fancyzhx/ag_news"}
+FORMATS = (".csv", ".jsonl", ".parquet")
+csv.field_size_limit(1 << 30)  # a 10 MB row is legal CSV; tokenisation truncates it
+
+
+@dataclass
+class Split:
+    texts: list[str]
+    labels: np.ndarray | None  # int64 class indices 0..K-1, None for unlabelled input
+    ids: list[str] | None = None
+
+    def __len__(self):
+        return len(self.texts)
+
+    def subset(self, idx):
+        idx = np.asarray(idx, dtype=np.int64)
+        return Split([self.texts[i] for i in idx], None if self.labels is None else self.labels[idx],
+                     None if self.ids is None else [self.ids[i] for i in idx])
+
+
+# ---------------------------------------------------------------- reading files
+
+def _decode(path: Path) -> str:
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected a file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a BOM is tolerated
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line}: bytes that are not UTF-8 (offset {e.start})") from None
+    if not text.strip():
+        raise UserError(f"{path}: the file is empty")
+    return text
+
+
+def _label(value, names, one_based, where):
+    """A class index 0..K-1 from an int (0- or 1-based by layout) or a class name."""
+    k = len(names)
+    if isinstance(value, (bool, np.bool_)):
+        raise UserError(f"{where}: label {value!r} is not a class")
+    if isinstance(value, (int, np.integer)) or (isinstance(value, float) and float(value).is_integer()):
+        i = int(value)
+    else:
+        s = str(value).strip()
+        try:
+            i = int(s)
+        except ValueError:
+            lowered = [n.lower() for n in names]
+            if s.lower() in lowered:
+                return lowered.index(s.lower())
+            raise UserError(f"{where}: label {s!r} is neither a class number nor one of {', '.join(names)}") from None
+    lo = 1 if one_based else 0
+    if not lo <= i < lo + k:
+        base = "1-based (CharCNN layout)" if one_based else "0-based"
+        raise UserError(f"{where}: label {i} outside the classes {lo}..{lo + k - 1} ({base})")
+    return i - lo
+
+
+def _text(title, description, where):
+    text = " ".join(s.strip() for s in (title, description) if s is not None and str(s).strip())
+    if not text:
+        raise UserError(f"{where}: empty text")
+    return text
+
+
+def _find(columns, *names):
+    lowered = {str(c).strip().lower(): c for c in columns}
+    for n in names:
+        if n in lowered:
+            return lowered[n]
+    return None
+
+
+def _rows_to_split(rows, columns, names, where, need_labels=True):
+    """Records with named columns (header CSV, JSONL, parquet, pickles) to a Split."""
+    text_col = _find(columns, "text", "sentence", "content")
+    title_col, desc_col = _find(columns, "title"), _find(columns, "description")
+    label_col = _find(columns, "label", "labels", "class")
+    id_col = _find(columns, "id")
+    if text_col is None and title_col is None:
+        raise UserError(f"{where}: no text column (expected 'text', or 'title' and 'description'; "
+                        f"found {', '.join(map(str, columns)) or 'none'})")
+    if need_labels and label_col is None:
+        raise UserError(f"{where}: no label column (expected 'label'; found {', '.join(map(str, columns))})")
+    one_based = label_col is not None and str(label_col).strip().lower() == "class"
+    texts, labels, ids = [], [], []
+    for n, (row_where, row) in enumerate(rows):
+        if text_col is not None:
+            t = row.get(text_col)
+            if t is not None and not isinstance(t, str):
+                raise UserError(f"{row_where}: text is {type(t).__name__}, expected a string")
+            texts.append(_text(t, None, row_where))
+        else:
+            texts.append(_text(row.get(title_col), row.get(desc_col), row_where))
+        if need_labels:
+            labels.append(_label(row.get(label_col), names, one_based, row_where))
+        ids.append(str(row[id_col]) if id_col is not None else str(n))
+    if not texts:
+        raise UserError(f"{where}: no rows")
+    return Split(texts, np.asarray(labels, dtype=np.int64) if need_labels else None, ids)
+
+
+def _read_csv(path: Path, names, need_labels=True) -> Split:
+    text = _decode(path)
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline=""), strict=True))
+    except csv.Error as e:
+        raise UserError(f"{path}: malformed CSV ({e})") from None
+    numbered = [(i + 1, r) for i, r in enumerate(rows) if any(c.strip() for c in r)]  # blank rows skipped
+    if not numbered:
+        raise UserError(f"{path}: the file is empty")
+    header = [c.strip().lower() for c in numbered[0][1]]
+    if {"text", "title", "label", "class", "id", "description"} & set(header):
+        cols = numbered[0][1]
+        recs = []
+        for line, r in numbered[1:]:
+            if len(r) != len(cols):
+                raise UserError(f"{path}: row {line}: {len(r)} columns, the header has {len(cols)}")
+            recs.append((f"{path}: row {line}", dict(zip(cols, r))))
+        return _rows_to_split(recs, cols, names, str(path), need_labels)
+    if not need_labels:  # headerless unlabelled input: one text per row
+        return Split([_text(r[0], None, f"{path}: row {i}") for i, r in numbered], None,
+                     [str(n) for n in range(len(numbered))])
+    texts, labels = [], []
+    for line, r in numbered:  # CharCNN layout: "class","title","description", classes 1..K
+        where = f"{path}: row {line}"
+        if len(r) not in (2, 3):
+            raise UserError(f"{where}: {len(r)} columns, expected class,title,description (CharCNN layout)")
+        labels.append(_label(r[0], names, True, where))
+        texts.append(_text(r[1], r[2] if len(r) == 3 else None, where))
+    return Split(texts, np.asarray(labels, dtype=np.int64), [str(n) for n in range(len(texts))])
+
+
+def _read_jsonl(path: Path, names, need_labels=True) -> Split:
+    recs, columns = [], {}
+    for i, line in enumerate(_decode(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {i}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}: line {i}: expected a JSON object")
+        columns.update(dict.fromkeys(obj))
+        recs.append((f"{path}: line {i}", obj))
+    return _rows_to_split(recs, list(columns), names, str(path), need_labels)
+
+
+def _frame_to_split(df, names, where, need_labels=True) -> Split:
+    recs = ((f"{where}: row {i}", r) for i, r in enumerate(df.to_dict("records")))
+    return _rows_to_split(recs, list(df.columns), names, where, need_labels)
+
+
+def _read_parquet(path: Path, names, need_labels=True) -> Split:
+    import pandas as pd
+
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    try:
+        df = pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises many types for a broken file
+        raise UserError(f"{path}: not a readable parquet file ({type(e).__name__})") from None
+    return _frame_to_split(df, names, str(path), need_labels)
+
+
+def _read_pickle(path: Path, names) -> Split:
+    """The course format: a pickled datasets.Dataset, DataFrame, dict of columns or list with a `text` column."""
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected a file")
+    try:
+        with open(path, "rb") as f:
+            obj = pickle.load(f)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
+    if hasattr(obj, "to_pandas") and hasattr(obj, "column_names"):  # datasets.Dataset
+        obj = obj.to_pandas()
+    if isinstance(obj, dict):
+        obj = [dict(zip(obj, vals)) for vals in zip(*obj.values())] if obj else []
+    if isinstance(obj, list):
+        if obj and all(isinstance(x, str) for x in obj):
+            obj = [{"text": x} for x in obj]
+        if not all(isinstance(x, dict) for x in obj):
+            raise UserError(f"{path}: a list pickle must hold strings or records with a 'text' key")
+        columns = list(dict.fromkeys(k for x in obj for k in x))
+        return _rows_to_split(((f"{path}: row {i}", x) for i, x in enumerate(obj)), columns, names, str(path), False)
+    if hasattr(obj, "columns") and hasattr(obj, "to_dict"):
+        return _frame_to_split(obj, names, str(path), need_labels=False)
+    raise UserError(f"{path}: pickle holds a {type(obj).__name__}; expected a Dataset, DataFrame or list with 'text'")
+
+
+def read_file(path, names, need_labels=True) -> Split:
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _read_csv(path, names, need_labels)
+    if suffix in (".jsonl", ".json"):
+        return _read_jsonl(path, names, need_labels)
+    if suffix == ".parquet":
+        return _read_parquet(path, names, need_labels)
+    if suffix in (".pkl", ".pickle") and not need_labels:
+        return _read_pickle(path, names)
+    raise UserError(f"{path}: unknown format {suffix or '(no suffix)'}; use .csv, .jsonl or .parquet"
+                    + ("" if need_labels else " or .pkl"))
+
+
+def read_unlabelled(path, names) -> Split:
+    split = read_file(path, names, need_labels=False)
+    seen = set()
+    for i in split.ids:
+        if i in seen:
+            raise UserError(f"{path}: duplicate ID {i!r}")
+        seen.add(i)
+    return split
+
+
+def _load_hub(name, names) -> dict[str, Split]:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"data.path {name}: loading from the hub needs `pip install datasets`") from None
+    hub_id = HUB_ALIASES.get(name, name)
+    try:
+        ds = datasets.load_dataset(hub_id)
+    except Exception as e:
+        raise UserError(f"data.path {name}: could not load {hub_id} from the hub ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    return {split: _frame_to_split(ds[split].to_pandas(), names, f"{hub_id}[{split}]") for split in ds}
+
+
+def read_splits(path, names) -> dict[str, Split]:
+    """{'train': Split, 'test': Split?} from a folder, one file, or a hub id."""
+    if not path:
+        raise UserError("data.path is not set: pass --data FOLDER_OR_FILE or set data.path in the config")
+    p = Path(path)
+    if str(path).startswith("hub:") or (not p.exists() and str(path) in HUB_ALIASES):
+        return _load_hub(str(path).removeprefix("hub:"), names)
+    if not p.exists():
+        raise UserError(f"{p}: no such file or folder (data.path)")
+    if p.is_file():
+        return {"train": read_file(p, names)}
+    out = {}
+    for split in ("train", "test"):
+        found = [p / f"{split}{ext}" for ext in FORMATS if (p / f"{split}{ext}").exists()]
+        if found:
+            out[split] = read_file(found[0], names)
+    if "train" not in out:
+        raise UserError(f"{p}: no train.csv, train.jsonl or train.parquet in this folder")
+    return out
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int):
+    """(train_idx, val_idx): the same fraction of every class, the same indices for the same seed."""
+    rng = np.random.default_rng(seed)
+    train_idx, val_idx = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        n_val = int(round(fraction * len(idx)))
+        val_idx.append(idx[:n_val])
+        train_idx.append(idx[n_val:])
+    return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
+
+
+def load_splits(data_cfg, seed) -> dict[str, Split]:
+    """train / validation (carved from train) / test (when present), as the config asks."""
+    splits = read_splits(data_cfg.path, data_cfg.label_names)
+    train = splits["train"]
+    if "validation" in splits:
+        val = splits["validation"]
+    else:
+        tr, va = stratified_split(train.labels, data_cfg.val_fraction, seed)
+        train, val = train.subset(tr), train.subset(va)
+    if data_cfg.max_train_samples:
+        train = train.subset(np.arange(min(data_cfg.max_train_samples, len(train))))
+    if data_cfg.repeat > 1:
+        train = train.subset(np.tile(np.arange(len(train)), data_cfg.repeat))
+    out = {"train": train, "validation": val}
+    if "test" in splits:
+        out["test"] = splits["test"]
+    return out
+
+
+def fingerprint(split: Split, extra="") -> str:
+    """A short hash of the texts and labels (and anything else that shapes a cache)."""
+    h = hashlib.sha256(extra.encode())
+    for t in split.texts:
+        h.update(t.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    if split.labels is not None:
+        h.update(split.labels.tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- tokens and batches
+
+def encode(tokenizer, texts, max_length, chunk=4096) -> list[np.ndarray]:
+    """Token ids per text, unpadded: tokenised once, then batches only index and pad."""
+    out = []
+    for i in range(0, len(texts), chunk):
+        enc = tokenizer(texts[i: i + chunk], truncation=True, max_length=max_length)
+        out.extend(np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"])
+    return out
+
+
+def batch_order(lengths, batch_size, seed, epoch, group_by_length=True, shuffle=True) -> list[np.ndarray]:
+    """The batches of one epoch, a pure function of (seed, epoch): resume replays the same order.
+
+    Grouping sorts each window of 50 batches by length, so a batch pads little and the
+    padded lengths take few distinct values (one CUDA graph each)."""
+    n = len(lengths)
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    if group_by_length:
+        window = batch_size * 50
+        lengths = np.asarray(lengths)
+        order = np.concatenate([w[np.argsort(-lengths[w], kind="stable")]
+                                for w in np.array_split(order, max(1, -(-n // window)))])
+    batches = [order[i: i + batch_size] for i in range(0, n, batch_size)]
+    if group_by_length and shuffle:
+        perm = np.random.default_rng([seed, epoch, 1]).permutation(len(batches))
+        batches = [batches[i] for i in perm]
+    return batches
+
+
+def pad_length(n, multiple=16, max_length=None):
+    m = -(-n // multiple) * multiple
+    return min(m, max_length) if max_length else m
+
+
+class TokenStore:
+    """One split's token ids padded once into a [N, L] tensor on the device.
+
+    A batch is then an index tensor: ids and mask are gathered where the model runs, so a training
+    step moves only B integers from the host (and a CUDA graph takes that index as its one input)."""
+
+    def __init__(self, encoded, labels, pad_id, device, multiple=16):
+        import torch
+
+        self.lengths_np = np.asarray([len(e) for e in encoded], dtype=np.int64)
+        self.width_max = pad_length(int(self.lengths_np.max()), multiple)
+        ids = np.full((len(encoded), self.width_max), pad_id, dtype=np.int64)
+        for row, e in enumerate(encoded):
+            ids[row, : len(e)] = e
+        self.multiple = multiple
+        self.ids = torch.from_numpy(ids).to(device)
+        self.lengths = torch.from_numpy(self.lengths_np).to(device)
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long).to(device)
+
+    def __len__(self):
+        return len(self.lengths_np)
+
+    def width(self, idx) -> int:
+        """Padded length for a batch: a multiple of 16, so few distinct shapes occur."""
+        return min(pad_length(int(self.lengths_np[idx].max()), self.multiple), self.width_max)
+
+    def batch(self, idx_t, width):
+        import torch
+
+        ids = self.ids[idx_t, :width]
+        mask = (torch.arange(width, device=ids.device)[None, :] < self.lengths[idx_t, None]).long()
+        return ids, mask

