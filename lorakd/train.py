@@ -284,7 +284,9 @@ def train(cfg, run_dir, resume=False, log=print) -> dict:
     run_step = GraphedStep(step_fn, params, optimizer, acc) if use_graphs else step_fn
 
     train_store = stores["train"]
-    steps_per_epoch = math.ceil(len(train_store) / tc.batch_size)
+    # A last batch smaller than the process count would leave a process idle: it is dropped.
+    full, rest = divmod(len(train_store), tc.batch_size)
+    steps_per_epoch = full + (rest >= world)
     total = tc.max_steps or math.ceil(tc.epochs * steps_per_epoch)
     warmup = math.ceil(tc.warmup_ratio * total)
     eval_every = tc.eval_every or steps_per_epoch
@@ -383,23 +385,27 @@ def train(cfg, run_dir, resume=False, log=print) -> dict:
     old_handler = signal.signal(signal.SIGTERM, on_sigterm) if rank == 0 or world == 1 else None
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, disable=rank != 0 or None, dynamic_ncols=True, mininterval=1.0)
-    epoch_batches = (None, None)
+    epoch_batches = (None,)
     lr_now = tc.lr
     try:
         while step < total:
             epoch, pos = divmod(step, steps_per_epoch)
-            if epoch_batches[0] != epoch:
-                epoch_batches = (epoch, data_lib.batch_order(train_store.lengths_np, tc.batch_size, tc.seed, epoch,
-                                                             cfg.data.group_by_length))
-            idx = epoch_batches[1][pos]
-            shard = idx[rank::world]
+            if epoch_batches[0] != epoch:  # the epoch's shards go to the device at once: no copy per step
+                batches = data_lib.batch_order(train_store.lengths_np, tc.batch_size, tc.seed, epoch,
+                                               cfg.data.group_by_length)
+                batches = [b for b in batches if len(b) >= world]
+                shards = [b[rank::world] for b in batches]
+                starts = np.cumsum([0] + [len(b) for b in shards])
+                epoch_batches = (epoch, batches, shards, starts, torch.as_tensor(np.concatenate(shards), device=device))
+            _, batches, shards, starts, on_device = epoch_batches
+            shard = shards[pos]
             lr_now = tc.lr * lr_factor(step, total, warmup, tc.schedule, tc.lr)
             t0 = time.perf_counter()
             set_lr(optimizer, lr_now)
-            run_step(torch.as_tensor(shard, device=device), train_store.width(shard))
+            run_step(on_device[starts[pos]: starts[pos + 1]], train_store.width(shard))
             step += 1
             acc_steps += 1
-            samples += len(idx)
+            samples += len(batches[pos])
             if device.type == "cuda" and (step % tc.log_every == 0 or step % eval_every == 0 or step == total):
                 torch.cuda.synchronize(device)  # time only where we would sync anyway
             train_time += time.perf_counter() - t0

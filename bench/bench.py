@@ -1,0 +1,280 @@
+"""GPU benchmark: lorakd vs the stock transformers.Trainer + peft, same recipe and data, side by side.
+
+Run on the lent GPU (one call), from the repo root:
+    python bench/bench.py --backbone .device-carry/minilm --data .device-carry/data --out bench/results
+Prints a table and writes bench/results/bench-<device>-<date>.json. Sections (--only to pick some):
+  check    fast path (CUDA graphs) vs plain path: per-step losses on the same batches
+  minilm   peer vs lorakd on the embedded MiniLM: reference recipe on the sample (accuracy, speed),
+           and one epoch of the sample repeated to 120,000 rows (speed at full-split scale)
+  roberta  peer vs lorakd on roberta-base shapes with random weights (speed only)
+  batch    lorakd at larger batches: fastest time to the peer's accuracy
+  predict  `lorakd predict` throughput, adapters merged
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lorakd import config as config_lib  # noqa: E402
+from lorakd import data as data_lib  # noqa: E402
+from lorakd import model as model_lib  # noqa: E402
+from lorakd.runs import read_metrics  # noqa: E402
+from lorakd.train import train  # noqa: E402
+
+FULL_SPLIT = 120_000
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops():
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def flops_per_sample(backbone, tokens):
+    """Matmul FLOPs of one LoRA training sample: forward 2*N*T plus backward through activations
+    2*N*T (frozen weights need no weight gradients), N = non-embedding linear weights, plus attention."""
+    cfg = model_lib.backbone_config(backbone, 4)
+    h, n_layers, inter = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
+    linear = n_layers * (4 * h * h + 2 * h * inter)
+    attention = n_layers * 2 * tokens * h  # QK^T and AV, per token
+    return 4 * (linear + attention) * tokens
+
+
+def reference(backbone, data, **over):
+    base = {"name": "bench", "data.path": data, "model.backbone": backbone, "train.log_every": 50,
+            "train.checkpoint_every": 0, "train.eval_batch_size": 512}
+    base.update(over)
+    return config_lib.load(Path(__file__).resolve().parent.parent / "presets" / "agnews-minilm.yaml", [], base)
+
+
+def peak_mem_reset():
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def peak_mem_gb():
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def mean_tokens(cfg):
+    splits = data_lib.load_splits(cfg.data, cfg.train.seed)
+    tok = model_lib.load_tokenizer(cfg.model.backbone)
+    enc = data_lib.encode(tok, splits["train"].texts, cfg.data.max_length)
+    return sum(len(e) for e in enc) / len(enc)
+
+
+# ---------------------------------------------------------------- lorakd
+
+def run_lorakd(cfg, tmp):
+    run_dir = Path(tempfile.mkdtemp(dir=tmp))
+    peak_mem_reset()
+    t0 = time.perf_counter()
+    summary = train(cfg, run_dir, log=lambda *a: None)
+    wall = time.perf_counter() - t0
+    return {"samples_per_s": summary["samples_per_s"], "train_time_s": summary["train_time_s"], "wall_s": wall,
+            "val_acc": summary.get("validation_accuracy"), "peak_gb": peak_mem_gb(), "steps": summary["steps"],
+            "run_dir": str(run_dir)}
+
+
+# ---------------------------------------------------------------- the peer: Trainer + PEFT
+
+def run_peer(cfg, tmp, max_steps=0, evaluate=True):
+    """transformers.Trainer + peft.get_peft_model, the reference recipe, DataCollatorWithPadding, bf16."""
+    import inspect
+
+    import numpy as np
+    from peft import LoraConfig, get_peft_model
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainingArguments)
+
+    src = model_lib.resolve_backbone(cfg.model.backbone)
+    tok = AutoTokenizer.from_pretrained(src)
+    splits = data_lib.load_splits(cfg.data, cfg.train.seed)
+
+    def records(split):
+        enc = tok(split.texts, truncation=True, max_length=cfg.data.max_length)
+        return [{"input_ids": i, "attention_mask": m, "labels": int(y)}
+                for i, m, y in zip(enc["input_ids"], enc["attention_mask"], split.labels)]
+
+    train_set, val_set = records(splits["train"]), records(splits["validation"])
+    torch.manual_seed(cfg.train.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=4)
+    m = cfg.model
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout,
+                                             target_modules=list(m.targets)))
+    t = cfg.train
+    kwargs = dict(output_dir=str(Path(tmp) / "peer"), per_device_train_batch_size=t.batch_size,
+                  per_device_eval_batch_size=t.eval_batch_size, learning_rate=t.lr, num_train_epochs=t.epochs,
+                  max_steps=max_steps or -1, weight_decay=t.weight_decay, lr_scheduler_type=t.schedule, bf16=torch.cuda.is_available(),
+                  logging_steps=50, save_strategy="no", report_to=[], seed=t.seed, max_grad_norm=t.grad_clip)
+    # transformers 5 dropped warmup_ratio: a float warmup_steps is the ratio there.
+    if "warmup_ratio" in inspect.signature(TrainingArguments).parameters:
+        kwargs["warmup_ratio"] = t.warmup_ratio
+    else:
+        kwargs["warmup_steps"] = t.warmup_ratio
+    trainer = Trainer(model=model, args=TrainingArguments(**kwargs), train_dataset=train_set,
+                      data_collator=DataCollatorWithPadding(tok))
+    peak_mem_reset()
+    t0 = time.perf_counter()
+    out = trainer.train()
+    wall = time.perf_counter() - t0
+    res = {"samples_per_s": out.metrics["train_samples_per_second"], "train_time_s": out.metrics["train_runtime"],
+           "wall_s": wall, "peak_gb": peak_mem_gb(), "steps": out.global_step, "val_acc": None}
+    if evaluate:
+        pred = trainer.predict(val_set)
+        res["val_acc"] = float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())
+    del trainer, model
+    torch.cuda.empty_cache()
+    return res
+
+
+# ---------------------------------------------------------------- sections
+
+def check_fast_path(backbone, data, tmp, steps=60):
+    """Same seed, no dropout, same batches: per-step train loss of the graphed and the plain step."""
+    out = {}
+    for mode in ("off", "on"):
+        cfg = reference(backbone, data, **{"train.max_steps": steps, "train.log_every": 1, "model.dropout": 0.0,
+                                           "train.cuda_graphs": mode, "train.eval_every": 10_000})
+        r = run_lorakd(cfg, tmp)
+        out[mode] = [x["loss"] for x in read_metrics(r["run_dir"]) if x["split"] == "train"]
+    diffs = [abs(a - b) for a, b in zip(out["off"], out["on"])]
+    return {"steps": steps, "max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs),
+            "first_losses_plain": out["off"][:5], "first_losses_graphed": out["on"][:5],
+            "last_loss_plain": out["off"][-1], "last_loss_graphed": out["on"][-1]}
+
+
+def full_scale(backbone, data, tmp, batch=24, peer_steps=600):
+    """One epoch of the sample repeated to 120,000 rows: lorakd timed whole, the peer over peer_steps."""
+    n_train = len(data_lib.load_splits(reference(backbone, data).data, 42)["train"])
+    repeat = math.ceil(FULL_SPLIT / n_train)
+    steps = FULL_SPLIT // batch
+    cfg = reference(backbone, data, **{"data.repeat": repeat, "train.max_steps": steps, "train.batch_size": batch,
+                                       "data.val_fraction": 0.05})
+    ours = run_lorakd(cfg, tmp)
+    peer = run_peer(reference(backbone, data, **{"data.repeat": repeat}), tmp, max_steps=peer_steps, evaluate=False)
+    return ours, peer
+
+
+def make_roberta(tmp, tokenizer_src):
+    """roberta-base shapes with random weights, with the MiniLM tokenizer (ids fit its vocabulary)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = Path(tmp) / "roberta-base-random"
+    cfg = model_lib.backbone_config("roberta-base", 4)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_src).save_pretrained(folder)
+    return str(folder)
+
+
+def row(name, r, mfu_flops, peak):
+    mfu = r["samples_per_s"] * mfu_flops / peak if peak else None
+    return {"name": name, "samples_per_s": round(r["samples_per_s"], 1),
+            "epoch_120k_s": round(FULL_SPLIT / r["samples_per_s"], 1), "peak_gb": round(r["peak_gb"], 2),
+            "val_acc": None if r.get("val_acc") is None else round(r["val_acc"], 4),
+            "mfu_pct": None if mfu is None else round(100 * mfu, 2), "steps": r["steps"],
+            "train_time_s": round(r["train_time_s"], 2)}
+
+
+def print_table(rows):
+    cols = ["name", "samples_per_s", "epoch_120k_s", "peak_gb", "val_acc", "mfu_pct", "steps", "train_time_s"]
+    widths = [max([len(c)] + [len(str(r.get(c))) for r in rows]) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(str(r.get(c)).ljust(w) for c, w in zip(cols, widths)))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backbone", default="embedded:minilm")
+    ap.add_argument("--data", default="../shared/data/ag_news")
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--only", default="check,minilm,roberta,batch,predict")
+    ap.add_argument("--roberta-steps", type=int, default=300)
+    ap.add_argument("--peer-steps", type=int, default=600)
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    tmp = tempfile.mkdtemp(prefix="lorakd-bench-")
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    peak = peak_flops()
+    import peft
+    import transformers
+    result = {"device": dev, "date": date.today().isoformat(), "torch": torch.__version__,
+              "transformers": transformers.__version__, "peft": peft.__version__, "rows": [], "notes": {}}
+    out_path = Path(args.out) / f"bench-{dev.replace(' ', '_')}-{result['date']}.json"
+
+    def save():
+        from lorakd import atomic
+        atomic.write_json(out_path, result)
+
+    ref = reference(args.backbone, args.data)
+    fps_minilm = flops_per_sample(args.backbone, mean_tokens(ref))
+    if "check" in only:
+        result["check"] = check_fast_path(args.backbone, args.data, tmp)
+        print("fast-path check:", json.dumps(result["check"]), flush=True)
+        save()
+    if "minilm" in only:
+        peer = run_peer(ref, tmp)
+        result["rows"].append(row("peer minilm ref (sample, 3 ep)", peer, fps_minilm, peak))
+        ours = run_lorakd(ref, tmp)
+        result["rows"].append(row("lorakd minilm ref (sample, 3 ep)", ours, fps_minilm, peak))
+        result["notes"]["acc_gap_pt"] = round(100 * (ours["val_acc"] - peer["val_acc"]), 2)
+        result["notes"]["speedup_ref"] = round(ours["samples_per_s"] / peer["samples_per_s"], 2)
+        save()
+        ours120, peer120 = full_scale(args.backbone, args.data, tmp, peer_steps=args.peer_steps)
+        result["rows"].append(row(f"peer minilm 120k ({args.peer_steps} steps timed)", peer120, fps_minilm, peak))
+        result["rows"].append(row("lorakd minilm 120k (1 epoch)", ours120, fps_minilm, peak))
+        result["notes"]["speedup_120k"] = round(ours120["samples_per_s"] / peer120["samples_per_s"], 2)
+        result["peer_val_acc"] = peer["val_acc"]
+        save()
+        print_table(result["rows"])
+    if "roberta" in only:
+        rb = make_roberta(tmp, model_lib.resolve_backbone(args.backbone))
+        n_train = len(data_lib.load_splits(ref.data, 42)["train"])
+        rcfg = reference(rb, args.data, **{"model.budget": 0, "data.repeat": math.ceil(FULL_SPLIT / n_train)})
+        fps_rb = flops_per_sample(rb, mean_tokens(ref))
+        peer = run_peer(rcfg, tmp, max_steps=args.roberta_steps, evaluate=False)
+        result["rows"].append(row(f"peer roberta-base shapes ({args.roberta_steps} steps)", peer, fps_rb, peak))
+        ours = run_lorakd(config_lib.override(rcfg, **{"train.max_steps": args.roberta_steps * 4}), tmp)
+        result["rows"].append(row(f"lorakd roberta-base shapes ({args.roberta_steps * 4} steps)", ours, fps_rb, peak))
+        result["notes"]["speedup_roberta"] = round(ours["samples_per_s"] / peer["samples_per_s"], 2)
+        shutil.rmtree(rb, ignore_errors=True)
+        save()
+    if "batch" in only:
+        target = result.get("peer_val_acc")
+        for bs, lr in ((64, 4e-4), (128, 6e-4)):
+            r = run_lorakd(reference(args.backbone, args.data, **{"train.batch_size": bs, "train.lr": lr}), tmp)
+            result["rows"].append(row(f"lorakd minilm batch {bs} lr {lr:g} (sample, 3 ep)", r, fps_minilm, peak))
+            result["notes"][f"batch{bs}_reaches_peer_acc"] = None if target is None else r["val_acc"] >= target - 0.003
+        save()
+    if "predict" in only:
+        from lorakd.predict import predict
+        run_dir = run_lorakd(reference(args.backbone, args.data, **{"train.max_steps": 50}), tmp)["run_dir"]
+        texts = data_lib.read_splits(args.data, ref.data.label_names)["train"].texts
+        inp = Path(tmp) / "unlabelled.jsonl"
+        inp.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
+        predict(run_dir, inp, Path(tmp) / "warm.csv", log=lambda *a: None)  # warm-up: CUDA context, kernels
+        stats = predict(run_dir, inp, Path(tmp) / "pred.csv", batch_size=512, log=lambda *a: None)
+        result["predict"] = {"texts": stats["n"], "texts_per_s": round(stats["texts_per_s"], 1), "device": dev}
+        print("predict:", result["predict"])
+        save()
+    print_table(result["rows"])
+    print(json.dumps(result["notes"]))
+    print(f"wrote {out_path}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Training loop: schedules, budget refusal, NaN stop, and exact resume after SIGKILL / SIGTERM."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from lorakd import config as config_lib
+from lorakd.errors import UserError
+from lorakd.runs import read_metrics
+from lorakd.train import lr_factor, train
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "polynomial", "constant"])
+def test_lr_schedule_matches_transformers(schedule):
+    from transformers import get_scheduler
+
+    total, warmup, lr = 50, 5, 1e-3
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = get_scheduler(schedule if schedule != "constant" else "constant_with_warmup", opt,
+                          num_warmup_steps=warmup, num_training_steps=total)
+    for step in range(total):
+        assert math.isclose(opt.param_groups[0]["lr"], lr * lr_factor(step, total, warmup, schedule, lr),
+                            rel_tol=1e-6, abs_tol=1e-12), step
+        opt.step()
+        sched.step()
+
+
+def test_budget_refused_before_training(tiny_config, tmp_path):
+    cfg = tiny_config(**{"model.budget": 1000})
+    with pytest.raises(UserError, match=r"trainable parameters exceed the budget of 1,000"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_teacher_role_has_no_budget(tiny_config, tmp_path):
+    cfg = tiny_config(**{"model.budget": 1000, "role": "teacher", "model.full_finetune": True, "train.max_steps": 3})
+    assert train(cfg, tmp_path / "run", log=lambda *a: None)["steps"] == 3
+
+
+def test_nan_loss_stops_with_clear_message(tiny_config, tmp_path):
+    cfg = tiny_config(**{"train.lr": 1e30, "train.grad_clip": 0.0, "train.checkpoint_every": 5, "train.log_every": 1})
+    with pytest.raises(UserError, match="loss became nan"):
+        train(cfg, tmp_path / "run", log=lambda *a: None)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["status"] == "running"  # never marked done
+
+
+def test_existing_run_folder_is_not_overwritten(tiny_config, tmp_path):
+    cfg = tiny_config(**{"train.max_steps": 2})
+    train(cfg, tmp_path / "run", log=lambda *a: None)
+    before = (tmp_path / "run" / "eval.json").read_bytes()
+    with pytest.raises(UserError, match="already exists"):
+        train(cfg, tmp_path / "run", log=lambda *a: None)
+    assert (tmp_path / "run" / "eval.json").read_bytes() == before
+
+
+def _final(run_dir):
+    records = [{k: v for k, v in r.items() if k != "samples_per_s"} for r in read_metrics(run_dir)]
+    return records, json.loads((run_dir / "eval.json").read_text())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_resume_after_kill_matches_uninterrupted(tiny_config, tmp_path, sig):
+    """A real training process is killed mid-epoch; the resumed run ends with the same metrics."""
+    cfg = tiny_config(**{"train.checkpoint_every": 7, "train.epochs": 6, "model.dropout": 0.1, "train.log_every": 3})
+    ref = tmp_path / "uninterrupted"
+    train(cfg, ref, log=lambda *a: None)
+
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(config_lib.to_yaml(cfg))
+    run = tmp_path / "killed"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "lorakd.cli", "train", "--config", str(cfg_file), "--out", str(run)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = run / "checkpoint" / "state.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)  # land somewhere after the first checkpoint, mid-epoch
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert json.loads((run / "run.json").read_text())["status"] == "running", "the run finished before the kill"
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143  # checkpointed on the signal, then exited
+    step = torch.load(ckpt, weights_only=False)["step"]
+    assert 0 < step < 6 * 45
+
+    subprocess.run(cmd[:4] + ["--resume", str(run)], env=env, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    assert json.loads((run / "run.json").read_text())["status"] == "done"
+    got_records, got_eval = _final(run)
+    want_records, want_eval = _final(ref)
+    assert got_eval == want_eval
+    assert got_records == want_records
+    assert not ckpt.exists()  # a finished run drops its resumable state
