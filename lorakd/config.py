@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -85,6 +86,17 @@ CHOICES = {
 }
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with only true/false as booleans (as YAML 1.2): `on`, `off`, `yes`, `no` stay text, so
+    train.cuda_graphs: on means "on"; a bool key still takes them (see _coerce)."""
+
+
+_Loader.yaml_implicit_resolvers = {c: [(tag, rx) for tag, rx in rs if tag != "tag:yaml.org,2002:bool"]
+                                   for c, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
 def _coerce(value, tp, key):
     """Check and convert one YAML value to the field's type, naming the key when it does not fit."""
     origin = typing.get_origin(tp)
@@ -100,12 +112,16 @@ def _coerce(value, tp, key):
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
         raise UserError(f"config key {key}: expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise UserError(f"config key {key}: expected an integer, got {value!r}")
+        if isinstance(value, int) and abs(value) >= 2 ** 63:
+            raise UserError(f"config key {key}: {value} is too large")
+        if isinstance(value, int):  # as is: a float would round a large one
+            return value
         try:
             f = float(value)
         except ValueError:
@@ -118,7 +134,7 @@ def _coerce(value, tp, key):
             raise UserError(f"config key {key}: expected a number, got {value!r}")
         try:
             f = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise UserError(f"config key {key}: expected a number, got {value!r}") from None
         if not math.isfinite(f):
             raise UserError(f"config key {key}: expected a finite number, got {value!r}")
@@ -135,14 +151,16 @@ def _build(cls, raw, prefix=""):
         raise UserError(f"config section {prefix.rstrip('.') or '(top)'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - known, key=str)  # YAML keys may be numbers or null
     if unknown:
-        raise UserError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(known))})")
+        key = f"{prefix}{unknown[0]}"
+        key = key if key.isprintable() else repr(key)  # a line break in a key would split the one-line error
+        raise UserError(f"unknown config key {key} (known: {', '.join(sorted(known))})")
     kwargs = {}
     for name, value in raw.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value or {}, f"{prefix}{name}.")
+            kwargs[name] = _build(tp, {} if value is None else value, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(value, tp, prefix + name)
     return cls(**kwargs)
@@ -164,7 +182,9 @@ def _set_dotted(raw: dict, key: str, value):
     parts = key.split(".")
     node = raw
     for p in parts[:-1]:
-        node = node.setdefault(p, {})
+        if node.get(p) is None:  # an empty section (`data:` in YAML) takes keys
+            node[p] = {}
+        node = node[p]
         if not isinstance(node, dict):
             raise UserError(f"override {key}: {p} is not a section")
     node[parts[-1]] = value
@@ -175,7 +195,7 @@ def parse_override(text: str):
         raise UserError(f"override {text!r}: expected key=value, e.g. model.r=8")
     key, value = text.split("=", 1)
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = yaml.load(value, Loader=_Loader) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
     return key.strip(), parsed
@@ -199,13 +219,14 @@ def read_yaml(path) -> dict:
     if path.is_dir():
         raise UserError(f"{path}: is a folder, expected a YAML config file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
+        problem = (str(getattr(e, "problem", None) or e).splitlines() or [""])[0]
+        raise UserError(f"{path}:{where} not valid YAML ({problem})") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

@@ -54,6 +54,8 @@ def _decode(path: Path) -> str:
 def _label(value, names, one_based, where):
     """A class index 0..K-1 from an int (0- or 1-based by layout) or a class name."""
     k = len(names)
+    if value is None:
+        raise UserError(f"{where}: no label")
     if isinstance(value, (bool, np.bool_)):
         raise UserError(f"{where}: label {value!r} is not a class")
     if isinstance(value, (int, np.integer)) or (isinstance(value, float) and float(value).is_integer()):
@@ -75,9 +77,16 @@ def _label(value, names, one_based, where):
 
 
 def _text(title, description, where):
-    text = " ".join(s.strip() for s in (title, description) if s is not None and str(s).strip())
+    for s in (title, description):
+        if s is not None and not isinstance(s, str):
+            raise UserError(f"{where}: text is {type(s).__name__}, expected a string")
+    text = " ".join(s.strip() for s in (title, description) if s is not None and s.strip())
     if not text:
         raise UserError(f"{where}: empty text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (a JSON \ud800 escape, say): no tokenizer takes it
+        raise UserError(f"{where}: text is not valid Unicode (a lone surrogate)") from None
     return text
 
 
@@ -89,6 +98,11 @@ def _find(columns, *names):
     return None
 
 
+def _names(columns):
+    """Column names for a one-line message: a name holding a line break is quoted."""
+    return ", ".join(s if s.isprintable() else repr(s) for s in map(str, columns)) or "none"
+
+
 def _rows_to_split(rows, columns, names, where, need_labels=True):
     """Records with named columns (header CSV, JSONL, parquet, pickles) to a Split."""
     text_col = _find(columns, "text", "sentence", "content")
@@ -97,21 +111,20 @@ def _rows_to_split(rows, columns, names, where, need_labels=True):
     id_col = _find(columns, "id")
     if text_col is None and title_col is None:
         raise UserError(f"{where}: no text column (expected 'text', or 'title' and 'description'; "
-                        f"found {', '.join(map(str, columns)) or 'none'})")
+                        f"found {_names(columns)})")
     if need_labels and label_col is None:
-        raise UserError(f"{where}: no label column (expected 'label'; found {', '.join(map(str, columns))})")
+        raise UserError(f"{where}: no label column (expected 'label'; found {_names(columns)})")
     one_based = label_col is not None and str(label_col).strip().lower() == "class"
     texts, labels, ids = [], [], []
     for n, (row_where, row) in enumerate(rows):
         if text_col is not None:
-            t = row.get(text_col)
-            if t is not None and not isinstance(t, str):
-                raise UserError(f"{row_where}: text is {type(t).__name__}, expected a string")
-            texts.append(_text(t, None, row_where))
+            texts.append(_text(row.get(text_col), None, row_where))
         else:
             texts.append(_text(row.get(title_col), row.get(desc_col), row_where))
         if need_labels:
             labels.append(_label(row.get(label_col), names, one_based, row_where))
+        if id_col is not None and row.get(id_col) is None:
+            raise UserError(f"{row_where}: no id")
         ids.append(str(row[id_col]) if id_col is not None else str(n))
     if not texts:
         raise UserError(f"{where}: no rows")
@@ -119,16 +132,16 @@ def _rows_to_split(rows, columns, names, where, need_labels=True):
 
 
 def _read_csv(path: Path, names, need_labels=True) -> Split:
-    text = _decode(path)
+    reader = csv.reader(io.StringIO(_decode(path), newline=""), strict=True)
     try:
-        rows = list(csv.reader(io.StringIO(text, newline=""), strict=True))
+        rows = list(reader)
     except csv.Error as e:
-        raise UserError(f"{path}: malformed CSV ({e})") from None
+        raise UserError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
     numbered = [(i + 1, r) for i, r in enumerate(rows) if any(c.strip() for c in r)]  # blank rows skipped
     if not numbered:
         raise UserError(f"{path}: the file is empty")
     header = [c.strip().lower() for c in numbered[0][1]]
-    if {"text", "title", "label", "class", "id", "description"} & set(header):
+    if {"text", "sentence", "content", "title", "description", "label", "labels", "class", "id"} & set(header):
         cols = numbered[0][1]
         recs = []
         for line, r in numbered[1:]:
@@ -151,13 +164,16 @@ def _read_csv(path: Path, names, need_labels=True) -> Split:
 
 def _read_jsonl(path: Path, names, need_labels=True) -> Split:
     recs, columns = [], {}
-    for i, line in enumerate(_decode(path).splitlines(), 1):
+    # \r and \n only: str.splitlines would also split at U+2028 and others, which JSON strings may hold
+    for i, line in enumerate(io.StringIO(_decode(path), newline=None), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: line {i}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise UserError(f"{path}: line {i}: JSON nested too deeply") from None
         if not isinstance(obj, dict):
             raise UserError(f"{path}: line {i}: expected a JSON object")
         columns.update(dict.fromkeys(obj))
@@ -192,10 +208,14 @@ def _read_pickle(path: Path, names) -> Split:
         with open(path, "rb") as f:
             obj = pickle.load(f)
     except Exception as e:
-        raise UserError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
+        first = (str(e).splitlines() or [""])[0]
+        raise UserError(f"{path}: not a readable pickle ({type(e).__name__}: {first})") from None
     if hasattr(obj, "to_pandas") and hasattr(obj, "column_names"):  # datasets.Dataset
         obj = obj.to_pandas()
     if isinstance(obj, dict):
+        lists = all(hasattr(v, "__len__") and not isinstance(v, (str, bytes, dict)) for v in obj.values())
+        if not lists or len({len(v) for v in obj.values()}) > 1:
+            raise UserError(f"{path}: a dict pickle must map column names to lists of one length")
         obj = [dict(zip(obj, vals)) for vals in zip(*obj.values())] if obj else []
     if isinstance(obj, list):
         if obj and all(isinstance(x, str) for x in obj):
@@ -291,6 +311,9 @@ def load_splits(data_cfg, seed) -> dict[str, Split]:
     else:
         tr, va = stratified_split(train.labels, data_cfg.val_fraction, seed)
         train, val = train.subset(tr), train.subset(va)
+        if not len(train):
+            raise UserError(f"{data_cfg.path}: no training rows left after carving data.val_fraction="
+                            f"{data_cfg.val_fraction} for validation")
     if data_cfg.max_train_samples:
         train = train.subset(np.arange(min(data_cfg.max_train_samples, len(train))))
     if data_cfg.repeat > 1:
@@ -315,10 +338,14 @@ def fingerprint(split: Split, extra="") -> str:
 # ---------------------------------------------------------------- tokens and batches
 
 def encode(tokenizer, texts, max_length, chunk=4096) -> list[np.ndarray]:
-    """Token ids per text, unpadded: tokenised once, then batches only index and pad."""
+    """Token ids per text, unpadded: tokenised once, then batches only index and pad.
+
+    A text is cut to 64 characters per token first: the tokenizer would read a 10 MB row whole
+    (seconds) only to truncate it; real text never spends 64 characters on one token."""
     out = []
     for i in range(0, len(texts), chunk):
-        enc = tokenizer(texts[i: i + chunk], truncation=True, max_length=max_length)
+        cut = [t[: max_length * 64] for t in texts[i: i + chunk]]
+        enc = tokenizer(cut, truncation=True, max_length=max_length)
         out.extend(np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"])
     return out
 

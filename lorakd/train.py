@@ -251,6 +251,8 @@ def train(cfg, run_dir, resume=False, log=print) -> dict:
     stores = {name: data_lib.TokenStore(data_lib.encode(tok, s.texts, cfg.data.max_length), s.labels, pad_id, device)
               for name, s in splits.items() if len(s)}
     hf_config = model_lib.backbone_config(cfg.model.backbone, num_labels)
+    if world > 1:  # every process has checked the folder before rank 0 writes to it
+        torch.distributed.barrier()
     if rank == 0:
         if not resume:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -266,7 +268,8 @@ def train(cfg, run_dir, resume=False, log=print) -> dict:
     log(f"trainable parameters: {counts['trainable']:,} of {counts['total']:,}"
         + (f" (budget {cfg.model.budget:,})" if cfg.role == "student" and cfg.model.budget else ""))
 
-    model = model_lib.build(cfg.model, num_labels)
+    model = model_lib.build(cfg.model, num_labels)  # the same initial weights on every process
+    torch.manual_seed(tc.seed + rank)  # dropout masks differ across processes
     amp = amp_dtype(tc.precision, device)
     if amp is not None:
         model_lib.freeze_to(model, amp)

@@ -64,7 +64,8 @@ def tiny_backbone(tmp_path_factory):
                             sep_token="[SEP]", mask_token="[MASK]").save_pretrained(folder)
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+                     intermediate_size=64, max_position_embeddings=64, pad_token_id=0,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # randomness only where tests ask
     BertForSequenceClassification(cfg).bert.save_pretrained(folder)
     return folder
 
@@ -86,7 +87,7 @@ def tiny_config(tiny_backbone, tiny_data):
     def make(**overrides):
         base = {"name": "tiny", "data.path": str(tiny_data), "data.val_fraction": 0.1, "data.max_length": 32,
                 "model.backbone": str(tiny_backbone), "model.r": 4, "model.alpha": 8, "model.dropout": 0.0,
-                "train.lr": 1e-2, "train.batch_size": 8, "train.epochs": 5, "train.log_every": 5,
+                "train.lr": 2e-2, "train.batch_size": 8, "train.epochs": 5, "train.log_every": 5,
                 "train.checkpoint_every": 0, "train.eval_batch_size": 64, "train.threads": 1}
         base.update(overrides)
         return config.load(None, [], base)

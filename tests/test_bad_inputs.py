@@ -1,0 +1,426 @@
+"""A corpus of malformed inputs: each gets a one-line UserError naming the file, row or key, or a
+documented tolerant result; never a traceback, and nothing already written is lost."""
+import json
+import pickle
+import shutil
+
+import pandas as pd
+import pytest
+
+from lorakd import RUN_FORMAT, config, data, runs
+from lorakd import model as model_lib
+from lorakd import train as train_lib
+from lorakd.cli import main
+from lorakd.errors import UserError
+
+NAMES = config.AG_NEWS_LABELS
+GOOD_CSV = '"1","a","b"\n"2","c","d"\n"3","e","f"\n"4","g","h"\n'
+
+
+def pickled(obj):
+    return lambda path: path.write_bytes(pickle.dumps(obj))
+
+
+def parquet(columns):
+    return lambda path: pd.DataFrame(columns).to_parquet(path)
+
+
+def folder(files):
+    def make(path):
+        path.mkdir()
+        for name, content in files.items():
+            write(path / name, content)
+    return make
+
+
+def make_dir(path):
+    path.mkdir()
+
+
+def write(path, content):
+    """str/bytes become the file's bytes, a callable makes it, None leaves it absent."""
+    if isinstance(content, str):
+        content = content.encode("utf-8")
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        content(path)
+    return path
+
+
+READERS = {
+    "labelled": lambda p: data.read_file(p, NAMES),
+    "unlabelled": lambda p: data.read_unlabelled(p, NAMES),
+    "folder": lambda p: data.read_splits(str(p), NAMES),
+}
+
+
+def one_line_error(fn, *args):
+    with pytest.raises(UserError) as exc:
+        fn(*args)
+    msg = str(exc.value)
+    assert msg and "\n" not in msg, msg
+    return msg
+
+
+# ---------------------------------------------------------------- data files: clear errors
+
+E = pytest.param
+DATA_ERRORS = [
+    # CSV structure
+    E("a.csv", '"1","ok","x"\n"2","ab"c","d"\n', "labelled", ["line 2", "malformed CSV"], id="csv-stray-quote"),
+    E("a.csv", '"1","ok","x"\n"2","never closed\n', "labelled", ["line 2", "malformed CSV"], id="csv-unclosed-quote"),
+    E("a.csv", '"1","a","b","c"\n', "labelled", ["row 1", "4 columns"], id="charcnn-extra-column"),
+    E("a.csv", '"1","a","b"\n"2"\n', "labelled", ["row 2", "1 columns"], id="charcnn-missing-column"),
+    E("a.csv", "text,label\nhello,1\nworld,2,oops\n", "labelled", ["row 3", "3 columns, the header has 2"],
+      id="header-row-extra-column"),
+    E("a.csv", "id,text,label\n1,hello\n", "labelled", ["row 2", "2 columns"], id="header-row-missing-column"),
+    # encodings
+    E("a.csv", b'"1","caf\xe9","x"\n', "labelled", ["line 1", "not UTF-8"], id="latin1-bytes"),
+    E("a.csv", b'"1","a","b"\n"2","c","d"\n"3","\xff\xfe","e"\n', "labelled", ["line 3", "not UTF-8"],
+      id="bad-bytes-line-3"),
+    E("a.csv", '"1","a","b"\n'.encode("utf-16"), "labelled", ["line 1", "not UTF-8"], id="utf16-file"),
+    # labels
+    E("a.csv", '"0","a","b"\n', "labelled", ["row 1", "label 0 outside the classes 1..4"], id="charcnn-0-based-label"),
+    E("a.csv", '"1","a","b"\n"5","c","d"\n', "labelled", ["row 2", "label 5 outside"], id="charcnn-label-5"),
+    E("a.csv", "text,label\na,1\nb,4\n", "labelled", ["row 3", "label 4 outside the classes 0..3"],
+      id="label-column-1-based"),
+    E("a.csv", "text,class\na,0\n", "labelled", ["row 2", "outside the classes 1..4"], id="class-column-0-based"),
+    E("a.csv", "text,label\na,-1\n", "labelled", ["row 2", "label -1"], id="negative-label"),
+    E("a.csv", "text,label\na,Politics\n", "labelled", ["row 2", "'Politics'", "Sci/Tech"], id="unknown-class-name"),
+    E("a.csv", "text,label\na,1.5\n", "labelled", ["row 2", "'1.5'"], id="fractional-label"),
+    E("a.csv", "text,label\na,\n", "labelled", ["row 2", "label ''"], id="empty-label"),
+    # texts
+    E("a.csv", '"1","",""\n', "labelled", ["row 1", "empty text"], id="empty-text"),
+    E("a.csv", "text,label\n   ,1\n", "labelled", ["row 2", "empty text"], id="whitespace-text"),
+    # whole files
+    E("a.csv", "", "labelled", ["empty"], id="empty-file"),
+    E("a.csv", "\n \r\n\t\n", "labelled", ["empty"], id="whitespace-only-file"),
+    E("a.csv", b"\xef\xbb\xbf", "labelled", ["empty"], id="bom-only-file"),
+    E("a.csv", ",,\n,\n", "labelled", ["empty"], id="blank-rows-only"),
+    E("a.csv", "text,label\n", "labelled", ["no rows"], id="header-only"),
+    E("a.csv", "id,label\n1,2\n", "labelled", ["no text column", "found id, label"], id="no-text-column"),
+    E("a.csv", "id,text\n1,hello\n", "labelled", ["no label column"], id="no-label-column"),
+    E("a.txt", "1,hello\n", "labelled", ["unknown format .txt"], id="unknown-suffix"),
+    E("absent.csv", None, "labelled", ["no such file"], id="missing-file"),
+    E("train.csv", make_dir, "labelled", ["is a folder, expected a file"], id="folder-instead-of-file"),
+    # JSONL
+    E("a.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": \n', "labelled", ["line 2", "not valid JSON"],
+      id="jsonl-broken-line"),
+    E("a.jsonl", '[1, "a"]\n', "labelled", ["line 1", "expected a JSON object"], id="jsonl-array-line"),
+    E("a.jsonl", '{"text": 5, "label": 1}\n', "labelled", ["line 1", "text is int"], id="jsonl-number-text"),
+    E("a.jsonl", '{"title": 5, "description": "x", "label": 1}\n', "labelled", ["line 1", "text is int"],
+      id="jsonl-number-title"),
+    E("a.jsonl", '{"text": "a", "label": true}\n', "labelled", ["line 1", "label True"], id="jsonl-bool-label"),
+    E("a.jsonl", '{"text": "a", "label": 1}\n{"text": "b"}\n', "labelled", ["line 2", "no label"],
+      id="jsonl-missing-label"),
+    E("a.jsonl", '{"text": "a\\ud800", "label": 1}\n', "labelled", ["line 1", "lone surrogate"],
+      id="jsonl-lone-surrogate"),
+    E("a.jsonl", "[" * 100_000 + "]" * 100_000 + "\n", "labelled", ["line 1", "nested too deeply"],
+      id="jsonl-nested-too-deep"),
+    # parquet
+    E("a.parquet", b"PAR1 not really", "labelled", ["not a readable parquet"], id="parquet-corrupt"),
+    E("a.parquet", parquet({"text": ["a"]}), "labelled", ["no label column"], id="parquet-no-label"),
+    # unlabelled input for predict
+    E("in.pkl", pickled(pd.DataFrame({"body": ["a"]})), "unlabelled", ["no text column", "found body"],
+      id="pickle-without-text"),
+    E("in.pkl", b"not a pickle", "unlabelled", ["not a readable pickle"], id="pickle-garbage"),
+    E("in.pkl", pickled(42), "unlabelled", ["pickle holds a int"], id="pickle-of-a-number"),
+    E("in.pkl", pickled(["a", 1]), "unlabelled", ["list pickle"], id="pickle-mixed-list"),
+    E("in.pkl", pickled({"text": ["a", "b"], "id": [1]}), "unlabelled", ["dict pickle"], id="pickle-ragged-columns"),
+    E("in.pkl", pickled({"text": "abc"}), "unlabelled", ["dict pickle"], id="pickle-dict-of-string"),
+    E("train.pkl", pickled(["a"]), "labelled", ["unknown format .pkl"], id="pickle-as-training-data"),
+    E("in.csv", "id,text\n7,a\n8,b\n7,c\n", "unlabelled", ["duplicate ID '7'"], id="duplicate-ids-csv"),
+    E("in.pkl", pickled({"id": [1, 1], "text": ["a", "b"]}), "unlabelled", ["duplicate ID '1'"],
+      id="duplicate-ids-pickle"),
+    E("in.jsonl", '{"id": 1, "text": "a"}\n{"text": "b"}\n', "unlabelled", ["line 2", "no id"], id="jsonl-missing-id"),
+    # data folders
+    E("nowhere", None, "folder", ["no such file or folder (data.path)"], id="data-folder-missing"),
+    E("d", folder({"test.csv": GOOD_CSV}), "folder", ["no train.csv"], id="data-folder-without-train"),
+    E("d", folder({"train.csv": GOOD_CSV, "test.csv": '"9","a","b"\n'}), "folder", ["test.csv: row 1"],
+      id="data-folder-bad-test-file"),
+]
+
+
+@pytest.mark.parametrize("name,content,reader,fragments", DATA_ERRORS)
+def test_bad_data_file_gets_one_line_error(tmp_path, name, content, reader, fragments):
+    path = write(tmp_path / name, content)
+    msg = one_line_error(READERS[reader], path)
+    assert str(path) in msg
+    for fragment in fragments:
+        assert fragment in msg
+
+
+# ---------------------------------------------------------------- data files: documented tolerance
+
+T = pytest.param
+TOLERATED = [
+    T("a.csv", b'\xef\xbb\xbf"2","a","b"\n', "labelled", ["a b"], [1], id="utf8-bom-charcnn"),
+    T("a.csv", "\ufefftext,label\nhi,3\n", "labelled", ["hi"], [3], id="utf8-bom-header"),
+    T("a.csv", '"1","a","b"\r\n"4","c","d"\r\n', "labelled", ["a b", "c d"], [0, 3], id="crlf-line-ends"),
+    T("a.csv", '\n"1","a","b"\n\n,,\n"2","c","d"\n\n', "labelled", ["a b", "c d"], [0, 1], id="blank-rows-skipped"),
+    T("a.csv", '"4","hello"\n', "labelled", ["hello"], [3], id="charcnn-two-columns"),
+    T("a.csv", "label,text\n0,a\n3,b\n", "labelled", ["a", "b"], [0, 3], id="label-column-0-based"),
+    T("a.csv", "class,title,description\n1,a,b\n4,c,\n", "labelled", ["a b", "c"], [0, 3], id="class-column-1-based"),
+    T("a.csv", "text,label\na,sports\nb,SCI/TECH\nc, World \n", "labelled", ["a", "b", "c"], [1, 3, 0],
+      id="class-names-any-case"),
+    T("a.csv", '"Business","a","b"\n', "labelled", ["a b"], [2], id="class-name-in-charcnn"),
+    T("a.csv", "Text,Label\nhi,2\n", "labelled", ["hi"], [2], id="header-any-case"),
+    T("a.csv", '"1","line one\nline two",""\n', "labelled", ["line one\nline two"], [0], id="newline-inside-quotes"),
+    T("a.csv", '"1","a\x00b",""\n', "labelled", ["a\x00b"], [0], id="nul-character-kept"),
+    T("a.jsonl", '{"text": "a", "label": 2.0}\n', "labelled", ["a"], [2], id="jsonl-integral-float-label"),
+    T("a.jsonl", json.dumps({"text": "a\u2028b", "label": 1}, ensure_ascii=False) + "\r\n", "labelled",
+      ["a\u2028b"], [1], id="jsonl-line-separator-in-text"),
+    T("a.jsonl", '\n{"text": "a", "label": 0}\n\n', "labelled", ["a"], [0], id="jsonl-blank-lines"),
+    T("a.parquet", parquet({"text": ["a", "b"], "label": ["World", "business"]}), "labelled", ["a", "b"], [0, 2],
+      id="parquet-class-names"),
+    T("in.csv", "first text\nsecond text\n", "unlabelled", ["first text", "second text"], ["0", "1"],
+      id="unlabelled-headerless-csv"),
+    T("in.csv", "id,text,label\n7,a,1\n9,b,2\n", "unlabelled", ["a", "b"], ["7", "9"], id="unlabelled-ignores-labels"),
+    T("in.pkl", pickled(["a", "b"]), "unlabelled", ["a", "b"], ["0", "1"], id="pickle-list-of-strings"),
+    T("in.pkl", pickled({"id": ["x", "y"], "text": ["a", "b"]}), "unlabelled", ["a", "b"], ["x", "y"],
+      id="pickle-dict-of-columns"),
+    T("in.pkl", pickled(pd.DataFrame({"ID": [3, 4], "text": ["a", "b"]})), "unlabelled", ["a", "b"], ["3", "4"],
+      id="pickle-dataframe"),
+]
+
+
+@pytest.mark.parametrize("name,content,reader,texts,expected", TOLERATED)
+def test_tolerated_input_reads_as_documented(tmp_path, name, content, reader, texts, expected):
+    """`expected` is the 0-based labels of labelled input, the IDs of unlabelled input."""
+    split = READERS[reader](write(tmp_path / name, content))
+    assert split.texts == texts
+    if reader == "labelled":
+        assert split.labels.tolist() == expected
+    else:
+        assert split.labels is None and split.ids == expected
+
+
+def test_pickled_hf_dataset_is_read(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"id": [5, 6], "text": ["a", "b"]})
+    split = data.read_unlabelled(write(tmp_path / "in.pkl", pickled(ds)), NAMES)
+    assert split.texts == ["a", "b"] and split.ids == ["5", "6"]
+
+
+def test_ten_megabyte_row_is_read_then_truncated_at_tokenisation(tmp_path, tiny_backbone):
+    from transformers import AutoTokenizer
+
+    big = "goal " * 2_000_000
+    split = data.read_file(write(tmp_path / "a.csv", f'"2","{big}",""\n"1","peace",""\n'), NAMES)
+    assert len(split.texts[0]) == len(big.strip()) and split.labels.tolist() == [1, 0]
+    ids = data.encode(AutoTokenizer.from_pretrained(tiny_backbone), split.texts, 32)
+    assert [len(i) for i in ids] == [32, 3]
+
+
+def test_too_few_rows_to_carve_validation(tmp_path):
+    write(tmp_path / "train.csv", GOOD_CSV)
+    cfg = config.load(None, [f"data.path={tmp_path}", "data.val_fraction=0.6"])
+    msg = one_line_error(data.load_splits, cfg.data, 0)
+    assert "data.val_fraction" in msg and str(tmp_path) in msg
+
+
+# ---------------------------------------------------------------- config files and overrides
+
+C = pytest.param
+CONFIG_ERRORS = [
+    C("bogus: 1\n", [], ["unknown config key bogus"], id="unknown-key"),
+    C("model:\n  rank: 4\n", [], ["unknown config key model.rank"], id="unknown-nested-key"),
+    C("trainer:\n  lr: 1\n", [], ["unknown config key trainer"], id="unknown-section"),
+    C("1: 2\nname: x\n", [], ["unknown config key 1"], id="numeric-key"),
+    C("model:\n  r: abc\n", [], ["config key model.r", "integer"], id="text-for-int"),
+    C("model:\n  r: true\n", [], ["config key model.r"], id="bool-for-int"),
+    C("model:\n  r: 2.5\n", [], ["config key model.r"], id="fraction-for-int"),
+    C("model:\n  r: " + "9" * 40 + "\n", [], ["config key model.r", "too large"], id="huge-int"),
+    C("name: [a, b]\n", [], ["config key name"], id="list-for-text"),
+    C("model:\n  layers: {a: 1}\n", [], ["config key model.layers", "expected a list"], id="mapping-for-list"),
+    C("model:\n  r: -1\n", [], ["config key model.r", "at least 1"], id="negative-rank"),
+    C("model:\n  layers: [0, -2]\n", [], ["config key model.layers"], id="negative-layer"),
+    C("train:\n  lr: .nan\n", [], ["config key train.lr", "finite"], id="nan-learning-rate"),
+    C("train:\n  schedule: bogus\n", [], ["config key train.schedule", "polynomial"], id="bad-choice"),
+    C("model: 5\n", [], ["config section model"], id="section-not-a-mapping"),
+    C("- a\n- b\n", [], ["expected a mapping"], id="top-level-list"),
+    C("model: [1, 2\n", [], ["not valid YAML"], id="invalid-yaml"),
+    C("model:\n\tr: 4\n", [], ["line 2", "not valid YAML"], id="tab-indented-yaml"),
+    C(b"name: a\x00b\n", [], ["not valid YAML", "special characters"], id="nul-byte-in-yaml"),
+    C(b"name: caf\xe9\n", [], ["not UTF-8"], id="latin1-yaml"),
+    C("distill:\n  teachers: [a]\n  weights: [1, 2]\n", [], ["config key distill.weights"], id="weights-per-teacher"),
+    C("", ["model.r"], ["override 'model.r'", "key=value"], id="override-without-equals"),
+    C("name: x\n", ["name.sub=1"], ["override name.sub", "not a section"], id="override-into-a-value"),
+    C("", ["model.rnak=4"], ["unknown config key model.rnak"], id="override-unknown-key"),
+    C("", ["model.r=abc"], ["config key model.r"], id="override-wrong-type"),
+]
+
+
+@pytest.mark.parametrize("text,overrides,fragments", CONFIG_ERRORS)
+def test_bad_config_gets_one_line_error(tmp_path, text, overrides, fragments):
+    path = write(tmp_path / "bad.yaml", text)
+    msg = one_line_error(config.load, path, overrides)
+    for fragment in fragments:
+        assert fragment in msg
+
+
+def test_config_path_missing_or_a_folder(tmp_path):
+    assert "no such config file" in one_line_error(config.load, tmp_path / "absent.yaml")
+    assert "is a folder" in one_line_error(config.load, tmp_path)
+
+
+def test_empty_config_sections_are_tolerated(tmp_path):
+    """`data:` with nothing under it is an empty section: --data and defaults fill it."""
+    cfg = config.load(write(tmp_path / "c.yaml", "data:\nmodel:\n"), [], {"data.path": "somewhere"})
+    assert cfg.data.path == "somewhere" and cfg.model == config.ModelConfig()
+
+
+# ---------------------------------------------------------------- the command line
+
+def cli_error(capsys, *argv):
+    """Run lorakd in-process; it must exit 2 with exactly one `lorakd: error:` line and no traceback."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # the lorakd script turns it off before transformers loads; in-process it is late
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lorakd: error:"), err
+    return lines[0]
+
+
+@pytest.fixture
+def tiny_yaml(tiny_config, tmp_path):
+    return write(tmp_path / "tiny.yaml", config.to_yaml(tiny_config()))
+
+
+@pytest.mark.parametrize("extra,fragments", [
+    (["model.r=abc"], ["model.r"]),
+    (["model.r=-1"], ["model.r", "at least 1"]),
+    (["model.layers=[0,99]"], ["model.layers", "layer 99", "0..1"]),
+    (["model.targets=[nonexistent]"], ["model.targets", "'nonexistent'"]),
+    (["--budget", "10"], ["budget of 10"]),
+    (["train.schedule=bogus"], ["train.schedule"]),
+], ids=["wrong-type", "negative-rank", "layer-out-of-range", "unknown-target", "budget-exceeded", "bad-choice"])
+def test_cli_train_refuses_bad_options_before_training(capsys, tmp_path, tiny_yaml, extra, fragments):
+    out = tmp_path / "run"
+    line = cli_error(capsys, "train", "--config", tiny_yaml, "--out", out, *extra)
+    for fragment in fragments:
+        assert fragment in line
+    assert not out.exists()
+
+
+def test_cli_train_unknown_config_key(capsys, tmp_path):
+    bad = write(tmp_path / "bad.yaml", "model:\n  rnak: 4\n")
+    assert "unknown config key model.rnak" in cli_error(capsys, "train", "--config", bad, "--out", tmp_path / "r")
+
+
+def test_cli_train_config_is_a_folder(capsys, tmp_path):
+    assert "is a folder" in cli_error(capsys, "train", "--config", tmp_path, "--out", tmp_path / "r")
+
+
+def test_cli_train_data_folder_missing(capsys, tmp_path, tiny_yaml):
+    line = cli_error(capsys, "train", "--config", tiny_yaml, "--data", tmp_path / "nowhere", "--out", tmp_path / "r")
+    assert str(tmp_path / "nowhere") in line and "data.path" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_train_folder_where_a_file_is_expected(capsys, tmp_path, tiny_yaml):
+    (tmp_path / "d" / "train.csv").mkdir(parents=True)
+    line = cli_error(capsys, "train", "--config", tiny_yaml, "--data", tmp_path / "d", "--out", tmp_path / "r")
+    assert str(tmp_path / "d" / "train.csv") in line and "is a folder" in line
+
+
+def test_cli_train_keeps_an_existing_run(capsys, tmp_path, tiny_yaml):
+    out = tmp_path / "run"
+    out.mkdir()
+    before = write(out / "run.json", '{"format": 1, "status": "done"}\n').read_bytes()
+    assert "a run already exists" in cli_error(capsys, "train", "--config", tiny_yaml, "--out", out)
+    assert (out / "run.json").read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["run.json"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_backbone, tiny_data, tmp_path_factory):
+    """A finished run of two steps: enough for eval and predict to open it."""
+    cfg = config.load(None, [], {"data.path": str(tiny_data), "data.max_length": 32,
+                                 "model.backbone": str(tiny_backbone), "model.r": 2, "train.max_steps": 2,
+                                 "train.batch_size": 8, "train.checkpoint_every": 0, "train.threads": 1})
+    run = tmp_path_factory.mktemp("trained") / "run"
+    train_lib.train(cfg, run, log=lambda *a, **k: None)
+    return run
+
+
+@pytest.mark.parametrize("name,content,fragments", [
+    ("in.pkl", pickled(pd.DataFrame({"body": ["a"]})), ["no text column"]),
+    ("in.csv", "id,text\n1,goal\n1,peace\n", ["duplicate ID '1'"]),
+    ("in.csv", b"id,text\n1,caf\xe9\n", ["line 2", "not UTF-8"]),
+    ("in.csv", make_dir, ["is a folder"]),
+    ("in.csv", None, ["no such file"]),
+], ids=["pickle-without-text", "duplicate-ids", "not-utf8", "folder", "missing"])
+def test_cli_predict_bad_input_keeps_old_output(capsys, tmp_path, trained_run, name, content, fragments):
+    inp = write(tmp_path / name, content)
+    out = write(tmp_path / "pred.csv", "ID,Label\n1,2\n")
+    line = cli_error(capsys, "predict", trained_run, "--input", inp, "--out", out)
+    assert str(inp) in line and all(f in line for f in fragments)
+    assert out.read_bytes() == b"ID,Label\n1,2\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+
+
+def test_cli_predict_bad_label_format(capsys, tmp_path, trained_run):
+    inp = write(tmp_path / "in.csv", "id,text\n1,goal\n")
+    assert "--labels 'roman'" in cli_error(capsys, "predict", trained_run, "--input", inp, "--out", tmp_path / "p.csv",
+                                           "--labels", "roman")
+
+
+def test_cli_eval_data_gone_keeps_eval_json(capsys, tmp_path, trained_run):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    cfg, _ = runs.load_run(run)
+    (run / "config.yaml").write_text(config.to_yaml(config.override(cfg, **{"data.path": str(tmp_path / "gone")})))
+    before = (run / "eval.json").read_bytes()
+    assert str(tmp_path / "gone") in cli_error(capsys, "eval", run)
+    assert (run / "eval.json").read_bytes() == before
+
+
+def fake_run(folder, backbone="bert-base-uncased", run_format=RUN_FORMAT):
+    """run.json and config.yaml as training writes them, for a backbone known without weights."""
+    folder.mkdir()
+    cfg = config.load(None, [f"model.backbone={backbone}"])
+    fingerprint = model_lib.backbone_fingerprint(model_lib.backbone_config(backbone, len(cfg.data.label_names)))
+    write(folder / "config.yaml", config.to_yaml(cfg))
+    write(folder / "run.json", json.dumps({"format": run_format, "backbone": backbone,
+                                            "backbone_fingerprint": fingerprint, "status": "done"}))
+    return folder
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_cli_on_a_folder_that_is_not_a_run(capsys, tmp_path, command):
+    extra = ["--input", tmp_path / "in.csv", "--out", tmp_path / "p.csv"] if command == "predict" else []
+    assert "not a lorakd run folder" in cli_error(capsys, command, tmp_path, *extra)
+    assert "no such run folder" in cli_error(capsys, command, tmp_path / "absent", *extra)
+
+
+def test_run_from_a_newer_lorakd_is_refused(capsys, tmp_path):
+    run = fake_run(tmp_path / "run", run_format=RUN_FORMAT + 1)
+    assert "newer lorakd" in one_line_error(runs.load_run, run)
+    assert f"run format {RUN_FORMAT + 1}" in cli_error(capsys, "eval", run)
+
+
+@pytest.mark.parametrize("run_json,fragment", [
+    ("{not json", "run.json: not valid JSON"),
+    ('{"status": "done"}', "no run format number"),
+    ('["format", 1]', "no run format number"),
+], ids=["broken-json", "no-format", "not-an-object"])
+def test_broken_run_json_is_refused(tmp_path, run_json, fragment):
+    run = fake_run(tmp_path / "run")
+    write(run / "run.json", run_json)
+    assert fragment in one_line_error(runs.load_run, run)
+
+
+def test_backbone_of_another_architecture_is_refused(capsys, tmp_path):
+    run = fake_run(tmp_path / "run", "bert-base-uncased")
+    cfg, info = runs.load_run(run)
+    assert "architecture differs" in one_line_error(runs.with_backbone, cfg, info, "roberta-base")
+    same = runs.with_backbone(cfg, info, "google-bert/bert-base-uncased")  # an equal copy under another name
+    assert same.model.backbone == "google-bert/bert-base-uncased"
+    assert "roberta-base is not the one" in cli_error(capsys, "eval", run, "--backbone", "roberta-base")

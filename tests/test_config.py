@@ -1,0 +1,121 @@
+"""Config: YAML round trip, key=value overrides, frozen values, clear errors, every preset loads."""
+import dataclasses
+
+import pytest
+
+from lorakd import config
+from lorakd.cli import PRESETS, preset_path
+from lorakd.errors import UserError
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = config.load(None, ["name=rt", "role=teacher", "model.r=8", "model.layers=[0,3]", "train.lr=3e-5",
+                             "data.label_names=[neg,pos]", "distill.teachers=[a,b]", "distill.weights=[1,3]"])
+    path = tmp_path / "c.yaml"
+    path.write_text(config.to_yaml(cfg))
+    assert config.load(path) == cfg
+    assert config.from_dict(config.to_dict(cfg)) == cfg
+
+
+def test_defaults_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(config.to_yaml(config.Config()))
+    assert config.load(path) == config.Config() == config.load()
+
+
+@pytest.mark.parametrize("override,key,value", [
+    ("model.r=8", "model.r", 8),
+    ("model.targets=query,value", "model.targets", ("query", "value")),
+    ("model.targets=[query, value]", "model.targets", ("query", "value")),
+    ("model.layers=[0,1]", "model.layers", (0, 1)),
+    ("model.layers=", "model.layers", ()),
+    ("train.lr=1e-3", "train.lr", 1e-3),
+    ("train.epochs=2", "train.epochs", 2.0),
+    ("model.r=6.0", "model.r", 6),
+    ("model.full_finetune=yes", "model.full_finetune", True),
+    ("data.path=hub:ag_news", "data.path", "hub:ag_news"),
+    ("name=a=b", "name", "a=b"),
+    ("train.cuda_graphs=on", "train.cuda_graphs", "on"),
+    ("name=no", "name", "no"),
+    ("model.full_finetune=on", "model.full_finetune", True),
+])
+def test_override(override, key, value):
+    got = config.flatten(config.load(None, [override]))[key]
+    assert got == value and type(got) is type(value)
+
+
+def test_precedence_file_then_extra_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: file\nmodel:\n  r: 2\n  alpha: 4\ndata:\n  path: from-file\n")
+    cfg = config.load(path, ["model.r=8"], {"model.r": 5, "data.path": "from-extra"})
+    assert (cfg.name, cfg.model.r, cfg.model.alpha, cfg.data.path) == ("file", 8, 4.0, "from-extra")
+
+
+def test_yaml_on_and_off_are_text_where_text_is_expected(tmp_path):
+    """Only true/false are YAML booleans here: `cuda_graphs: off` is the choice "off", not False."""
+    path = tmp_path / "c.yaml"
+    path.write_text("name: yes\ntrain:\n  cuda_graphs: off\n  tensorboard: on\n")
+    cfg = config.load(path)
+    assert (cfg.name, cfg.train.cuda_graphs, cfg.train.tensorboard) == ("yes", "off", True)
+    path.write_text(config.to_yaml(cfg))
+    assert config.load(path) == cfg
+
+
+def test_large_integers_stay_exact():
+    assert config.load(None, ["model.budget=12345678901234567"]).model.budget == 12345678901234567
+
+
+def test_config_is_frozen():
+    cfg = config.Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model.r = 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.name = "other"
+    changed = config.override(cfg, **{"model.r": 3})
+    assert changed.model.r == 3 and cfg.model.r == 6
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.rank=4", "model.rank"),
+    ("trian.lr=1", "trian"),
+    ("bogus=1", "bogus"),
+])
+def test_unknown_key_names_the_dotted_key(override, key):
+    with pytest.raises(UserError, match=rf"^unknown config key {key} \(known: "):
+        config.load(None, [override])
+
+
+@pytest.mark.parametrize("key", sorted(config.CHOICES))
+def test_choices_are_checked(key):
+    with pytest.raises(UserError) as exc:
+        config.load(None, [f"{key}=bogus"])
+    assert str(exc.value) == f"config key {key}: 'bogus' is not one of {', '.join(config.CHOICES[key])}"
+
+
+def test_choices_accept_their_values():
+    for key, allowed in config.CHOICES.items():
+        for value in allowed:
+            assert config.flatten(config.load(None, [f"{key}={value}"]))[key] == value
+
+
+def test_flatten_lists_every_key_once():
+    flat = config.flatten(config.Config())
+    assert flat["model.r"] == 6 and flat["role"] == "student" and flat["model.targets"] == ("query", "key", "value")
+    assert config.from_dict(config.merge({}, flat)) == config.Config()
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_preset_loads(tmp_path, preset):
+    """A pipeline preset's `teacher:` section overrides its student config for the teacher: both must load."""
+    raw = config.read_yaml(preset_path(preset.stem))  # by name, as `--config NAME` finds it
+    teacher = raw.pop("teacher", None)
+    cfg = config.from_dict(raw)
+    if teacher is not None:
+        assert config.from_dict(config.merge(raw, teacher))
+    (tmp_path / "again.yaml").write_text(config.to_yaml(cfg))
+    assert config.load(tmp_path / "again.yaml") == cfg
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(UserError, match="no such config file or preset .*agnews-minilm"):
+        preset_path("no-such-preset")

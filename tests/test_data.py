@@ -1,0 +1,191 @@
+"""Data: reading the supported layouts, the seeded validation carve, batch order, padding, fingerprints."""
+import json
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import SHARED_AG_NEWS, make_texts, write_charcnn
+from lorakd import config, data
+from lorakd.errors import UserError
+
+NAMES = config.AG_NEWS_LABELS
+
+
+# ---------------------------------------------------------------- stratified_split
+
+LABELS = np.repeat(np.arange(4), [100, 40, 7, 1])
+
+
+def test_stratified_split_is_a_function_of_the_seed():
+    a, b = data.stratified_split(LABELS, 0.2, seed=3), data.stratified_split(LABELS, 0.2, seed=3)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[1], data.stratified_split(LABELS, 0.2, seed=4)[1])
+
+
+def test_stratified_split_takes_the_fraction_of_every_class():
+    train, val = data.stratified_split(LABELS, 0.2, seed=0)
+    assert np.bincount(LABELS[val], minlength=4).tolist() == [20, 8, 1, 0]  # round(0.2 * n) per class
+    assert np.bincount(LABELS[train], minlength=4).tolist() == [80, 32, 6, 1]
+
+
+def test_stratified_split_is_disjoint_and_covers_all():
+    train, val = data.stratified_split(LABELS, 0.3, seed=1)
+    assert not set(train) & set(val)
+    assert sorted(np.concatenate([train, val])) == list(range(len(LABELS)))
+    assert np.all(np.diff(train) > 0) and np.all(np.diff(val) > 0)  # sorted: order of the file kept
+
+
+# ---------------------------------------------------------------- batch_order
+
+LENGTHS = np.random.default_rng(0).integers(3, 120, size=1000)
+
+
+def padded_cells(batches, lengths):
+    return sum(len(b) * int(lengths[b].max()) for b in batches)
+
+
+def test_batch_order_is_a_function_of_seed_and_epoch():
+    def same(a, b):
+        return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+    first = data.batch_order(LENGTHS, 32, seed=1, epoch=0)
+    assert same(first, data.batch_order(LENGTHS, 32, seed=1, epoch=0))
+    assert not same(first, data.batch_order(LENGTHS, 32, seed=1, epoch=1))
+    assert not same(first, data.batch_order(LENGTHS, 32, seed=2, epoch=0))
+
+
+@pytest.mark.parametrize("group,shuffle", [(True, True), (False, True), (True, False), (False, False)])
+def test_batch_order_covers_every_index_once(group, shuffle):
+    batches = data.batch_order(LENGTHS, 32, seed=0, epoch=0, group_by_length=group, shuffle=shuffle)
+    assert sorted(np.concatenate(batches)) == list(range(len(LENGTHS)))
+    assert sorted(len(b) for b in batches) == sorted([32] * (len(LENGTHS) // 32) + [len(LENGTHS) % 32])
+
+
+def test_batch_order_without_shuffle_or_grouping_is_the_file_order():
+    batches = data.batch_order(LENGTHS, 100, seed=0, epoch=0, group_by_length=False, shuffle=False)
+    assert np.array_equal(np.concatenate(batches), np.arange(len(LENGTHS)))
+
+
+def test_grouping_by_length_reduces_padding():
+    grouped = data.batch_order(LENGTHS, 16, seed=0, epoch=0, group_by_length=True)
+    plain = data.batch_order(LENGTHS, 16, seed=0, epoch=0, group_by_length=False)
+    assert padded_cells(grouped, LENGTHS) < 0.75 * padded_cells(plain, LENGTHS)
+
+
+# ---------------------------------------------------------------- TokenStore
+
+@pytest.fixture
+def store():
+    encoded = [np.arange(1, n + 1, dtype=np.int32) for n in (3, 17, 5, 33)]
+    return data.TokenStore(encoded, np.array([0, 1, 2, 3]), pad_id=0, device="cpu")
+
+
+def test_token_store_pads_to_multiples_of_16(store):
+    assert store.width_max == 48 and tuple(store.ids.shape) == (4, 48)
+    assert store.width(np.array([0])) == 16
+    assert store.width(np.array([0, 2])) == 16
+    assert store.width(np.array([0, 1])) == 32
+    assert store.width(np.array([3])) == 48
+    assert all(store.width(np.array([i])) % 16 == 0 for i in range(4))
+
+
+def test_token_store_batch_mask_matches_lengths(store):
+    import torch
+
+    idx = np.array([1, 0, 2])
+    ids, mask = store.batch(torch.as_tensor(idx), store.width(idx))
+    assert tuple(ids.shape) == tuple(mask.shape) == (3, 32)
+    assert mask.sum(1).tolist() == [17, 3, 5]
+    assert torch.equal(ids * mask, ids)  # pad id 0 outside the mask, tokens inside
+    assert ids[1, :3].tolist() == [1, 2, 3]
+
+
+def test_pad_length():
+    assert [data.pad_length(n) for n in (1, 16, 17, 33)] == [16, 16, 32, 48]
+    assert data.pad_length(100, max_length=64) == 64
+
+
+# ---------------------------------------------------------------- fingerprint
+
+def test_fingerprint_follows_texts_labels_and_extra():
+    base = data.Split(["a b", "c"], np.array([0, 1]))
+    fp = data.fingerprint(base)
+    assert fp == data.fingerprint(data.Split(["a b", "c"], np.array([0, 1])))
+    assert fp != data.fingerprint(data.Split(["a b", "d"], np.array([0, 1])))
+    assert fp != data.fingerprint(data.Split(["a b", "c"], np.array([0, 2])))
+    assert fp != data.fingerprint(data.Split(["a", "b c"], np.array([0, 1])))  # texts are separated
+    assert fp != data.fingerprint(base, "other-backbone|128")
+
+
+# ---------------------------------------------------------------- reading
+
+def test_charcnn_layout_has_1_based_classes(tmp_path):
+    rows = make_texts(5, seed=3)
+    split = data.read_file(write_charcnn(tmp_path / "train.csv", rows), NAMES)
+    assert split.labels.tolist() == [label for label, _ in rows]
+    assert split.texts == [" ".join(text.split()) for _, text in rows]  # title and description joined
+
+
+def test_real_ag_news_sample():
+    path = SHARED_AG_NEWS / "train.csv"
+    if not path.exists():
+        pytest.skip(f"{path}: the shared AG News sample is not here")
+    split = data.read_splits(str(SHARED_AG_NEWS), NAMES)["train"]
+    assert len(split) == 8791
+    assert np.bincount(split.labels).tolist() == [2198, 2219, 2199, 2175]  # World, Sports, Business, Sci/Tech
+    assert all(t.strip() for t in split.texts)
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_label_text_columns(tmp_path, suffix):
+    frame = pd.DataFrame({"text": ["goal", "peace", "chip"], "label": [1, 0, 3]})
+    path = tmp_path / f"train{suffix}"
+    if suffix == ".parquet":
+        frame.to_parquet(path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in frame.to_dict("records")))
+    split = data.read_splits(str(tmp_path), NAMES)["train"]
+    assert split.texts == ["goal", "peace", "chip"] and split.labels.tolist() == [1, 0, 3]
+
+
+def test_folder_prefers_csv_and_reads_test(tmp_path):
+    write_charcnn(tmp_path / "train.csv", make_texts(3, seed=1))
+    write_charcnn(tmp_path / "test.csv", make_texts(1, seed=2))
+    (tmp_path / "train.jsonl").write_text("not read\n")
+    splits = data.read_splits(str(tmp_path), NAMES)
+    assert set(splits) == {"train", "test"} and len(splits["train"]) == 12 and len(splits["test"]) == 4
+
+
+def test_load_splits_carves_validation_and_trims(tmp_path):
+    write_charcnn(tmp_path / "train.csv", make_texts(20, seed=1))
+    write_charcnn(tmp_path / "test.csv", make_texts(2, seed=2))
+    cfg = config.load(None, [f"data.path={tmp_path}", "data.val_fraction=0.25", "data.max_train_samples=50",
+                             "data.repeat=2"])
+    splits = data.load_splits(cfg.data, seed=0)
+    assert len(splits["validation"]) == 20 and np.bincount(splits["validation"].labels).tolist() == [5] * 4
+    assert len(splits["train"]) == 100 and splits["train"].texts[:50] == splits["train"].texts[50:]
+    assert len(splits["test"]) == 8
+    assert set(splits["train"].ids).isdisjoint(splits["validation"].ids)
+
+
+@pytest.mark.parametrize("path", ["hub:ag_news", "ag_news"])
+def test_hub_error_names_data_path(monkeypatch, path):
+    datasets = pytest.importorskip("datasets")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the hub\nsecond line")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(UserError) as exc:
+        data.read_splits(path, NAMES)
+    msg = str(exc.value)
+    assert msg.startswith("data.path ag_news:") and "fancyzhx/ag_news" in msg and "ConnectionError" in msg
+    assert "\n" not in msg
+
+
+def test_hub_without_datasets_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if it were not installed
+    with pytest.raises(UserError, match=r"data.path ag_news: .*pip install datasets"):
+        data.read_splits("hub:ag_news", NAMES)

@@ -1,0 +1,39 @@
+"""Data parallel on the CPU: 2 processes (torchrun, gloo) give what 1 process gives with the same global batch."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from lorakd import config as config_lib
+from lorakd.runs import read_metrics
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and sys.platform != "linux", reason="needs torchrun")
+def test_two_processes_match_one(tiny_config, tmp_path):
+    cfg = tiny_config(**{"train.device": "cpu", "train.epochs": 2, "model.dropout": 0.0, "train.batch_size": 8,
+                         "train.eval_every": 15})
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(config_lib.to_yaml(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    results = {}
+    for n in (1, 2):
+        out = tmp_path / f"p{n}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               "-m", "lorakd.cli", "train", "--config", str(cfg_file), "--out", str(out)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[n] = (json.loads((out / "eval.json").read_text()), json.loads((out / "run.json").read_text()))
+    (e1, r1), (e2, r2) = results[1], results[2]
+    assert r2["summary"]["world_size"] == 2 and r1["summary"]["world_size"] == 1
+    assert r1["summary"]["steps"] == r2["summary"]["steps"]  # the global batch is kept
+    # The same trajectory up to float summation order (gradients are summed in another order).
+    curve = {n: [r["loss"] for r in read_metrics(tmp_path / f"p{n}") if r["split"] == "validation"] for n in (1, 2)}
+    assert len(curve[1]) == len(curve[2]) == 6
+    assert curve[2] == pytest.approx(curve[1], rel=2e-3)
+    for split in ("validation", "test"):
+        assert e2[split]["loss"] == pytest.approx(e1[split]["loss"], rel=2e-3)
+        assert abs(e2[split]["accuracy"] - e1[split]["accuracy"]) <= 2 / e1[split]["n"] + 1e-9  # near-ties may flip
+    assert not list((tmp_path / "p2").glob("*rank*"))  # only rank 0 wrote the folder

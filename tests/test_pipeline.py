@@ -1,0 +1,36 @@
+"""The one-command pipeline on the tiny backbone: stages run once, then are skipped."""
+import csv
+import json
+
+import yaml
+
+from lorakd import config as config_lib
+from lorakd.pipeline import run_pipeline
+from lorakd.runs import read_metrics
+
+
+def test_pipeline_runs_then_skips(tiny_config, tmp_path):
+    raw = config_lib.to_dict(tiny_config(**{"train.epochs": 3}))
+    raw["teacher"] = {"train": {"lr": 3e-3, "epochs": 3}}
+    cfg_path = tmp_path / "pipe.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": "a", "text": "election treaty"}\n{"id": "b", "text": "nasa linux chip"}\n')
+    out = tmp_path / "pipe"
+    logs = []
+    s = run_pipeline(cfg_path, out=out, predict_input=inp, log=logs.append)
+    assert s["stages"] == {"teacher": "trained", "logits": "cached", "student": "trained", "predict": "written"}
+    teacher_cfg = config_lib.from_dict(config_lib.read_yaml(out / "teacher" / "config.yaml"))
+    assert teacher_cfg.role == "teacher" and teacher_cfg.model.full_finetune and teacher_cfg.train.lr == 3e-3
+    student_cfg = config_lib.from_dict(config_lib.read_yaml(out / "student" / "config.yaml"))
+    assert student_cfg.distill.teachers == (str(out / "teacher"),)
+    assert list((out / "teacher" / "logits").glob("*.pt"))
+    train_records = [r for r in read_metrics(out / "student") if r["split"] == "train"]
+    assert all("ce" in r and "kd" in r for r in train_records)  # both parts of the loss recorded
+    assert any("from cache" in str(line) for line in logs)  # the student ran no teacher forward
+    rows = list(csv.reader((out / "predictions.csv").open()))
+    assert rows[0] == ["ID", "Label"] and [r[0] for r in rows[1:]] == ["a", "b"]
+
+    s2 = run_pipeline(cfg_path, out=out, predict_input=inp, log=lambda *a: None)
+    assert s2["stages"] == {"teacher": "skipped", "logits": "cached", "student": "skipped", "predict": "skipped"}
+    assert json.loads((out / "pipeline.json").read_text())["stages"]["student"] == "skipped"

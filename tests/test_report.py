@@ -1,0 +1,88 @@
+"""Report across runs and sweeps, on hand-written run folders (no training: fast)."""
+import csv
+import json
+
+import pytest
+
+from lorakd import config
+from lorakd.errors import UserError
+from lorakd.report import differing_keys, collect, fmt_value, pareto_front, report
+
+
+def test_pareto_front():
+    pts = [(100, 0.80), (200, 0.85), (150, 0.70), (300, 0.85), (50, 0.60), (200, 0.90), (50, 0.60)]
+    # (150, .70) loses to (100, .80); (200, .85) to (200, .90); (300, .85) to (200, .90); equal points both stay
+    assert pareto_front(pts) == [4, 6, 0, 5]
+    assert pareto_front([]) == []
+    assert pareto_front([(10, 0.5)]) == [0]
+
+
+def test_fmt_value():
+    assert fmt_value("model.targets", ("query", "value")) == "query+value"
+    assert fmt_value("model.layers", ()) == "all"
+    assert fmt_value("train.lr", 2e-4) == "0.0002"
+
+
+def fake_run(folder, r, val, status="done", test=None, steps=(10, 20)):
+    """A run folder as train() leaves it: config.yaml, run.json, metrics.jsonl, eval.json."""
+    cfg = config.load(None, [], {"name": folder.name, "model.r": r, "model.targets": ["query", "value"]})
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(config.to_yaml(cfg))
+    info = {"format": 1, "name": folder.name, "status": status, "params": {"trainable": 1000 * r, "total": 10**6}}
+    if status == "done":
+        info["summary"] = {"best_step": steps[-1], "steps": steps[-1], "train_time_s": 12.5, "samples_per_s": 300.0,
+                           "trainable": 1000 * r, "total": 10**6, "validation_accuracy": val}
+        ev = {"validation": {"accuracy": val}}
+        if test is not None:
+            ev["test"] = {"accuracy": test}
+        (folder / "eval.json").write_text(json.dumps(ev))
+    (folder / "run.json").write_text(json.dumps(info))
+    recs = [{"step": s, "split": "train", "loss": 1.0 / s} for s in steps]
+    recs += [{"step": s, "split": "validation", "loss": 1.0 / s, "accuracy": val * s / steps[-1]} for s in steps]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
+    return folder
+
+
+def test_report_runs_and_sweep(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    fake_run(sweep / "r=2", 2, 0.81)
+    fake_run(sweep / "r=8", 8, 0.86, test=0.85)
+    fake_run(sweep / "r=16", 16, 0.3, status="running")  # killed mid-run: metrics but no summary
+    (sweep / "configs").mkdir()
+    over_cfg = config.load(None, [], {"model.r": 64, "model.targets": ["query", "value"]})
+    (sweep / "configs" / "r=64.yaml").write_text(config.to_yaml(over_cfg))
+    (sweep / "sweep.json").write_text(json.dumps({"members": [
+        {"name": "r=64", "config": "configs/r=64.yaml", "trainable": 64000, "status": "over budget"}]}))
+    single = fake_run(tmp_path / "solo", 4, 0.83)
+
+    out = tmp_path / "rep"
+    res = report([sweep, single], out_dir=out)
+    assert res["keys"] == ["model.r"]
+    assert [r["name"] for r in res["rows"]] == ["r=8", "solo", "r=2", "r=16", "r=64"]  # by accuracy; others last
+    for f in ["results.md", "results.csv", "report.html", "train_loss.png", "val_loss.png", "val_accuracy.png",
+              "accuracy_vs_params.png"]:
+        assert (out / f).stat().st_size > 0, f
+    md = (out / "results.md").read_text()
+    assert "model.r" in md and "test acc" in md and "0.8600" in md and "over budget" in md and "unfinished" in md
+    assert md in capsys.readouterr().out
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert rows[0]["run"] == "r=8" and rows[0]["model.r"] == "8" and float(rows[0]["test_accuracy"]) == 0.85
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4
+    assert "<script" not in page and "http" not in page  # readable offline: nothing fetched
+
+
+def test_report_names_and_errors(tmp_path):
+    a = fake_run(tmp_path / "a" / "run", 2, 0.5)
+    b = fake_run(tmp_path / "b" / "run", 4, 0.6)
+    rows = collect([a, b])
+    assert sorted(r["name"] for r in rows) == ["a/run", "b/run"]  # same folder name: the parent tells them apart
+    assert differing_keys(rows) == ["model.r"]
+    with pytest.raises(UserError, match="no such run or sweep folder"):
+        report([tmp_path / "missing"], out_dir=tmp_path / "rep")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="neither a run folder"):
+        report([tmp_path / "empty"], out_dir=tmp_path / "rep")
+    (b / "eval.json").write_text("{broken")
+    with pytest.raises(UserError, match="eval.json: not valid JSON"):
+        collect([b])

@@ -1,0 +1,202 @@
+"""Sweeps on the tiny BERT (budget skip, resume, parallel subprocesses), fit-budget's exact counts, presets."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorakd import config, sweep
+from lorakd.errors import UserError
+from lorakd.model import count_params
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_sweep(folder, tiny_config, **spec):
+    """A base config next to a sweep file that names it relatively."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "base.yaml").write_text(config.to_yaml(tiny_config(**{"train.epochs": 1})))
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny", "base": "base.yaml", **spec}, sort_keys=False))
+    return path
+
+
+def test_sweep_budget_skip_and_resume(tiny_config, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    # r=4 on the tiny BERT is 1,668 trainable: the third member's budget of 1,000 skips it
+    path = write_sweep(tmp_path / "spec", tiny_config, grid={"model.r": [2, 4]},
+                       members=[{"model.r": 4, "model.budget": 1000}])
+    members = sweep.run_sweep(path)
+    out = capsys.readouterr().out
+    assert "over budget, skipped (1):" in out and "r=4_budget=1000: 1,668 > 1,000" in out
+    sdir = tmp_path / "runs" / "sweep-tiny"
+    names = ["r=2_budget=1000000", "r=4_budget=1000000", "r=4_budget=1000"]
+    assert [m["name"] for m in members] == names
+    assert [m["status"] for m in members] == ["done", "done", "over budget"]
+    rec = json.loads((sdir / "sweep.json").read_text())
+    assert rec["over_budget"] == [{"name": "r=4_budget=1000", "trainable": 1668, "budget": 1000}]
+    assert [m["trainable"] for m in rec["members"]] == [1668 - 768, 1668, 1668]
+    assert not (sdir / names[2]).exists() and (sdir / "configs" / f"{names[2]}.yaml").exists()
+    for n in names[:2]:
+        assert json.loads((sdir / n / "run.json").read_text())["status"] == "done"
+        assert (sdir / n / "plots" / "val_accuracy.png").exists()
+    assert "data:image/png" in (sdir / "report" / "report.html").read_text()
+    assert "r=4_budget=1000 | 4 | 1000 | 1,668" in (sdir / "report" / "results.md").read_text()
+
+    # again: nothing trains; an unfinished member resumes
+    calls = []
+    monkeypatch.setattr(sweep.train_lib, "train", lambda cfg, run_dir, resume=False: calls.append(
+        (Path(run_dir).name, resume)) or {"validation_accuracy": 0.5})
+    mtimes = [(sdir / n / "run.json").stat().st_mtime_ns for n in names[:2]]
+    sweep.run_sweep(path)
+    assert calls == [] and mtimes == [(sdir / n / "run.json").stat().st_mtime_ns for n in names[:2]]
+    info = json.loads((sdir / names[0] / "run.json").read_text())
+    (sdir / names[0] / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    sweep.run_sweep(path)
+    assert calls == [(names[0], True)]
+
+    # a changed recipe does not silently reuse the old runs
+    path.write_text(path.read_text().replace("name: tiny", "name: tiny\nset: {train.lr: 0.001}"))
+    with pytest.raises(UserError, match="holds a run of another config .train.lr"):
+        sweep.run_sweep(path)
+
+
+FAKE_TRAIN = """
+import json, os, pathlib, shutil, sys, time
+cfg, run = map(pathlib.Path, sys.argv[1:3])
+t0 = time.time()
+time.sleep(0.5)
+run.mkdir(parents=True)
+shutil.copy(cfg, run / "config.yaml")
+ok = not run.name.startswith("r=3")
+info = {"format": 1, "status": "done" if ok else "running", "summary": {"validation_accuracy": 0.5, "trainable": 1}}
+(run / "run.json").write_text(json.dumps(info))
+print(os.environ["CUDA_VISIBLE_DEVICES"], t0, time.time())
+sys.exit(0 if ok else 3)
+"""
+
+
+def test_sweep_parallel_scheduling(tiny_config, tmp_path, monkeypatch):
+    """At most one member per GPU, each told its GPU; a failing member is recorded and named at the end."""
+    monkeypatch.setattr(sweep, "_command", lambda m: [sys.executable, "-c", FAKE_TRAIN, str(m["config_file"]),
+                                                      str(m["run_dir"])])
+    path = write_sweep(tmp_path, tiny_config, grid={"model.r": [1, 2, 3, 4]}, out=str(tmp_path / "par"))
+    with pytest.raises(UserError, match=r"1 sweep member\(s\) failed: r=3"):
+        sweep.run_sweep(path, gpus=2)
+    spans = [(tmp_path / "par" / "logs" / f"r={r}.log").read_text().split() for r in (1, 2, 3, 4)]
+    assert {gpu for gpu, _, _ in spans} == {"0", "1"}
+    starts_ends = [(float(a), float(b)) for _, a, b in spans]
+    for t, _ in starts_ends:  # never more than two running at once
+        assert sum(a <= t < b for a, b in starts_ends) <= 2
+    rec = json.loads((tmp_path / "par" / "sweep.json").read_text())
+    assert [m["status"] for m in rec["members"]] == ["done", "done", "failed", "done"]
+    assert rec["members"][2]["error"].startswith("exit 3")
+
+
+def test_sweep_parallel_real_subprocess(tiny_config, tmp_path, monkeypatch):
+    """The real `python -m lorakd.cli train` child (one member keeps it quick)."""
+    monkeypatch.chdir(tmp_path)
+    path = write_sweep(tmp_path, tiny_config, set={"train.max_steps": 6}, out=str(tmp_path / "par"))
+    (m,) = sweep.run_sweep(path, gpus=2)
+    assert m["status"] == "done" and m["name"] == "tiny"  # one member: named after the sweep
+    assert json.loads((tmp_path / "par" / "tiny" / "run.json").read_text())["summary"]["steps"] == 6
+    assert (tmp_path / "par" / "tiny" / "plots" / "val_accuracy.png").exists()
+    assert (tmp_path / "par" / "report" / "results.md").exists()
+
+
+def test_gpu_ids(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert sweep._gpu_ids(3) == ["0", "1", "2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7,2")
+    assert sweep._gpu_ids(2) == ["5", "7"]
+    with pytest.raises(UserError, match="lists only 3"):
+        sweep._gpu_ids(4)
+
+
+def test_sweep_random_dry_run_and_errors(tiny_config, tmp_path):
+    path = write_sweep(tmp_path, tiny_config, grid={"model.r": [1, 2, 3], "model.targets": [["query"], "query,value"]},
+                       random={"samples": 4, "seed": 1}, out=str(tmp_path / "dry"))
+    members = sweep.run_sweep(path, dry_run=True)
+    again = sweep.run_sweep(path, dry_run=True)
+    assert len(members) == 4 and [m["name"] for m in members] == [m["name"] for m in again]
+    assert all(m["name"].startswith("r=") and "_targets=query" in m["name"] for m in members)
+    assert not (tmp_path / "dry").exists()  # a dry run writes nothing
+
+    bad = [({"grdi": {}}, "unknown sweep key 'grdi'"),
+           ({"grid": {"model.r": 4}}, "grid.model.r: expected a non-empty list"),
+           ({"grid": {"model.rank": [4]}}, "member 1 .model.rank=4.: unknown config key model.rank"),
+           ({"random": {"samples": 2}}, "no grid"),
+           ({"base": "nope.yaml"}, "base 'nope.yaml': no such config file")]
+    for spec, msg in bad:
+        p = write_sweep(tmp_path / "bad", tiny_config, **spec)
+        with pytest.raises(UserError, match=msg) as e:
+            sweep.run_sweep(p, dry_run=True)
+        assert str(p) in str(e.value)
+
+
+def test_member_names():
+    flats = [{"name": "a", "model.r": 4, "model.alpha": 8.0, "distill.alpha": 0.5, "model.targets": ("query", "value")},
+             {"name": "b", "model.r": 8, "model.alpha": 16.0, "distill.alpha": 0.5, "model.targets": ("query", "value")},
+             {"name": "c", "model.r": 8, "model.alpha": 16.0, "distill.alpha": 0.9, "model.targets": ("a/b", "c d")}]
+    assert sweep.member_names(flats) == ["r=4_model.alpha=8_distill.alpha=0.5_targets=query+value",
+                                         "r=8_model.alpha=16_distill.alpha=0.5_targets=query+value",
+                                         "r=8_model.alpha=16_distill.alpha=0.9_targets=a-b+c-d"]
+    assert sweep.member_names([{"name": "x", "model.r": 4}]) == ["base"]  # nothing differs: the fallback
+
+
+def test_fit_budget_exact(tmp_path, capsys):
+    props = sweep.fit_budget(budget=1_000_000, backbone="roberta-base", targets="query,key,value,dense", top=6,
+                             write=tmp_path / "fit.yaml")
+    trainable = [p["trainable"] for p in props]
+    assert trainable == sorted(trainable, reverse=True) and all(t <= 1_000_000 for t in trainable)
+    assert "% budget" in capsys.readouterr().out
+    spec = yaml.safe_load((tmp_path / "fit.yaml").read_text())
+    assert spec["set"]["model.backbone"] == "roberta-base" and len(spec["members"]) == 6
+    planned = sweep.run_sweep(tmp_path / "fit.yaml", dry_run=True)  # the written file is a valid sweep
+    assert [m["trainable"] for m in planned] == trainable  # count_params agrees with the analytic counts
+
+    # the reference placements, and the BERT pooler that 'dense' on every layer also wraps
+    all_props = sweep.propose(1_000_000, "roberta-base", ["query", "key", "value"])
+    qkv = next(p for p in all_props if p["targets"] == ("query", "key", "value") and p["layers"] == ())
+    assert (qkv["r"], qkv["trainable"]) == (7, 980_740)  # r=6 is 925,444; r=7 the largest that fits
+    for backbone, targets in (("embedded:minilm", ["dense", "value"]), ("roberta-base", ["query", "output.dense"])):
+        for p in sweep.propose(1_000_000, backbone, targets, min_r=2)[::3]:
+            mc = config.load(None, [], {"model.backbone": backbone, "model.r": p["r"],
+                                        "model.targets": list(p["targets"]), "model.layers": list(p["layers"])}).model
+            assert count_params(mc, 4)["trainable"] == p["trainable"], p
+
+    with pytest.raises(UserError, match="no linear module named 'qeury'"):
+        sweep.fit_budget(budget=10**6, backbone="roberta-base", targets="qeury")
+    with pytest.raises(UserError, match="head alone"):
+        sweep.fit_budget(budget=1000, backbone="roberta-base")
+
+
+def test_presets_load_and_count():
+    presets = sorted((REPO / "presets").glob("*.yaml"))
+    assert len(presets) >= 11
+    for p in presets:
+        if "teacher" in config.read_yaml(p):
+            continue  # a pipeline preset (teacher and student in one file): the pipeline reads those
+        cfg = config.load(p)
+        if cfg.role == "student":
+            assert (cfg.train.lr, cfg.train.batch_size, cfg.train.epochs, cfg.train.schedule, cfg.train.warmup_ratio,
+                    cfg.train.weight_decay) == (2e-4, 24, 3, "polynomial", 0.1, 0.01), p.name
+    expected = {"roberta-base-r6-qkv": 925_444, "roberta-base-r8-qv": 888_580, "roberta-base-r6-qv": 814_852,
+                "roberta-base-layers": 973_828, "minilm-r6-qkv": 84_484, "minilm-layers": 191_620}
+    for name, n in expected.items():
+        cfg = config.load(REPO / "presets" / f"{name}.yaml")
+        assert count_params(cfg.model, len(cfg.data.label_names))["trainable"] == n, name
+    teacher = config.load(REPO / "presets" / "roberta-base-teacher.yaml")
+    assert teacher.role == "teacher" and teacher.model.full_finetune and teacher.train.lr == 2e-5
+    for s in sorted((REPO / "sweeps").glob("*.yaml")):
+        members = sweep.run_sweep(s, dry_run=True)
+        assert len(members) >= 10 and all(m["status"] != "over budget" for m in members), s.name
+
+
+@pytest.fixture(autouse=True)
+def _no_gpu_env(monkeypatch):
+    # children of the parallel test must not see a GPU list from the machine running the tests
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
