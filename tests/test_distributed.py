@@ -32,8 +32,8 @@ def test_two_processes_match_one(tiny_config, tmp_path):
     # The same trajectory up to float summation order (gradients are summed in another order).
     curve = {n: [r["loss"] for r in read_metrics(tmp_path / f"p{n}") if r["split"] == "validation"] for n in (1, 2)}
     assert len(curve[1]) == len(curve[2]) == 6
-    assert curve[2] == pytest.approx(curve[1], rel=2e-3)
+    assert curve[2] == pytest.approx(curve[1], rel=5e-3)
     for split in ("validation", "test"):
-        assert e2[split]["loss"] == pytest.approx(e1[split]["loss"], rel=2e-3)
+        assert e2[split]["loss"] == pytest.approx(e1[split]["loss"], rel=5e-3)
         assert abs(e2[split]["accuracy"] - e1[split]["accuracy"]) <= 2 / e1[split]["n"] + 1e-9  # near-ties may flip
     assert not list((tmp_path / "p2").glob("*rank*"))  # only rank 0 wrote the folder
