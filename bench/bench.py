@@ -7,6 +7,7 @@ Prints a table and writes bench/results/bench-<device>-<date>.json. Sections (--
   minilm   peer vs lorakd on the embedded MiniLM: reference recipe on the sample (accuracy, speed),
            and one epoch of the sample repeated to 120,000 rows (speed at full-split scale)
   roberta  peer vs lorakd on roberta-base shapes with random weights (speed only)
+  levers   each speed lever switched off alone (graphs, length grouping, bf16), at 120k scale
   batch    lorakd at larger batches: fastest time to the peer's accuracy
   predict  `lorakd predict` throughput, adapters merged
 """
@@ -142,17 +143,40 @@ def run_peer(cfg, tmp, max_steps=0, evaluate=True):
 # ---------------------------------------------------------------- sections
 
 def check_fast_path(backbone, data, tmp, steps=60):
-    """Same seed, no dropout, same batches: per-step train loss of the graphed and the plain step."""
-    out = {}
-    for mode in ("off", "on"):
-        cfg = reference(backbone, data, **{"train.max_steps": steps, "train.log_every": 1, "model.dropout": 0.0,
-                                           "train.cuda_graphs": mode, "train.eval_every": 10_000})
-        r = run_lorakd(cfg, tmp)
-        out[mode] = [x["loss"] for x in read_metrics(r["run_dir"]) if x["split"] == "train"]
-    diffs = [abs(a - b) for a, b in zip(out["off"], out["on"])]
-    return {"steps": steps, "max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs),
-            "first_losses_plain": out["off"][:5], "first_losses_graphed": out["on"][:5],
-            "last_loss_plain": out["off"][-1], "last_loss_graphed": out["on"][-1]}
+    """Same seed, no dropout, same batches: per-step train loss of the graphed and the plain step,
+    in fp32 (where they must agree to float noise) and in bf16."""
+    result = {}
+    for precision in ("fp32", "bf16"):
+        out = {}
+        for mode in ("off", "on"):
+            cfg = reference(backbone, data, **{"train.max_steps": steps, "train.log_every": 1, "model.dropout": 0.0,
+                                               "train.cuda_graphs": mode, "train.eval_every": 10_000,
+                                               "train.precision": precision})
+            r = run_lorakd(cfg, tmp)
+            out[mode] = [x["loss"] for x in read_metrics(r["run_dir"]) if x["split"] == "train"]
+        diffs = [abs(a - b) for a, b in zip(out["off"], out["on"])]
+        result[precision] = {"steps": steps, "max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs),
+                             "first_losses_plain": out["off"][:3], "first_losses_graphed": out["on"][:3],
+                             "last_loss_plain": out["off"][-1], "last_loss_graphed": out["on"][-1]}
+    return result
+
+
+LEVERS = {  # each measured alone against the full fast path, at 120k-row scale
+    "all levers (graphs, bf16, length buckets, device batches)": {},
+    "no CUDA graphs (eager step)": {"train.cuda_graphs": "off"},
+    "no length grouping (random batches)": {"data.group_by_length": False},
+    "fp32 instead of bf16": {"train.precision": "fp32"},
+}
+
+
+def levers(backbone, data, tmp, steps):
+    n_train = len(data_lib.load_splits(reference(backbone, data).data, 42)["train"])
+    rows = {}
+    for name, over in LEVERS.items():
+        cfg = reference(backbone, data, **{"data.repeat": math.ceil(FULL_SPLIT / n_train), "train.max_steps": steps,
+                                           **over})
+        rows[name] = run_lorakd(cfg, tmp)
+    return rows
 
 
 def full_scale(backbone, data, tmp, batch=24, peer_steps=600):
@@ -201,7 +225,8 @@ def main():
     ap.add_argument("--backbone", default="embedded:minilm")
     ap.add_argument("--data", default="../shared/data/ag_news")
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--only", default="check,minilm,roberta,batch,predict")
+    ap.add_argument("--only", default="check,minilm,levers,roberta,batch,predict")
+    ap.add_argument("--lever-steps", type=int, default=1000)
     ap.add_argument("--roberta-steps", type=int, default=300)
     ap.add_argument("--peer-steps", type=int, default=600)
     args = ap.parse_args()
@@ -240,6 +265,10 @@ def main():
         result["peer_val_acc"] = peer["val_acc"]
         save()
         print_table(result["rows"])
+    if "levers" in only:
+        for name, r in levers(args.backbone, args.data, tmp, args.lever_steps).items():
+            result["rows"].append(row(f"lever: {name} ({args.lever_steps} steps)", r, fps_minilm, peak))
+        save()
     if "roberta" in only:
         rb = make_roberta(tmp, model_lib.resolve_backbone(args.backbone))
         n_train = len(data_lib.load_splits(ref.data, 42)["train"])
