@@ -212,8 +212,8 @@ def row(name, r, mfu_flops, peak):
             "train_time_s": round(r["train_time_s"], 2)}
 
 
-def print_table(rows):
-    cols = ["name", "samples_per_s", "epoch_120k_s", "peak_gb", "val_acc", "mfu_pct", "steps", "train_time_s"]
+def print_table(rows, cols=("name", "samples_per_s", "epoch_120k_s", "peak_gb", "val_acc", "mfu_pct", "steps",
+                             "train_time_s")):
     widths = [max([len(c)] + [len(str(r.get(c))) for r in rows]) for c in cols]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for r in rows:

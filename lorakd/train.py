@@ -49,9 +49,11 @@ def dist_env():
 
 # ---------------------------------------------------------------- the step
 
-def make_step(model, optimizer, flat_grad, store, teacher_probs, acc, cfg, amp, world):
+def make_step(model, optimizer, flat_grad, store, teacher_probs, acc, share, cfg, amp, world):
     """The whole training step on a batch given by indices into the token store. No host syncs inside,
-    so it can be replayed as a CUDA graph; the loss parts add into `acc` on the device."""
+    so it can be replayed as a CUDA graph; the loss parts add into `acc` on the device. `share` (a device
+    scalar) is this process's part of the global batch times the process count: shards of uneven size
+    then still average to the global batch's mean gradient."""
     dc, clip, device = cfg.distill, cfg.train.grad_clip, store.ids.device
 
     def step(idx, width):
@@ -61,7 +63,7 @@ def make_step(model, optimizer, flat_grad, store, teacher_probs, acc, cfg, amp, 
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
         soft = None if teacher_probs is None else teacher_probs[idx]
         loss, ce, kd = student_loss(logits, store.labels[idx], soft, dc.alpha, dc.temperature)
-        loss.backward()
+        (loss * share if world > 1 else loss).backward()
         if world > 1:  # data parallel: average gradients over processes (torch.distributed, NCCL or gloo)
             torch.distributed.all_reduce(flat_grad)
             flat_grad.div_(world)
@@ -76,14 +78,15 @@ def make_step(model, optimizer, flat_grad, store, teacher_probs, acc, cfg, amp, 
 class GraphedStep:
     """Replays `step` as one CUDA graph per (batch, width) shape. Capturing a shape first runs the step
     on a side stream (lazy state, cuBLAS workspaces); weights, optimizer state and loss sums are then
-    restored, so warm-up leaves no trace in training."""
+    restored, so warm-up leaves no trace in training. In a multi-process run the key is the global
+    batch's shape, the same on every process: all capture (and run their warm-up all-reduces) together."""
 
     def __init__(self, step, params, optimizer, acc):
         self.step, self.params, self.optimizer, self.acc = step, params, optimizer, acc
         self.graphs, self.pool = {}, None
 
-    def __call__(self, idx, width):
-        key = (idx.shape[0], width)
+    def __call__(self, idx, width, key=None):
+        key = key or (idx.shape[0], width)
         if key not in self.graphs:
             self.graphs[key] = self._capture(idx, width)
         graph, static_idx = self.graphs[key]
@@ -215,14 +218,16 @@ def _gather_rows(part, shard, n, device):
 def train(cfg, run_dir, resume=False, log=print) -> dict:
     """Train one run into run_dir; returns its summary (also in run.json)."""
     rank, world, local_rank = dist_env()
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if cfg.train.device != "cpu" and torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    if rank != 0:
-        log = lambda *a, **k: None  # noqa: E731  only rank 0 talks and writes
     device = pick_device(cfg.train.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.distributed.init_process_group("nccl", device_id=device)
+        else:
+            torch.distributed.init_process_group("gloo")
+    if rank != 0:
+        log = lambda *a, **k: None  # noqa: E731  only rank 0 talks and writes
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     tc = cfg.train
@@ -278,9 +283,10 @@ def train(cfg, run_dir, resume=False, log=print) -> dict:
     optimizer, params = make_optimizer(model, cfg, device)
     flat_grad = flat_gradients(params, device)
     acc = torch.zeros(3, device=device)
+    share = torch.ones((), device=device)
     if world > 1:
         torch.distributed.all_reduce(torch.zeros(1, device=device))  # communicator up before any capture
-    step_fn = make_step(model, optimizer, flat_grad, stores["train"], teacher_probs, acc, cfg, amp, world)
+    step_fn = make_step(model, optimizer, flat_grad, stores["train"], teacher_probs, acc, share, cfg, amp, world)
     use_graphs = device.type == "cuda" and tc.cuda_graphs != "off"
     if tc.cuda_graphs == "on" and device.type != "cuda":
         raise UserError("train.cuda_graphs=on needs a CUDA device")
@@ -405,7 +411,11 @@ def train(cfg, run_dir, resume=False, log=print) -> dict:
             lr_now = tc.lr * lr_factor(step, total, warmup, tc.schedule, tc.lr)
             t0 = time.perf_counter()
             set_lr(optimizer, lr_now)
-            run_step(on_device[starts[pos]: starts[pos + 1]], train_store.width(shard))
+            if world > 1:
+                share.fill_(len(shard) * world / len(batches[pos]))
+            width = train_store.width(batches[pos])  # the global batch's: every process has the same shape
+            idx = on_device[starts[pos]: starts[pos + 1]]
+            run_step(idx, width, (len(batches[pos]), width)) if use_graphs else run_step(idx, width)
             step += 1
             acc_steps += 1
             samples += len(batches[pos])
