@@ -114,7 +114,8 @@ def cmd_pipeline(args):
 def cmd_sweep(args):
     from .sweep import run_sweep
 
-    run_sweep(args.sweep, gpus=args.gpus, dry_run=args.dry_run, data=args.data, out=args.out)
+    run_sweep(args.sweep, gpus=args.gpus, dry_run=args.dry_run, data=args.data, out=args.out,
+              overrides=args.overrides)
 
 
 def cmd_report(args):
@@ -188,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="overrides data.path for every member")
     s.add_argument("--out", help="sweep folder (default: the sweep's own, else runs/sweep-NAME)")
     s.add_argument("--dry-run", action="store_true", help="list members and budget checks, train nothing")
+    s.add_argument("--set", nargs="+", default=[], dest="overrides", metavar="key=value",
+                   help="config keys set for every member, e.g. --set model.backbone=DIR train.epochs=1")
     s.set_defaults(func=cmd_sweep)
 
     r = sub.add_parser("report", help="results table and plots across runs and sweeps")

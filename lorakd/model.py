@@ -169,11 +169,12 @@ def summarize_params(model) -> dict:
         trainable += p.numel()
         m = re.search(r"\.([\w]+)\.lora_[AB]\.", name)
         if m:
-            module = re.sub(r"^.*?layer\.\d+\.", "", name.split(".lora_")[0])
-            key = f"lora {module}"
+            path = name.split(".lora_")[0]
             layer = re.search(r"layer\.(\d+)\.", name)
-            group = groups.setdefault(key, [set(), 0])
-            group[0].add(layer.group(1) if layer else name)
+            # per-layer modules by their path inside a layer; others (a pooler) by their last two names
+            module = re.sub(r"^.*?layer\.\d+\.", "", path) if layer else ".".join(path.split(".")[-2:])
+            group = groups.setdefault(f"lora {module}", [set(), 0])
+            group[0].add(layer.group(1) if layer else "-")
         else:
             key = "head" if any(h in name for h in HEAD_NAMES) else name.split(".")[-2] if "." in name else name
             group = groups.setdefault(key, [set(), 0])

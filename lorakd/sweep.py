@@ -151,18 +151,21 @@ def _describe(point) -> str:
     return ", ".join(f"{k}={v}" for k, v in point.items()) or "the base config"
 
 
-def plan(path, data=None, out=None):
+def plan(path, data=None, out=None, overrides=()):
     """(spec, sweep folder, members): every member's config built and its parameters counted, nothing run."""
     path = find_sweep(path)
     spec = load_sweep(path)
     base = _base_path(spec, path)
     raw = config_lib.read_yaml(base) if base else {}
     fixed = _mapping(spec, "set", path)
+    forced = dict(config_lib.parse_override(o) for o in overrides)  # command-line key=value, over every member
+    if data:
+        forced["data.path"] = data
     members, seen = [], set()
     for i, point in enumerate(points(spec)):
         try:
             merged = config_lib.merge(config_lib.merge(raw, fixed), point)
-            cfg = config_lib.from_dict(config_lib.merge(merged, {"data.path": data} if data else {}))
+            cfg = config_lib.from_dict(config_lib.merge(merged, forced))
         except UserError as e:
             raise UserError(f"{path}: member {i + 1} ({_describe(point)}): {e}") from None
         flat = config_lib.flatten(cfg)
@@ -232,12 +235,12 @@ def _record(sweep_dir, spec, path, members):
 
 # ---------------------------------------------------------------- running
 
-def run_sweep(sweep_path, gpus=1, dry_run=False, data=None, out=None) -> list[dict]:
+def run_sweep(sweep_path, gpus=1, dry_run=False, data=None, out=None, overrides=()) -> list[dict]:
     """Plan every member, skip the over-budget ones, train (or resume) the rest, then report."""
     if gpus < 1:
         raise UserError(f"--gpus {gpus}: must be at least 1")
     path = find_sweep(sweep_path)
-    spec, sweep_dir, members = plan(path, data=data, out=out)
+    spec, sweep_dir, members = plan(path, data=data, out=out, overrides=overrides)
     print(f"sweep {spec['name']}: {len(members)} members in {sweep_dir}")
     _print_table(members)
     if dry_run:
