@@ -4,8 +4,9 @@ Run on the lent GPU (one call), from the repo root:
     python bench/bench.py --backbone .device-carry/minilm --data .device-carry/data --out bench/results
 Prints a table and writes bench/results/bench-<device>-<date>.json. Sections (--only to pick some):
   check    fast path (CUDA graphs) vs plain path: per-step losses on the same batches
-  minilm   peer vs lorakd on the embedded MiniLM: reference recipe on the sample (accuracy, speed),
-           and one epoch of the sample repeated to 120,000 rows (speed at full-split scale)
+  minilm   peer vs lorakd on the embedded MiniLM: reference recipe on the sample (accuracy, speed; one
+           run per --seeds), and one epoch of the sample repeated to 120,000 rows (full-split scale)
+  accuracy only the per-seed reference runs of `minilm`
   roberta  peer vs lorakd on roberta-base shapes with random weights (speed only)
   levers   each speed lever switched off alone (graphs, length grouping, bf16), at 120k scale
   batch    lorakd at larger batches: fastest time to the peer's accuracy
@@ -143,13 +144,14 @@ def run_peer(cfg, tmp, max_steps=0, evaluate=True):
 # ---------------------------------------------------------------- sections
 
 def check_fast_path(backbone, data, tmp, steps=60):
-    """Same seed, no dropout, same batches: per-step train loss of the graphed and the plain step,
+    """Same seed, no dropout anywhere, same batches: per-step train loss of the graphed and the plain step,
     in fp32 (where they must agree to float noise) and in bf16."""
     result = {}
     for precision in ("fp32", "bf16"):
         out = {}
         for mode in ("off", "on"):
             cfg = reference(backbone, data, **{"train.max_steps": steps, "train.log_every": 1, "model.dropout": 0.0,
+                                               "model.backbone_dropout": 0.0,
                                                "train.cuda_graphs": mode, "train.eval_every": 10_000,
                                                "train.precision": precision})
             r = run_lorakd(cfg, tmp)
@@ -229,6 +231,7 @@ def main():
     ap.add_argument("--lever-steps", type=int, default=1000)
     ap.add_argument("--roberta-steps", type=int, default=300)
     ap.add_argument("--peer-steps", type=int, default=600)
+    ap.add_argument("--tag", default="", help="suffix of the result file's name")
     ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[42, 43])
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -239,7 +242,8 @@ def main():
     import transformers
     result = {"device": dev, "date": date.today().isoformat(), "torch": torch.__version__,
               "transformers": transformers.__version__, "peft": peft.__version__, "rows": [], "notes": {}}
-    out_path = Path(args.out) / f"bench-{dev.replace(' ', '_')}-{result['date']}.json"
+    tag = f"-{args.tag}" if args.tag else ""
+    out_path = Path(args.out) / f"bench-{dev.replace(' ', '_')}-{result['date']}{tag}.json"
 
     def save():
         from lorakd import atomic
@@ -251,7 +255,7 @@ def main():
         result["check"] = check_fast_path(args.backbone, args.data, tmp)
         print("fast-path check:", json.dumps(result["check"]), flush=True)
         save()
-    if "minilm" in only:
+    if "minilm" in only or "accuracy" in only:
         # The validation split is 440 rows (one sample = 0.23 pt), so accuracy is compared over seeds.
         accs = {"peer": [], "lorakd": []}
         for seed in args.seeds:
@@ -260,6 +264,10 @@ def main():
             result["rows"].append(row(f"peer minilm ref (sample, 3 ep, seed {seed})", peer, fps_minilm, peak))
             ours = run_lorakd(seeded, tmp)
             result["rows"].append(row(f"lorakd minilm ref (sample, 3 ep, seed {seed})", ours, fps_minilm, peak))
+            # length-grouped batches are the one lever that changes what a batch holds: measured without too
+            free = run_lorakd(config_lib.override(seeded, **{"data.group_by_length": False}), tmp)
+            result["rows"].append(row(f"lorakd minilm ref, random batches (seed {seed})", free, fps_minilm, peak))
+            accs.setdefault("lorakd_random_batches", []).append(free["val_acc"])
             accs["peer"].append(peer["val_acc"])
             accs["lorakd"].append(ours["val_acc"])
             result["notes"].setdefault("speedup_ref", []).append(round(ours["samples_per_s"] / peer["samples_per_s"], 2))
@@ -267,13 +275,13 @@ def main():
         mean = {k: sum(v) / len(v) for k, v in accs.items()}
         result["notes"]["mean_val_acc"] = {k: round(v, 4) for k, v in mean.items()}
         result["notes"]["acc_gap_pt"] = round(100 * (mean["lorakd"] - mean["peer"]), 2)
-        peer = {"val_acc": mean["peer"]}
+        result["peer_val_acc"] = mean["peer"]
         save()
+    if "minilm" in only:
         ours120, peer120 = full_scale(args.backbone, args.data, tmp, peer_steps=args.peer_steps)
         result["rows"].append(row(f"peer minilm 120k ({args.peer_steps} steps timed)", peer120, fps_minilm, peak))
         result["rows"].append(row("lorakd minilm 120k (1 epoch)", ours120, fps_minilm, peak))
         result["notes"]["speedup_120k"] = round(ours120["samples_per_s"] / peer120["samples_per_s"], 2)
-        result["peer_val_acc"] = peer["val_acc"]
         save()
         print_table(result["rows"])
     if "levers" in only:

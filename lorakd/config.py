@@ -33,6 +33,7 @@ class ModelConfig:
     r: int = 6
     alpha: float = 16.0
     dropout: float = 0.05
+    backbone_dropout: float = -1.0  # hidden and attention dropout inside the backbone; -1 = its own (0.1)
     targets: tuple[str, ...] = ("query", "key", "value")
     layers: tuple[int, ...] = ()  # empty = every layer
     budget: int = 1_000_000  # trainable-parameter limit for students; 0 = none
@@ -273,6 +274,8 @@ def validate(cfg: Config):
         (t.weight_decay >= 0, "train.weight_decay", "must be >= 0"),
         (0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)"),
         (t.grad_clip >= 0, "train.grad_clip", "must be >= 0"),
+        (m.backbone_dropout == -1.0 or 0.0 <= m.backbone_dropout < 1.0, "model.backbone_dropout",
+         "must be in [0, 1), or -1 for the backbone's own"),
         (t.log_every >= 1, "train.log_every", "must be at least 1"),
         (t.eval_every >= 0, "train.eval_every", "must be >= 0"),
         (t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0"),

@@ -145,6 +145,7 @@ def _quiet_transformers():
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: our own bar is the one that matters
     logging.getLogger("peft").setLevel(logging.ERROR)
 
 
@@ -206,12 +207,17 @@ def load_tokenizer(backbone: str):
 
 def build(mcfg, num_labels: int):
     """Backbone with pretrained weights (fp32) and adapters attached."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     _quiet_transformers()
     src = resolve_backbone(mcfg.backbone)
     try:
-        base = AutoModelForSequenceClassification.from_pretrained(src, num_labels=num_labels)
+        config = AutoConfig.from_pretrained(src, num_labels=num_labels)
+        if mcfg.backbone_dropout >= 0:  # BERT/RoBERTa names and DistilBERT's, whichever this config has
+            for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
+                if hasattr(config, key):
+                    setattr(config, key, mcfg.backbone_dropout)
+        base = AutoModelForSequenceClassification.from_pretrained(src, config=config)
     except OSError as e:
         raise UserError(f"model.backbone {mcfg.backbone}: cannot load its weights "
                         f"({str(e).splitlines()[0][:160]})") from None
