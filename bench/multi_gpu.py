@@ -100,7 +100,11 @@ def main():
                 r["error"] = s["error"]
                 print(f"{label} on {n} GPU(s) failed:\n" + "\n".join(s["tail"]), flush=True)
             else:
+                samples = s["samples_per_s"] * s["train_time_s"]
+                capture = s.get("graph_capture_s", 0.0)
                 r.update(samples_per_s=round(s["samples_per_s"], 1), train_time_s=s["train_time_s"],
+                         graph_capture_s=capture,
+                         steady_samples_per_s=round(samples / max(s["train_time_s"] - capture, 1e-9), 1),
                          steps=s["steps"], val_acc=round(s.get("validation_accuracy", float("nan")), 4),
                          world_size=s["world_size"])
             result["rows"].append(r)
@@ -108,6 +112,9 @@ def main():
         one, many = by_n.get(1, {}), by_n.get(args.gpus, {})
         if "samples_per_s" in one and "samples_per_s" in many:
             result["rows"][-1]["scaling"] = round(many["samples_per_s"] / one["samples_per_s"], 2)
+            steady = [result["rows"][-i].get("steady_samples_per_s") for i in (1, 2)]
+            if all(steady) and one.get("graph_capture_s") is not None:
+                result["rows"][-1]["steady_scaling"] = round(steady[0] / steady[1], 2)
             atomic.write_json(out_path, result)
 
     if "accuracy" in only:
@@ -124,7 +131,8 @@ def main():
                                               "train.batch_size": batch,
                                               "train.max_steps": ref.train.max_steps or args.roberta_steps})
             measure(f"roberta-base shapes b{batch} ({args.roberta_steps} steps)", cfg)
-    cols = ["name", "gpus", "global_batch", "cuda_graphs", "samples_per_s", "scaling", "val_acc", "steps", "train_time_s", "error"]
+    cols = ["name", "gpus", "global_batch", "cuda_graphs", "samples_per_s", "scaling", "steady_samples_per_s",
+            "steady_scaling", "graph_capture_s", "val_acc", "steps", "train_time_s", "error"]
     print_table(result["rows"], cols)
     print(f"wrote {out_path}")
 

@@ -13,7 +13,7 @@ from . import model as model_lib
 from .model import amp_dtype, pick_device
 from .errors import UserError
 from .evaluate import logits_for
-from .runs import open_trained
+from .runs import load_run, open_trained
 
 LABEL_FORMATS = ("index", "name", "charcnn")  # 0..K-1 | class name | 1..K
 
@@ -31,9 +31,10 @@ def predict(run_dir, input_path, out_path, device="auto", batch_size=None, label
             backbone=None, log=print) -> dict:
     if label_format not in LABEL_FORMATS:
         raise UserError(f"--labels {label_format!r}: expected one of {', '.join(LABEL_FORMATS)}")
+    # the input is read from the run's config alone, before the backbone loads: a bad file fails in a moment
+    split = data_lib.read_unlabelled(input_path, load_run(run_dir)[0].data.label_names)
     dev = pick_device(device)
     cfg, _, model, tok = open_trained(run_dir, dev, backbone)
-    split = data_lib.read_unlabelled(input_path, cfg.data.label_names)
     amp = amp_dtype(cfg.train.precision, dev)
     model = merged(model)
     if amp is not None:

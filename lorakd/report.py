@@ -238,22 +238,51 @@ def curve_plots(rows) -> dict[str, bytes]:
     return out
 
 
+_SHORT_TARGETS = {"query": "q", "key": "k", "value": "v", "dense": "d", "attention.output.dense": "ao",
+                  "output.dense": "o", "intermediate.dense": "i"}
+
+
+def short_label(row, keys) -> str:
+    """A compact name for a plot point from the config keys that differ across runs: r8 qv L0,1,5."""
+    parts = []
+    for k in keys:
+        v = row["flat"].get(k)
+        if k == "model.r":
+            parts.append(f"r{v}")
+        elif k == "model.alpha":
+            parts.append(f"a{v:g}")
+        elif k == "model.targets":
+            short = [_SHORT_TARGETS.get(t, t.split(".")[-1]) for t in v]
+            parts.append("".join(short) if all(len(t) == 1 for t in short) else "+".join(short))
+        elif k == "model.layers":
+            parts.append(f"L{','.join(map(str, v))}" if v else "")
+        elif v is not None:
+            parts.append(f"{k.split('.')[-1]}={fmt_value(k, v)}")
+    return " ".join(p for p in parts if p) or row["name"]
+
+
 def params_plot(rows) -> bytes:
     """Validation accuracy against trainable parameters; the Pareto front drawn as a red staircase."""
     plt = _pyplot()
     pts = [r for r in rows if r["validation_accuracy"] is not None and r["trainable"] is not None]
     xy = [(r["trainable"], r["validation_accuracy"]) for r in pts]
     front = pareto_front(xy)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    keys = [k for k in differing_keys(pts) if k != "name"] if len(pts) > 1 else []
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
     if xy:
         ax.scatter([p for p, _ in xy], [a for _, a in xy], s=14, color="tab:blue", label="runs", zorder=2)
         fx, fy = [xy[i][0] for i in front], [xy[i][1] for i in front]
         ax.plot(fx, fy, color="tab:red", drawstyle="steps-post", lw=1, zorder=1)
         ax.scatter(fx, fy, s=30, facecolors="none", edgecolors="tab:red", label="Pareto front", zorder=3)
         for r, (p, a) in zip(pts, xy):
-            ax.annotate(r["name"], (p, a), fontsize=5, xytext=(3, 2), textcoords="offset points")
+            ax.annotate(short_label(r, keys), (p, a), fontsize=6, xytext=(3, 2), textcoords="offset points")
         if max(p for p, _ in xy) > 20 * max(1, min(p for p, _ in xy)):
+            from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e3:g}k" if v < 1e6 else f"{v / 1e6:g}M"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.legend(fontsize=6, loc="lower right")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("validation accuracy")

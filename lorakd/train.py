@@ -84,11 +84,16 @@ class GraphedStep:
     def __init__(self, step, params, optimizer, acc):
         self.step, self.params, self.optimizer, self.acc = step, params, optimizer, acc
         self.graphs, self.pool = {}, None
+        self.capture_s = 0.0  # time spent capturing, reported apart from steady-state replay
 
     def __call__(self, idx, width, key=None):
         key = key or (idx.shape[0], width)
         if key not in self.graphs:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
             self.graphs[key] = self._capture(idx, width)
+            torch.cuda.synchronize()
+            self.capture_s += time.perf_counter() - t0
         graph, static_idx = self.graphs[key]
         static_idx.copy_(idx, non_blocking=True)
         graph.replay()
@@ -453,8 +458,10 @@ def train(cfg, run_dir, resume=False, log=print) -> dict:
             results[name] = metrics(logits_for(model, stores[name], tc.eval_batch_size, amp),
                                     splits[name].labels, cfg.data.label_names)
             log(format_table(name, results[name]))
+    capture_s = getattr(run_step, "capture_s", 0.0)  # this process's captures (a resumed run: since resuming)
     summary = {"best_step": best["step"], "steps": step, "train_time_s": round(train_time, 3),
-               "samples_per_s": samples / max(train_time, 1e-9), "trainable": counts["trainable"],
+               "samples_per_s": samples / max(train_time, 1e-9), "graph_capture_s": round(capture_s, 3),
+               "cuda_graphs": len(getattr(run_step, "graphs", {})), "trainable": counts["trainable"],
                "total": counts["total"], "device": torch.cuda.get_device_name(device) if device.type == "cuda"
                else "cpu", "world_size": world}
     for name, m in results.items():

@@ -289,6 +289,16 @@ def cli_error(capsys, *argv):
     return lines[0]
 
 
+def test_cli_joins_a_multiline_error_into_one_line(capsys, monkeypatch):
+    from lorakd import cli
+
+    def fail(args):
+        raise UserError("data.yaml: bad value\n  line 3: expected an int\n\n")
+    monkeypatch.setattr(cli, "cmd_report", fail)  # the parser looks the command up when main() builds it
+    line = cli_error(capsys, "report", "x")
+    assert line == "lorakd: error: data.yaml: bad value; line 3: expected an int"
+
+
 @pytest.fixture
 def tiny_yaml(tiny_config, tmp_path):
     return write(tmp_path / "tiny.yaml", config.to_yaml(tiny_config()))

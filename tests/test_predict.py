@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from lorakd import data as data_lib
+from lorakd import predict as predict_lib
+from lorakd.errors import UserError
 from lorakd.evaluate import logits_for
 from lorakd.predict import merged, predict
 from lorakd.runs import open_trained
@@ -46,3 +48,26 @@ def test_pickle_course_format_and_label_formats(trained_run, tmp_path):
     (tmp_path / "list.pkl").write_bytes(pickle.dumps(["nasa linux", "bank oil"]))
     predict(trained_run, tmp_path / "list.pkl", out, label_format="charcnn", log=lambda *a: None)
     assert {r[1] for r in list(csv.reader(out.open()))[1:]} <= {"1", "2", "3", "4"}
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading the model fails the test: bad input must be refused before the backbone loads."""
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+    monkeypatch.setattr(predict_lib, "open_trained", refuse)
+
+
+def test_bad_label_format_fails_fast_and_writes_nothing(trained_run, tmp_path, no_model):
+    (tmp_path / "in.csv").write_text("text\ngoal match\n")
+    out = tmp_path / "p.csv"
+    with pytest.raises(UserError, match="--labels 'names'"):
+        predict(trained_run, tmp_path / "in.csv", out, label_format="names", log=lambda *a: None)
+    assert not out.exists()
+
+
+def test_missing_input_fails_fast_and_writes_nothing(trained_run, tmp_path, no_model):
+    out = tmp_path / "p.csv"
+    with pytest.raises(UserError, match="missing.csv: no such file") as e:
+        predict(trained_run, tmp_path / "missing.csv", out, log=lambda *a: None)
+    assert "\n" not in str(e.value) and not out.exists()

@@ -173,6 +173,18 @@ def test_fit_budget_exact(tmp_path, capsys):
         sweep.fit_budget(budget=1000, backbone="roberta-base")
 
 
+def test_fit_budget_max_r_caps_proposals(capsys):
+    from lorakd.cli import main
+
+    main(["fit-budget", "--budget", "1000000", "--max-r", "3", "--top", "10"])
+    rows = capsys.readouterr().out.splitlines()[2:]  # after the title and the column header
+    assert len(rows) == 10 and max(int(r.split()[0]) for r in rows) == 3  # uncapped, these ranks reach 325
+    with pytest.raises(SystemExit) as exc:
+        main(["fit-budget", "--min-r", "4", "--max-r", "2"])
+    err = capsys.readouterr().err.splitlines()
+    assert exc.value.code == 2 and err == ["lorakd: error: --max-r 2: must be >= --min-r 4"]
+
+
 def test_presets_load_and_count():
     presets = sorted((REPO / "presets").glob("*.yaml"))
     assert len(presets) >= 11
