@@ -70,7 +70,8 @@ def make_step(model, optimizer, flat_grad, store, teacher_probs, acc, share, cfg
         if clip:  # clip_grad_norm_ over the one flat buffer, with no host sync
             flat_grad.mul_((clip / (flat_grad.norm() + 1e-6)).clamp(max=1.0))
         optimizer.step()
-        acc.add_(torch.stack([loss.detach(), ce.detach(), kd.detach()]))
+        parts = torch.stack([loss.detach(), ce.detach(), kd.detach()])
+        acc.add_(parts * share if world > 1 else parts)  # weighted like the gradient: the global batch's mean
 
     return step
 
