@@ -56,7 +56,7 @@ def make_step(model, optimizer, flat_grad, store, teacher_probs, acc, share, cfg
     then still average to the global batch's mean gradient."""
     dc, clip, device = cfg.distill, cfg.train.grad_clip, store.ids.device
 
-    def step(idx, width):
+    def step(idx, width, key=None):  # key: the graph key (GraphedStep's); the plain step needs none
         flat_grad.zero_()
         ids, mask = store.batch(idx, width)
         with autocast(device, amp):
@@ -421,7 +421,7 @@ def train(cfg, run_dir, resume=False, log=print) -> dict:
                 share.fill_(len(shard) * world / len(batches[pos]))
             width = train_store.width(batches[pos])  # the global batch's: every process has the same shape
             idx = on_device[starts[pos]: starts[pos + 1]]
-            run_step(idx, width, (len(batches[pos]), width)) if use_graphs else run_step(idx, width)
+            run_step(idx, width, (len(batches[pos]), width))
             step += 1
             acc_steps += 1
             samples += len(batches[pos])

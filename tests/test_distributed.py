@@ -11,20 +11,30 @@ from lorakd import config as config_lib
 from lorakd.runs import read_metrics
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and sys.platform != "linux", reason="needs torchrun")
+def _train_with_torchrun(cfg, tmp_path, processes):
+    """`lorakd train` under torchrun on the CPU (gloo); returns the run folder."""
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(config_lib.to_yaml(cfg))
+    out = tmp_path / f"p{processes}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           "-m", "lorakd.cli", "train", "--config", str(cfg_file), "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+needs_torchrun = pytest.mark.skipif(shutil.which("torchrun") is None and sys.platform != "linux",
+                                    reason="needs torchrun")
+
+
+@needs_torchrun
 def test_two_processes_match_one(tiny_config, tmp_path):
     cfg = tiny_config(**{"train.device": "cpu", "train.epochs": 2, "model.dropout": 0.0, "train.batch_size": 8,
                          "train.eval_every": 15, "train.log_every": 1})
-    cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text(config_lib.to_yaml(cfg))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     results = {}
     for n in (1, 2):
-        out = tmp_path / f"p{n}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               "-m", "lorakd.cli", "train", "--config", str(cfg_file), "--out", str(out)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        out = _train_with_torchrun(cfg, tmp_path, n)
         results[n] = (json.loads((out / "eval.json").read_text()), json.loads((out / "run.json").read_text()))
     (e1, r1), (e2, r2) = results[1], results[2]
     assert r2["summary"]["world_size"] == 2 and r1["summary"]["world_size"] == 1
@@ -44,22 +54,16 @@ def test_two_processes_match_one(tiny_config, tmp_path):
     assert not list((tmp_path / "p2").glob("*rank*"))  # only rank 0 wrote the folder
 
 
+@needs_torchrun
 def test_uneven_last_batch_is_weighted_like_one_process(tiny_config, tmp_path):
     """357 training rows in batches of 8: one batch an epoch holds 5 rows, split 3/2 over 2 processes.
     Each process's loss is weighted by its share, so the averaged gradient is still the global batch mean."""
     cfg = tiny_config(**{"train.device": "cpu", "train.epochs": 2, "model.dropout": 0.0, "train.batch_size": 8,
                          "data.max_train_samples": 357, "train.log_every": 1, "train.lr": 1e-2,
                          "train.weight_decay": 0.0})
-    cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text(config_lib.to_yaml(cfg))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     curves = {}
     for n in (1, 2):
-        out = tmp_path / f"p{n}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               "-m", "lorakd.cli", "train", "--config", str(cfg_file), "--out", str(out)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        out = _train_with_torchrun(cfg, tmp_path, n)
         curves[n] = [r["loss"] for r in read_metrics(out) if r["split"] == "train"]
     assert len(curves[1]) == len(curves[2]) == 90  # 44 full batches + the 5-row one, twice
     # the first epoch (its uneven batch included) and the start of the second: equal up to summation order
