@@ -1,12 +1,19 @@
-"""Multi-GPU benchmark: `lorakd train` under torchrun on 1 and on N GPUs, same config, same global batch.
+"""Multi-GPU benchmark: `lorakd train` under torchrun on 1 and on N GPUs.
 
 Run on a host with several GPUs (one call), from the repo root:
     python bench/multi_gpu.py --backbone .device-carry/minilm --data .device-carry/data --gpus 2
-Prints a table and writes bench/results/multi-gpu-<device>-x<N>-<date>.json. Rows:
+Prints a table and writes bench/results/multi-gpu-<device>-x<N>-<date>.json. Sections (--only):
   accuracy   the reference recipe on the sample (3 epochs, batch 24) on 1 and N GPUs: validation accuracy
-  minilm     one epoch of the sample repeated to 120,000 rows, global batch 24 and 192 (--minilm-batches)
-  roberta    roberta-base shapes with random weights (speed only), global batch 24 and 96
-Throughput is `samples_per_s` from the run's summary: training steps only, graph capture included.
+  minilm     strong scaling: one epoch of the sample repeated to 120,000 rows at the same global batch
+             (--minilm-batches) on 1 and N GPUs
+  roberta    strong scaling on roberta-base shapes with random weights (speed only), --roberta-batches
+  weak       weak scaling: the per-GPU batch kept (--weak-batches), so N GPUs train a global batch N times
+             larger over the same 120,000 samples (MiniLM and roberta-base shapes)
+  sweep      `lorakd sweep --gpus 1` against `--gpus N` on a 4-member rank sweep: wall time
+  curve      one GPU only, in this process: steady step time against batch size, and from it the most
+             that splitting a global batch B over N GPUs can give, t(B) / t(B/N) (needs no second GPU)
+Throughput is `samples_per_s` from the run's summary (training steps only, graph capture included);
+`steady_samples_per_s` leaves the capture out (`graph_capture_s`), as a long run would.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import date
 from pathlib import Path
 
@@ -56,36 +64,60 @@ def torchrun(cfg, gpus, out_dir, log_path, timeout=150):
     return json.loads((out_dir / "run.json").read_text())["summary"]
 
 
+def steady(s):
+    """Samples/s without the one-off CUDA-graph captures."""
+    samples = s["samples_per_s"] * s["train_time_s"]
+    return samples / max(s["train_time_s"] - s.get("graph_capture_s", 0.0), 1e-9)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backbone", default="embedded:minilm")
     ap.add_argument("--data", default="../shared/data/ag_news")
     ap.add_argument("--gpus", type=int, default=torch.cuda.device_count())
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--only", default="accuracy,minilm,roberta")
+    ap.add_argument("--only", default="accuracy,minilm,weak,roberta,sweep")
     ap.add_argument("--roberta-steps", type=int, default=400)
     ap.add_argument("--minilm-batches", type=int, nargs="+", default=[24, 192])
     ap.add_argument("--roberta-batches", type=int, nargs="+", default=[24, 96])
+    ap.add_argument("--weak-batches", type=int, nargs="+", default=[24, 96], help="per-GPU batches")
+    ap.add_argument("--curve-batches", type=int, nargs="+", default=[6, 12, 24, 48, 96, 192, 384])
+    ap.add_argument("--curve-steps", type=int, default=400)
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="config overrides (smoke tests)")
     args = ap.parse_args()
     only = set(args.only.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="lorakd-mgpu-"))
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = {"device": dev, "gpus": args.gpus, "date": date.today().isoformat(), "torch": torch.__version__,
-              "launcher": "torchrun --standalone", "rows": []}
-    out_path = ROOT / args.out / f"multi-gpu-{dev.replace(' ', '_')}-x{args.gpus}-{result['date']}.json"
-    log_path = ROOT / args.out / f"multi-gpu-{dev.replace(' ', '_')}-x{args.gpus}-{result['date']}.log"
+              "launcher": "torchrun --standalone", "rows": [], "curve": []}
+    part = "-curve" if only == {"curve"} else ""  # the one-GPU curve is its own result file
+    stem = f"multi-gpu{part}-{dev.replace(' ', '_')}-x{args.gpus}-{result['date']}"
+    out_path, log_path = ROOT / args.out / f"{stem}.json", ROOT / args.out / f"{stem}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.write_text("")
+    if only - {"curve"}:  # the curve runs in this process and logs nothing
+        log_path.write_text("")
     ref = config_lib.override(reference(args.backbone, args.data),
                               **dict(config_lib.parse_override(o) for o in args.set))
     repeat = math.ceil(FULL_SPLIT / len(data_lib.load_splits(ref.data, 42)["train"]))
+    roberta = [None]
+
+    def roberta_shapes():
+        if roberta[0] is None:
+            roberta[0] = make_roberta(tmp, model_lib.resolve_backbone(args.backbone))
+        return roberta[0]
+
+    def at_scale(cfg, batch, steps=None):
+        """cfg on the 120k-row data at this global batch (lr scaled with it), `steps` or one epoch."""
+        return config_lib.override(cfg, **{"data.repeat": repeat, "train.batch_size": batch,
+                                           "train.lr": cfg.train.lr * batch / 24,
+                                           "train.max_steps": ref.train.max_steps or steps or FULL_SPLIT // batch})
 
     graphs_ok = [True]
 
-    def measure(label, cfg, counts=(1, args.gpus)):
+    def measure(label, cfgs, kind):
+        """cfgs: {process count: config}; one row each, scaling on the last row."""
         by_n = {}
-        for n in counts:
+        for n, cfg in cfgs.items():
             run_cfg = cfg if n == 1 or graphs_ok[0] else config_lib.override(cfg, **{"train.cuda_graphs": "off"})
             run = tmp / f"{label.replace(' ', '_')}-{n}gpu"
             s = torchrun(run_cfg, n, run, log_path)
@@ -95,46 +127,103 @@ def main():
                 run_cfg = config_lib.override(cfg, **{"train.cuda_graphs": "off"})
                 s = torchrun(run_cfg, n, tmp / f"{run.name}-eager", log_path)
             by_n[n] = s
-            r = {"name": label, "gpus": n, "global_batch": cfg.train.batch_size, "cuda_graphs": run_cfg.train.cuda_graphs}
+            r = {"name": label, "scaling_kind": kind, "gpus": n, "global_batch": cfg.train.batch_size,
+                 "per_gpu_batch": cfg.train.batch_size // n, "cuda_graphs": run_cfg.train.cuda_graphs}
             if "error" in s:
                 r["error"] = s["error"]
                 print(f"{label} on {n} GPU(s) failed:\n" + "\n".join(s["tail"]), flush=True)
             else:
-                samples = s["samples_per_s"] * s["train_time_s"]
-                capture = s.get("graph_capture_s", 0.0)
                 r.update(samples_per_s=round(s["samples_per_s"], 1), train_time_s=s["train_time_s"],
-                         graph_capture_s=capture,
-                         steady_samples_per_s=round(samples / max(s["train_time_s"] - capture, 1e-9), 1),
+                         graph_capture_s=s.get("graph_capture_s", 0.0), steady_samples_per_s=round(steady(s), 1),
                          steps=s["steps"], val_acc=round(s.get("validation_accuracy", float("nan")), 4),
                          world_size=s["world_size"])
             result["rows"].append(r)
             atomic.write_json(out_path, result)
         one, many = by_n.get(1, {}), by_n.get(args.gpus, {})
-        if "samples_per_s" in one and "samples_per_s" in many:
+        if args.gpus > 1 and "samples_per_s" in one and "samples_per_s" in many:
             result["rows"][-1]["scaling"] = round(many["samples_per_s"] / one["samples_per_s"], 2)
-            steady = [result["rows"][-i].get("steady_samples_per_s") for i in (1, 2)]
-            if all(steady) and one.get("graph_capture_s") is not None:
-                result["rows"][-1]["steady_scaling"] = round(steady[0] / steady[1], 2)
+            result["rows"][-1]["steady_scaling"] = round(steady(many) / steady(one), 2)
             atomic.write_json(out_path, result)
 
+    both = (1, args.gpus)
     if "accuracy" in only:
-        measure("minilm ref recipe (sample, 3 ep)", ref)
+        measure("minilm ref recipe (sample, 3 ep)", {n: ref for n in both}, "strong")
     if "minilm" in only:
         for batch in args.minilm_batches:
-            cfg = config_lib.override(ref, **{"data.repeat": repeat, "train.batch_size": batch,
-                                              "train.max_steps": ref.train.max_steps or FULL_SPLIT // batch, "train.lr": 2e-4 * batch / 24})
-            measure(f"minilm 120k 1 epoch b{batch}", cfg)
+            cfg = at_scale(ref, batch)
+            measure(f"minilm 120k 1 epoch b{batch}", {n: cfg for n in both}, "strong")
+    if "weak" in only:
+        for per_gpu in args.weak_batches:
+            measure(f"minilm 120k 1 epoch, b{per_gpu} per GPU", {n: at_scale(ref, per_gpu * n) for n in both}, "weak")
+        rb = config_lib.override(ref, **{"model.backbone": roberta_shapes(), "model.budget": 0})
+        per_gpu, samples = args.weak_batches[0], args.roberta_steps * args.weak_batches[0]
+        measure(f"roberta-base shapes, b{per_gpu} per GPU ({samples} samples)",
+                {n: at_scale(rb, per_gpu * n, samples // (per_gpu * n)) for n in both}, "weak")
     if "roberta" in only:
-        rb = make_roberta(tmp, model_lib.resolve_backbone(args.backbone))
+        rb = config_lib.override(ref, **{"model.backbone": roberta_shapes(), "model.budget": 0})
         for batch in args.roberta_batches:
-            cfg = config_lib.override(ref, **{"model.backbone": rb, "model.budget": 0, "data.repeat": repeat,
-                                              "train.batch_size": batch,
-                                              "train.max_steps": ref.train.max_steps or args.roberta_steps})
-            measure(f"roberta-base shapes b{batch} ({args.roberta_steps} steps)", cfg)
-    cols = ["name", "gpus", "global_batch", "cuda_graphs", "samples_per_s", "scaling", "steady_samples_per_s",
-            "steady_scaling", "graph_capture_s", "val_acc", "steps", "train_time_s", "error"]
-    print_table(result["rows"], cols)
+            cfg = at_scale(rb, batch, args.roberta_steps)
+            measure(f"roberta-base shapes b{batch} ({args.roberta_steps} steps)", {n: cfg for n in both}, "strong")
+    if "sweep" in only and args.gpus > 1:
+        sweep_file = tmp / "ranks.yaml"
+        sweep_file.write_text(f"name: ranks\nbase: {ROOT / 'presets' / 'agnews-minilm.yaml'}\n"
+                              "grid:\n  model.r: [2, 4, 6, 8]\n")
+        sets = [f"model.backbone={args.backbone}"] + args.set
+        for n in both:
+            cmd = [sys.executable, "-m", "lorakd.cli", "sweep", str(sweep_file), "--data", args.data,
+                   "--gpus", str(n), "--out", str(tmp / f"sweep-{n}gpu"), "--set", *sets]
+            t0 = time.perf_counter()
+            with open(log_path, "a") as log:
+                log.write(f"\n$ {' '.join(cmd)}\n")
+                log.flush()
+                rc = subprocess.run(cmd, env=dict(os.environ, **SAFE_ENV), stdout=log, stderr=subprocess.STDOUT,
+                                    cwd=ROOT, timeout=300).returncode
+            wall = time.perf_counter() - t0
+            r = {"name": "sweep of 4 members (r 2,4,6,8), wall", "scaling_kind": "sweep", "gpus": n,
+                 "global_batch": 24, "per_gpu_batch": 24, "wall_s": round(wall, 1)}
+            if rc:
+                r["error"] = f"exit {rc}"
+            result["rows"].append(r)
+        one, many = result["rows"][-2], result["rows"][-1]
+        if "error" not in one and "error" not in many:
+            many["scaling"] = round(one["wall_s"] / many["wall_s"], 2)
+        atomic.write_json(out_path, result)
+    if "curve" in only:
+        curve(args, ref, at_scale, roberta_shapes, tmp, result, out_path)
+    cols = ["name", "scaling_kind", "gpus", "global_batch", "cuda_graphs", "samples_per_s", "scaling",
+            "steady_samples_per_s", "steady_scaling", "graph_capture_s", "wall_s", "val_acc", "steps", "error"]
+    if result["rows"]:
+        print_table(result["rows"], cols)
+    if result["curve"]:
+        ceilings = sorted({k for r in result["curve"] for k in r if k.startswith("ceiling_")})
+        print_table(result["curve"], ["backbone", "batch", "steady_samples_per_s", "step_ms", *ceilings,
+                                      "graph_capture_s", "steps"])
     print(f"wrote {out_path}")
+
+
+def curve(args, ref, at_scale, roberta_shapes, tmp, result, out_path):
+    """Steady step time against batch size on one GPU (in this process). Splitting a global batch B over
+    N GPUs runs steps of B/N per GPU, so N-GPU throughput is at most t(B) / t(B/N) times one GPU's."""
+    from lorakd.train import train
+
+    n = max(args.gpus, 2)
+    for name, cfg in (("minilm", ref),
+                      ("roberta-base shapes", config_lib.override(ref, **{"model.backbone": roberta_shapes(),
+                                                                          "model.budget": 0}))):
+        times = {}
+        for batch in args.curve_batches:
+            run_cfg = at_scale(cfg, batch, args.curve_steps)
+            s = train(run_cfg, Path(tempfile.mkdtemp(dir=tmp)), log=lambda *a: None)
+            rate = steady(s)
+            times[batch] = batch / rate
+            result["curve"].append({"backbone": name, "batch": batch, "steady_samples_per_s": round(rate, 1),
+                                    "step_ms": round(1000 * times[batch], 3), "steps": s["steps"],
+                                    "graph_capture_s": s.get("graph_capture_s", 0.0)})
+            for k in (2, n):
+                if batch % k == 0 and batch // k in times:
+                    result["curve"][-1][f"ceiling_x{k}"] = round(times[batch] / times[batch // k], 2)
+            atomic.write_json(out_path, result)
+            print(result["curve"][-1], flush=True)
 
 
 if __name__ == "__main__":

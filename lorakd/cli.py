@@ -247,6 +247,11 @@ def main(argv=None):
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         args.func(args)
+        # a torchrun process that finished leaves its process group (NCCL warns otherwise); after an error
+        # it just exits, so that torchrun stops the others rather than one waiting here on a peer
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     except UserError as e:
         # one line whatever the message holds (a wrapped library error, say): scripts grep for it
         msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())

@@ -68,3 +68,25 @@ def test_uneven_last_batch_is_weighted_like_one_process(tiny_config, tmp_path):
     assert len(curves[1]) == len(curves[2]) == 90  # 44 full batches + the 5-row one, twice
     # the first epoch (its uneven batch included) and the start of the second: equal up to summation order
     assert curves[2][:52] == pytest.approx(curves[1][:52], rel=2e-5)
+
+
+def test_finished_command_leaves_its_process_group(tiny_backbone, monkeypatch):
+    """A torchrun process leaves its group when its command is done (NCCL warns and may leak otherwise)."""
+    import socket
+
+    import torch.distributed as dist
+
+    from lorakd.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        main(["params", "--model", str(tiny_backbone), "--r", "2"])
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
