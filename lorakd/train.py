@@ -276,6 +276,9 @@ def train(cfg, run_dir, resume=False, log=print) -> dict:
         kept = [r for r in read_metrics(run_dir) if state and r["step"] <= state["step"]]
         atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
     log(f"run folder: {run_dir}")
+    if world > 1:  # what each process runs: small shards make latency-bound steps (README: when it pays)
+        log(f"data parallel: {world} processes ({device.type}), {tc.batch_size // world} rows each of every "
+            f"global batch of {tc.batch_size}")
     log(f"trainable parameters: {counts['trainable']:,} of {counts['total']:,}"
         + (f" (budget {cfg.model.budget:,})" if cfg.role == "student" and cfg.model.budget else ""))
 

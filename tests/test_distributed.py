@@ -21,6 +21,8 @@ def _train_with_torchrun(cfg, tmp_path, processes):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if processes > 1:  # rank 0 says how the global batch is split; the other ranks stay quiet
+        assert proc.stdout.count(f"data parallel: {processes} processes (cpu)") == 1
     return out
 
 
