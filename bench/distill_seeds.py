@@ -41,9 +41,10 @@ def main():
               "rows": []}
     out_path = ROOT / args.out / f"distill-seeds-{dev.replace(' ', '_')}-{result['date']}.json"
     quiet = lambda *a, **k: None  # noqa: E731
+    raw = config_lib.read_yaml(args.config)
     for seed in args.seeds:
         over = [f"model.backbone={args.backbone}", f"train.seed={seed}", *args.set]
-        _, ce_cfg = split_configs(config_lib.read_yaml(args.config), over, args.data)  # no teacher: CE only
+        _, ce_cfg = split_configs(raw, over, args.data)  # no teacher: CE only
         ce = train(ce_cfg, tmp / f"ce-{seed}", log=quiet)
         kd = run_pipeline(args.config, over, out=tmp / f"kd-{seed}", data=args.data, log=quiet)
         row = {"seed": seed, "teacher": kd["teacher_summary"]["validation_accuracy"],

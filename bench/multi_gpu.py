@@ -101,15 +101,17 @@ def main():
     repeat = math.ceil(FULL_SPLIT / len(data_lib.load_splits(ref.data, 42)["train"]))
     roberta = [None]
 
-    def roberta_shapes():
+    def roberta_cfg():
+        """ref on roberta-base shapes (random weights, made once; speed only, so no budget)."""
         if roberta[0] is None:
-            roberta[0] = make_roberta(tmp, model_lib.resolve_backbone(args.backbone))
+            folder = make_roberta(tmp, model_lib.resolve_backbone(args.backbone))
+            roberta[0] = config_lib.override(ref, **{"model.backbone": folder, "model.budget": 0})
         return roberta[0]
 
     def at_scale(cfg, batch, steps=None):
         """cfg on the 120k-row data at this global batch (lr scaled with it), `steps` or one epoch."""
         return config_lib.override(cfg, **{"data.repeat": repeat, "train.batch_size": batch,
-                                           "train.lr": cfg.train.lr * batch / 24,
+                                           "train.lr": cfg.train.lr * batch / cfg.train.batch_size,
                                            "train.max_steps": ref.train.max_steps or steps or FULL_SPLIT // batch})
 
     graphs_ok = [True]
@@ -155,12 +157,12 @@ def main():
     if "weak" in only:
         for per_gpu in args.weak_batches:
             measure(f"minilm 120k 1 epoch, b{per_gpu} per GPU", {n: at_scale(ref, per_gpu * n) for n in both}, "weak")
-        rb = config_lib.override(ref, **{"model.backbone": roberta_shapes(), "model.budget": 0})
+        rb = roberta_cfg()
         per_gpu, samples = args.weak_batches[0], args.roberta_steps * args.weak_batches[0]
         measure(f"roberta-base shapes, b{per_gpu} per GPU ({samples} samples)",
                 {n: at_scale(rb, per_gpu * n, samples // (per_gpu * n)) for n in both}, "weak")
     if "roberta" in only:
-        rb = config_lib.override(ref, **{"model.backbone": roberta_shapes(), "model.budget": 0})
+        rb = roberta_cfg()
         for batch in args.roberta_batches:
             cfg = at_scale(rb, batch, args.roberta_steps)
             measure(f"roberta-base shapes b{batch} ({args.roberta_steps} steps)", {n: cfg for n in both}, "strong")
@@ -180,7 +182,7 @@ def main():
                                     cwd=ROOT, timeout=300).returncode
             wall = time.perf_counter() - t0
             r = {"name": "sweep of 4 members (r 2,4,6,8), wall", "scaling_kind": "sweep", "gpus": n,
-                 "global_batch": 24, "per_gpu_batch": 24, "wall_s": round(wall, 1)}
+                 "global_batch": ref.train.batch_size, "per_gpu_batch": ref.train.batch_size, "wall_s": round(wall, 1)}
             if rc:
                 r["error"] = f"exit {rc}"
             result["rows"].append(r)
@@ -189,7 +191,7 @@ def main():
             many["scaling"] = round(one["wall_s"] / many["wall_s"], 2)
         atomic.write_json(out_path, result)
     if "curve" in only:
-        curve(args, ref, at_scale, roberta_shapes, tmp, result, out_path)
+        curve(args, ref, at_scale, roberta_cfg, tmp, result, out_path)
     cols = ["name", "scaling_kind", "gpus", "global_batch", "cuda_graphs", "samples_per_s", "scaling",
             "steady_samples_per_s", "steady_scaling", "graph_capture_s", "wall_s", "val_acc", "steps", "error"]
     if result["rows"]:
@@ -201,15 +203,13 @@ def main():
     print(f"wrote {out_path}")
 
 
-def curve(args, ref, at_scale, roberta_shapes, tmp, result, out_path):
+def curve(args, ref, at_scale, roberta_cfg, tmp, result, out_path):
     """Steady step time against batch size on one GPU (in this process). Splitting a global batch B over
     N GPUs runs steps of B/N per GPU, so N-GPU throughput is at most t(B) / t(B/N) times one GPU's."""
     from lorakd.train import train
 
-    n = max(args.gpus, 2)
-    for name, cfg in (("minilm", ref),
-                      ("roberta-base shapes", config_lib.override(ref, **{"model.backbone": roberta_shapes(),
-                                                                          "model.budget": 0}))):
+    counts = sorted({2, max(args.gpus, 2)})
+    for name, cfg in (("minilm", ref), ("roberta-base shapes", roberta_cfg())):
         times = {}
         for batch in args.curve_batches:
             run_cfg = at_scale(cfg, batch, args.curve_steps)
@@ -219,7 +219,7 @@ def curve(args, ref, at_scale, roberta_shapes, tmp, result, out_path):
             result["curve"].append({"backbone": name, "batch": batch, "steady_samples_per_s": round(rate, 1),
                                     "step_ms": round(1000 * times[batch], 3), "steps": s["steps"],
                                     "graph_capture_s": s.get("graph_capture_s", 0.0)})
-            for k in (2, n):
+            for k in counts:
                 if batch % k == 0 and batch // k in times:
                     result["curve"][-1][f"ceiling_x{k}"] = round(times[batch] / times[batch // k], 2)
             atomic.write_json(out_path, result)
