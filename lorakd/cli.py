@@ -10,19 +10,7 @@ from pathlib import Path
 from . import config as config_lib
 from .errors import UserError
 
-PRESETS = Path(__file__).resolve().parent.parent / "presets"
-
-
-def preset_path(name_or_path: str) -> Path:
-    """A config file path, or the name of a preset in presets/ (with or without .yaml)."""
-    p = Path(name_or_path)
-    if p.exists():
-        return p
-    for cand in (PRESETS / name_or_path, PRESETS / f"{name_or_path}.yaml"):
-        if cand.exists():
-            return cand
-    known = ", ".join(sorted(f.stem for f in PRESETS.glob("*.yaml"))) if PRESETS.is_dir() else "none"
-    raise UserError(f"{name_or_path}: no such config file or preset (presets: {known})")
+PRESETS, preset_path = config_lib.PRESETS, config_lib.preset_path
 
 
 def load_config(args) -> config_lib.Config:
@@ -41,7 +29,7 @@ def default_run_dir(cfg, root="runs") -> Path:
 
 
 def cmd_train(args):
-    from . import runs, train
+    from . import dist, runs, train
     from .report import plot_run
 
     if args.resume:
@@ -53,7 +41,7 @@ def cmd_train(args):
         cfg = load_config(args)
         run_dir = Path(args.out) if args.out else default_run_dir(cfg)
     train.train(cfg, run_dir, resume=bool(args.resume))
-    if train.dist_env()[0] == 0:
+    if dist.env()[0] == 0:
         plot_run(run_dir)
         print(f"run folder: {run_dir}")
 

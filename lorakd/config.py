@@ -13,6 +13,7 @@ import yaml
 from .errors import UserError
 
 AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
+PRESETS = Path(__file__).resolve().parent.parent / "presets"
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class DataConfig:
     repeat: int = 1  # repeat the training split N times (full-scale timing on the sample)
     label_names: tuple[str, ...] = AG_NEWS_LABELS
     group_by_length: bool = True  # batches of similar lengths: less padding, few shapes
+    labelled: int = 0  # keep N stratified labelled train rows (0 = all); the rest become transfer rows
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,12 @@ class DistillConfig:
     weights: tuple[float, ...] = ()  # per teacher; empty = equal
     alpha: float = 0.5  # weight of CE; (1 - alpha) on T^2 * KL
     temperature: float = 2.0
+    rest_as_transfer: bool = True  # the train rows data.labelled leaves out join as transfer rows
+    unlabeled: str = ""  # texts without labels (any format predict reads): transfer rows the teachers label
+    augment: int = 0  # N seeded augmented copies of each labelled text, added as transfer rows
+    augment_ops: tuple[str, ...] = ("delete", "swap")  # delete | swap | mask | mix (data.augment says how)
+    transfer_targets: str = "soft"  # soft: KD on transfer rows | hard: CE on the teachers' argmax (self-training)
+    max_transfer: int = 0  # at most N transfer rows (0 = all), a seeded sample
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,9 @@ CHOICES = {
     "train.schedule": ("linear", "cosine", "polynomial", "constant"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.cuda_graphs": ("auto", "on", "off"),
+    "distill.transfer_targets": ("soft", "hard"),
 }
+AUGMENT_OPS = ("delete", "swap", "mask", "mix")
 
 
 class _Loader(yaml.SafeLoader):
@@ -284,6 +294,11 @@ def validate(cfg: Config):
         (d.max_length >= 8, "data.max_length", "must be at least 8"),
         (d.repeat >= 1, "data.repeat", "must be at least 1"),
         (d.max_train_samples >= 0, "data.max_train_samples", "must be >= 0"),
+        (d.labelled >= 0, "data.labelled", "must be >= 0 (0 = every row)"),
+        (dc.augment >= 0, "distill.augment", "must be >= 0"),
+        (dc.max_transfer >= 0, "distill.max_transfer", "must be >= 0"),
+        (all(op in AUGMENT_OPS for op in dc.augment_ops), "distill.augment_ops",
+         f"takes only {', '.join(AUGMENT_OPS)}"),
         (len(d.label_names) >= 2, "data.label_names", "needs at least two classes"),
         (len(set(d.label_names)) == len(d.label_names), "data.label_names", "has duplicates"),
         (0 <= dc.alpha <= 1, "distill.alpha", "must be in [0, 1]"),
@@ -295,6 +310,18 @@ def validate(cfg: Config):
     for ok, key, msg in checks:
         if not ok:
             raise UserError(f"config key {key}: {flat[key]!r} {msg}")
+
+
+def preset_path(name_or_path: str) -> Path:
+    """A config file path, or the name of a preset in presets/ (with or without .yaml)."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    for cand in (PRESETS / name_or_path, PRESETS / f"{name_or_path}.yaml"):
+        if cand.exists():
+            return cand
+    known = ", ".join(sorted(f.stem for f in PRESETS.glob("*.yaml"))) if PRESETS.is_dir() else "none"
+    raise UserError(f"{name_or_path}: no such config file or preset (presets: {known})")
 
 
 def flatten(cfg) -> dict:
@@ -309,4 +336,5 @@ def flatten(cfg) -> dict:
 
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "TrainConfig", "DistillConfig", "load", "from_dict",
-           "to_dict", "to_yaml", "flatten", "override", "merge", "read_yaml", "parse_override", "replace"]
+           "to_dict", "to_yaml", "flatten", "override", "merge", "read_yaml", "parse_override", "replace",
+           "preset_path", "PRESETS"]

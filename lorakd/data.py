@@ -302,8 +302,19 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int):
     return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
 
 
+def stratified_take(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices of n rows with the classes in the proportions they have (largest remainders round)."""
+    classes, counts = np.unique(labels, return_counts=True)
+    want = counts * n / len(labels)
+    take = np.floor(want).astype(int)
+    take[np.argsort(-(want - take), kind="stable")[: n - take.sum()]] += 1
+    rng = np.random.default_rng([seed, n])
+    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]))
+
+
 def load_splits(data_cfg, seed) -> dict[str, Split]:
-    """train / validation (carved from train) / test (when present), as the config asks."""
+    """train / validation (carved from train) / test (when present), as the config asks. With data.labelled
+    N, train keeps N stratified rows and the others come back as 'unlabelled' (their labels unused)."""
     splits = read_splits(data_cfg.path, data_cfg.label_names)
     train = splits["train"]
     if "validation" in splits:
@@ -314,13 +325,57 @@ def load_splits(data_cfg, seed) -> dict[str, Split]:
         if not len(train):
             raise UserError(f"{data_cfg.path}: no training rows left after carving data.val_fraction="
                             f"{data_cfg.val_fraction} for validation")
+    out = {}
+    if data_cfg.labelled:
+        if data_cfg.labelled >= len(train):
+            raise UserError(f"data.labelled={data_cfg.labelled}: the train split has only {len(train)} rows "
+                            f"after validation is carved (use 0 for all)")
+        keep = stratified_take(train.labels, data_cfg.labelled, seed)
+        rest = np.setdiff1d(np.arange(len(train)), keep)
+        train, out["unlabelled"] = train.subset(keep), train.subset(rest)
     if data_cfg.max_train_samples:
         train = train.subset(np.arange(min(data_cfg.max_train_samples, len(train))))
     if data_cfg.repeat > 1:
         train = train.subset(np.tile(np.arange(len(train)), data_cfg.repeat))
-    out = {"train": train, "validation": val}
+    out.update(train=train, validation=val)
     if "test" in splits:
         out["test"] = splits["test"]
+    return out
+
+
+def concat(splits: list[Split]) -> Split:
+    """Rows of several splits, in order; labels kept only when every part has them."""
+    labels = [s.labels for s in splits]
+    return Split([t for s in splits for t in s.texts],
+                 None if any(lab is None for lab in labels) else np.concatenate(labels).astype(np.int64))
+
+
+def augment(texts: list[str], copies: int, ops, seed: int, mask_token: str = "[MASK]") -> list[str]:
+    """`copies` augmented versions of each text, a pure function of (texts, copies, ops, seed), on words:
+    delete: drop 15% of the words; swap: with p 0.5 swap two spans of up to a quarter of the words each;
+    mask: replace 15% of the words with the tokenizer's mask token; mix: with p 0.5 the second half
+    becomes another random text's second half (a blend whose soft label only a teacher can give).
+    The teachers label these rows, so an edit that changes the topic is no harm: the target follows it."""
+    out = []
+    n = len(texts)
+    for k in range(copies):
+        rng = np.random.default_rng([seed, k, 7])
+        for i, text in enumerate(texts):
+            words = text.split()
+            if "delete" in ops and len(words) > 3:
+                kept = [w for w in words if rng.random() >= 0.15]
+                words = kept or words
+            if "swap" in ops and len(words) >= 4 and rng.random() < 0.5:
+                span = int(rng.integers(1, max(2, len(words) // 4)))
+                a, b = sorted(rng.choice(len(words) - span + 1, 2, replace=False))
+                if b - a >= span:  # two spans that do not overlap
+                    words = words[:a] + words[b:b + span] + words[a + span:b] + words[a:a + span] + words[b + span:]
+            if "mask" in ops:
+                words = [mask_token if rng.random() < 0.15 else w for w in words]
+            if "mix" in ops and n > 1 and rng.random() < 0.5:
+                other = texts[int(rng.integers(n))].split()
+                words = words[: max(1, len(words) // 2)] + other[len(other) // 2:]
+            out.append(" ".join(words))
     return out
 
 

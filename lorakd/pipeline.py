@@ -80,13 +80,14 @@ def run_pipeline(config_path, overrides=(), out=None, data=None, predict_input=N
     stages, t0 = {}, time.time()
     stages["teacher"] = _train_stage("teacher", teacher_cfg, teacher_dir, log)
 
-    # Teacher logits: computed once into the teacher's cache, which the student's training reads.
+    # Teacher logits over the student's rows (transfer rows too): computed once into the teacher's cache,
+    # which the student's training reads.
     from .data import load_splits
-    from .model import pick_device
-    from .train import teacher_probs_for
+    from .distill import student_rows
+    from .model import load_tokenizer, pick_device
 
-    teacher_probs_for(student_cfg, load_splits(student_cfg.data, student_cfg.train.seed)["train"],
-                      pick_device(student_cfg.train.device), log)
+    student_rows(student_cfg, load_splits(student_cfg.data, student_cfg.train.seed),
+                 pick_device(student_cfg.train.device), log, load_tokenizer(student_cfg.model.backbone))
     stages["logits"] = "cached"
     stages["student"] = _train_stage("student", student_cfg, student_dir, log)
 

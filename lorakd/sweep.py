@@ -90,10 +90,8 @@ def _base_path(spec, path: Path):
     near = path.parent / base
     if not Path(base).is_absolute() and near.is_file():
         return near
-    from .cli import preset_path
-
     try:
-        return preset_path(base)
+        return config_lib.preset_path(base)
     except UserError:
         raise UserError(f"{path}: base {base!r}: no such config file (next to the sweep file or here) "
                         f"or preset") from None

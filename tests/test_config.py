@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 
 from lorakd import config
-from lorakd.cli import PRESETS, preset_path
+from lorakd.config import PRESETS, preset_path
 from lorakd.errors import UserError
 
 
