@@ -50,7 +50,7 @@ def main():
     ap.add_argument("--student-backbone", default="embedded:minilm")
     ap.add_argument("--data", default="../shared/data/ag_news")
     ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[42, 43, 44])
-    ap.add_argument("--regimes", default="all,few")
+    ap.add_argument("--regimes", default="few,all")
     ap.add_argument("--labelled", type=int, default=1000, help="labelled rows of the few-label regime")
     ap.add_argument("--students", default=",".join(STUDENTS))
     ap.add_argument("--recipe", nargs="*", default=["distill.alpha=0.5", "distill.temperature=2"],
@@ -59,80 +59,107 @@ def main():
                     help="extra kd_transfer arms, each NAME:key=value,key=value")
     ap.add_argument("--skip-tuned", action="store_true", help="no longer-trained CE arms")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    ap.add_argument("--deadline-s", type=float, default=0, help="start no new seed after this many seconds")
+    ap.add_argument("--deadline-s", type=float, default=0, help="start no new run after this many seconds")
+    ap.add_argument("--tag", default="", help="suffix of the raw JSON (several processes side by side)")
+    ap.add_argument("--merge", nargs="*", help="only merge these raw JSONs into the summary")
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every run (smoke tests)")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.merge:
+        return merge(args.merge, out)
     t_start = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="lorakd-gain-"))
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    out = Path(args.out)
+    import transformers
+
     result = {"device": dev, "date": date.today().isoformat(), "torch": torch.__version__,
+              "transformers": transformers.__version__,
               "seeds": [], "recipe": args.recipe, "runs": [], "teachers": [], "logits": []}
-    raw_path = out / f"distill-gain-{dev.replace(' ', '_')}-{result['date']}.json"
+    raw_path = out / f"distill-gain-{dev.replace(' ', '_')}-{result['date']}{args.tag}.json"
     quiet = lambda *a, **k: None  # noqa: E731
     variants = [(v.split(":", 1)[0], v.split(":", 1)[1].split(",")) for v in args.variants]
     base_student = str(config_lib.preset_path("agnews-minilm"))
 
     def run(name, over, path):
+        if args.deadline_s and time.time() - t_start > args.deadline_s:
+            raise TimeoutError(name)
         cfg = config_lib.load(path, [f"data.path={args.data}", *over, *args.set])
         s = train(cfg, tmp / name, log=quiet)
         return s
 
-    for seed in args.seeds:
-        if args.deadline_s and time.time() - t_start > args.deadline_s:
-            print(f"deadline: seed {seed} not started", flush=True)
-            break
-        result["seeds"].append(seed)
-        for regime in args.regimes.split(","):
-            data_over, teacher_over, tune_epochs, transfer_over = REGIMES[regime]
-            common = [f"train.seed={seed}", *data_over] + ([f"data.labelled={args.labelled}"] if regime == "few" else [])
-            tdir = f"teacher-{regime}-{seed}"
-            t0 = time.time()
-            ts = run(tdir, [f"model.backbone={args.teacher_backbone}", *common, *teacher_over],
-                     config_lib.preset_path("mpnet-teacher"))
-            result["teachers"].append({"seed": seed, "regime": regime, "val": ts["validation_accuracy"],
-                                       "train_time_s": ts["train_time_s"], "samples_per_s": ts["samples_per_s"],
-                                       "graph_capture_s": ts["graph_capture_s"], "cuda_graphs": ts["cuda_graphs"],
-                                       "wall_s": round(time.time() - t0, 1)})
-            print(result["teachers"][-1], flush=True)
-            kd = [f"distill.teachers=[{tmp / tdir}]", *args.recipe]
-            # the transfer rows' logits: computed once (timed), then every arm reads the cache
-            cfg = config_lib.load(base_student, [f"data.path={args.data}", f"model.backbone={args.student_backbone}",
-                                                 *common, *kd, *transfer_over, *args.set])
-            splits = data_lib.load_splits(cfg.data, seed)
-            tok = model_lib.load_tokenizer(cfg.model.backbone)
-            dev_t = model_lib.pick_device("auto")
-            times = []
-            for _ in range(2):
-                t0 = time.time()
-                rows, _ = distill.student_rows(cfg, dict(splits), dev_t, quiet, tok)
-                times.append(round(time.time() - t0, 2))
-            result["logits"].append({"seed": seed, "regime": regime, "rows": len(rows), "computed_s": times[0],
-                                     "cached_s": times[1]})
-            for student in args.students.split(","):
-                base = [f"model.backbone={args.student_backbone}", *common, *STUDENTS[student]]
-                arms = [("ce", [])]
-                if not args.skip_tuned:
-                    arms += [(f"ce_e{e}", [f"train.epochs={e}"]) for e in tune_epochs]
-                arms += [("kd_labelled", kd + ["distill.rest_as_transfer=false"]), ("self_train", kd + transfer_over +
-                                                ["distill.transfer_targets=hard", "distill.alpha=1"]),
-                         ("kd_transfer", kd + transfer_over)]
-                arms += [(f"kd_{n}", kd + transfer_over + o) for n, o in variants]
-                for arm, over in arms:
-                    name = f"{regime}-{student}-{arm}-{seed}"
-                    t0 = time.time()
-                    s = run(name, base + over, base_student)
-                    result["runs"].append({"seed": seed, "regime": regime, "student": student, "arm": arm,
-                                           "val": s["validation_accuracy"], "steps": s["steps"],
-                                           "train_time_s": s["train_time_s"], "wall_s": round(time.time() - t0, 1)})
-                    print(result["runs"][-1], flush=True)
-                    atomic.write_json(raw_path, result)
-        atomic.write_json(raw_path, result)
-        atomic.write_json(out / "distill-gain-summary.json", summarize(result))
+    try:
+        for seed in args.seeds:
+            result["seeds"].append(seed)
+            one_seed(args, seed, run, result, raw_path, tmp, quiet, variants, base_student)
+    except TimeoutError as e:
+        print(f"deadline: stopped before {e}", flush=True)
+    atomic.write_json(raw_path, result)
     summary = summarize(result)
+    atomic.write_json(out / f"distill-gain-summary{args.tag}.json", summary)
+    print_summary(summary)
+    print(f"wrote {raw_path} in {time.time() - t_start:.0f}s")
+
+
+def merge(paths, out):
+    """One summary from the raw results of several processes (seeds run side by side)."""
+    import json
+
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    merged = dict(results[0], seeds=sorted({s for r in results for s in r["seeds"]}))
+    for key in ("runs", "teachers", "logits"):
+        merged[key] = [x for r in results for x in r[key]]
+    summary = summarize(merged)
     atomic.write_json(out / "distill-gain-summary.json", summary)
     print_summary(summary)
-    print(f"wrote {raw_path} and {out / 'distill-gain-summary.json'} in {time.time() - t_start:.0f}s")
+
+
+def one_seed(args, seed, run, result, raw_path, tmp, quiet, variants, base_student):
+    """Teacher, transfer-row logits and every student arm of one seed, in each regime."""
+    for regime in args.regimes.split(","):
+        data_over, teacher_over, tune_epochs, transfer_over = REGIMES[regime]
+        common = [f"train.seed={seed}", *data_over] + ([f"data.labelled={args.labelled}"] if regime == "few" else [])
+        tdir = f"teacher-{regime}-{seed}"
+        t0 = time.time()
+        ts = run(tdir, [f"model.backbone={args.teacher_backbone}", *common, *teacher_over],
+                 config_lib.preset_path("mpnet-teacher"))
+        result["teachers"].append({"seed": seed, "regime": regime, "val": ts["validation_accuracy"],
+                                   "train_time_s": ts["train_time_s"], "samples_per_s": ts["samples_per_s"],
+                                   "graph_capture_s": ts["graph_capture_s"], "cuda_graphs": ts["cuda_graphs"],
+                                   "wall_s": round(time.time() - t0, 1)})
+        print(result["teachers"][-1], flush=True)
+        kd = [f"distill.teachers=[{tmp / tdir}]", *args.recipe]
+        # the transfer rows' logits: computed once (timed), then every arm reads the cache
+        cfg = config_lib.load(base_student, [f"data.path={args.data}", f"model.backbone={args.student_backbone}",
+                                             *common, *kd, *transfer_over, *args.set])
+        splits = data_lib.load_splits(cfg.data, seed)
+        tok = model_lib.load_tokenizer(cfg.model.backbone)
+        dev_t = model_lib.pick_device("auto")
+        times = []
+        for _ in range(2):
+            t0 = time.time()
+            rows, _ = distill.student_rows(cfg, dict(splits), dev_t, quiet, tok)
+            times.append(round(time.time() - t0, 2))
+        result["logits"].append({"seed": seed, "regime": regime, "rows": len(rows), "computed_s": times[0],
+                                 "cached_s": times[1]})
+        for student in args.students.split(","):
+            base = [f"model.backbone={args.student_backbone}", *common, *STUDENTS[student]]
+            arms = [("ce", [])]
+            if not args.skip_tuned:
+                arms += [(f"ce_e{e}", [f"train.epochs={e}"]) for e in tune_epochs]
+            arms += [("kd_labelled", kd + ["distill.rest_as_transfer=false"]), ("self_train", kd + transfer_over +
+                                            ["distill.transfer_targets=hard", "distill.alpha=1"]),
+                     ("kd_transfer", kd + transfer_over)]
+            arms += [(f"kd_{n}", kd + transfer_over + o) for n, o in variants]
+            for arm, over in arms:
+                name = f"{regime}-{student}-{arm}-{seed}"
+                t0 = time.time()
+                s = run(name, base + over, base_student)
+                result["runs"].append({"seed": seed, "regime": regime, "student": student, "arm": arm,
+                                       "val": s["validation_accuracy"], "steps": s["steps"],
+                                       "train_time_s": s["train_time_s"], "wall_s": round(time.time() - t0, 1)})
+                print(result["runs"][-1], flush=True)
+                atomic.write_json(raw_path, result)
+    atomic.write_json(raw_path, result)
 
 
 def mean_sd(values):
