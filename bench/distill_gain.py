@@ -144,13 +144,13 @@ def one_seed(args, seed, run, result, raw_path, tmp, quiet, variants, base_stude
         for student in args.students.split(","):
             base = [f"model.backbone={args.student_backbone}", *common, *STUDENTS[student]]
             transfer = kd + transfer_over
-        arms = [("ce", []), ("kd_transfer", transfer),  # the key arms first: a deadline cuts the rest
-                ("self_train", transfer + ["distill.transfer_targets=hard", "distill.alpha=1"])]
-        if not args.skip_tuned:
-            arms += [(f"ce_e{e}", [f"train.epochs={e}"]) for e in tune_epochs]
-        arms += [("kd_labelled", kd + ["distill.rest_as_transfer=false"])]
-        arms += [(f"kd_{n}", transfer + o) for n, o in variants]
-        for arm, over in arms:
+            arms = [("ce", []), ("kd_transfer", transfer),  # the key arms first: a deadline cuts the rest
+                    ("self_train", transfer + ["distill.transfer_targets=hard", "distill.alpha=1"])]
+            if not args.skip_tuned:
+                arms += [(f"ce_e{e}", [f"train.epochs={e}"]) for e in tune_epochs]
+            arms += [("kd_labelled", kd + ["distill.rest_as_transfer=false"])]
+            arms += [(f"kd_{n}", transfer + o) for n, o in variants]
+            for arm, over in arms:
                 name = f"{regime}-{student}-{arm}-{seed}"
                 t0 = time.time()
                 s = run(name, base + over, base_student)
