@@ -117,6 +117,19 @@ def test_arrow_offsets_outside_the_data_are_refused(tmp_path):
     assert "not a readable pickle" in refused(tmp_path, crafted)
 
 
+def test_a_numpy_dtype_with_flags_of_its_own_is_refused(tmp_path):
+    """An object array whose dtype's pickled flags say "no objects" gets raw bytes of the file as pointers."""
+    raw = pickle.dumps(np.array([None], dtype=object), protocol=2)
+    evil = raw.replace(b"K?tq\x10b", b"K\x00tq\x10b").replace(b"]q\x11Na", b"C\x08AAAAAAAA")
+    assert evil.count(b"AAAAAAAA") == 1 and b"K\x00tq\x10b" in evil
+    assert pickle.loads(evil).dtype.flags == 0  # plain pickle builds it; printing it would dereference 0x4141...
+    assert "numpy dtype object whose pickled state is not its own" in refused(tmp_path, evil)
+
+
+def test_extension_codes_are_refused(tmp_path):
+    assert "extension code" in refused(tmp_path, b"\x80\x02\x82\x01.")
+
+
 # pandas 2.2.3 / numpy 1.26 (the course's likely writer), DataFrame({"ID": [3, 4], "text": [...]}), protocol 4
 PANDAS2_FRAME = base64.b64decode(
     "gASV7wIAAAAAAACMEXBhbmRhcy5jb3JlLmZyYW1llIwJRGF0YUZyYW1llJOUKYGUfZQojARfbWdylIwecGFuZGFzLmNvcmUuaW50ZXJuYWxzLm1h"
