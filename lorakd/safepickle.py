@@ -3,10 +3,11 @@
 pickle.load calls whatever a file names (os.system, say). Here every global the file names must be one of
 an exact list of (module, name) pairs whose calls only build data (numpy arrays, pandas frames, arrow
 arrays), whatever their arguments; anything else stops the load before it is called. datasets' own classes
-never run: they load as inert records and a Dataset is read from its arrow table. Where a library trusts
-positions stored in the file (pandas block placements, arrow offsets), they are checked first: a crafted
-file would otherwise make it read or write outside its buffers, and a numpy dtype must be the one its name
-gives (a dtype whose pickled flags say "no objects" makes numpy take 8 bytes of the file for a pointer)."""
+never run: they load as inert records, and a Dataset is read from its arrow table.
+
+What those libraries trust in a file is checked before they use it, as a crafted file would make them read
+or write outside their buffers: pandas' block placements, arrow's offsets, and a numpy dtype's state (a
+dtype whose pickled flags say "no objects" makes numpy take 8 bytes of the file for a pointer)."""
 from __future__ import annotations
 
 import pickle
@@ -71,7 +72,6 @@ def _restore_array(*args):
 def _block_manager(blocks, axes, *rest):
     """pandas' BlockManager(blocks, axes), once the blocks' column positions cover the columns exactly once:
     pandas indexes memory with them unchecked (a position past the end crashes the process, or worse)."""
-    import numpy as np
     from pandas import Index
     from pandas.core.internals.blocks import Block
     from pandas.core.internals.managers import BlockManager
@@ -105,9 +105,7 @@ class SafeUnpickler(pickle._Unpickler):
     def load_ext(self):  # copyreg's extension registry: its cache would hand over globals past find_class
         raise pickle.UnpicklingError("an extension code (copyreg), which lorakd does not load")
 
-    for op in (pickle.EXT1, pickle.EXT2, pickle.EXT4):
-        dispatch[op[0]] = load_ext
-    del op
+    dispatch.update(dict.fromkeys((pickle.EXT1[0], pickle.EXT2[0], pickle.EXT4[0]), load_ext))
 
     def find_class(self, module, name):
         module = "builtins" if module == "__builtin__" else module
