@@ -8,9 +8,8 @@ from datetime import datetime
 from pathlib import Path
 
 from . import config as config_lib
+from .config import preset_path
 from .errors import UserError
-
-PRESETS, preset_path = config_lib.PRESETS, config_lib.preset_path
 
 
 def load_config(args) -> config_lib.Config:
@@ -40,17 +39,18 @@ def cmd_train(args):
     else:
         cfg = load_config(args)
         run_dir = Path(args.out) if args.out else default_run_dir(cfg)
-    train.train(cfg, run_dir, resume=bool(args.resume))
-    if dist.env()[0] == 0:
-        plot_run(run_dir)
-        print(f"run folder: {run_dir}")
+    with runs.run_lock(run_dir):
+        train.train(cfg, run_dir, resume=bool(args.resume))
+        if dist.env()[0] == 0:
+            plot_run(run_dir)
+            print(f"run folder: {run_dir}")
 
 
 def cmd_demo(args):
     """The reference student recipe on the embedded backbone: in full on a GPU, a few steps on a CPU."""
     import torch
 
-    from . import train
+    from . import runs, train
     from .report import plot_run
 
     over = [f"data.path={args.data}"]
@@ -62,8 +62,9 @@ def cmd_demo(args):
               "in seconds)")
     cfg = config_lib.load(preset_path("agnews-minilm"), over + list(args.overrides), {"name": "demo"})
     run_dir = Path(args.out) if args.out else default_run_dir(cfg)
-    summary = train.train(cfg, run_dir)
-    plot_run(run_dir)
+    with runs.run_lock(run_dir):
+        summary = train.train(cfg, run_dir)
+        plot_run(run_dir)
     print(f"{summary['steps']} steps in {summary['train_time_s']:.1f}s ({summary['samples_per_s']:.0f} samples/s); "
           f"validation accuracy {summary.get('validation_accuracy', float('nan')):.4f}")
     print(f"run folder: {run_dir}  (eval.json, metrics.jsonl, adapter/, plots/*.png)")
@@ -71,8 +72,11 @@ def cmd_demo(args):
 
 def cmd_eval(args):
     from .evaluate import evaluate_run
+    from .runs import load_run, run_lock
 
-    evaluate_run(args.run, args.split, device=args.device, backbone=args.backbone)
+    load_run(args.run)  # a folder that is not a run is refused before a lock file is put in it
+    with run_lock(args.run):  # eval.json is read, updated and written back
+        evaluate_run(args.run, args.split, device=args.device, backbone=args.backbone)
 
 
 def cmd_predict(args):
@@ -116,10 +120,14 @@ def cmd_params(args):
 
 
 def cmd_pipeline(args):
-    from .pipeline import run_pipeline
+    from .pipeline import pipeline_root, run_pipeline
+    from .runs import run_lock
 
-    run_pipeline(preset_path(args.config), args.overrides, out=args.out, data=args.data,
-                 predict_input=args.predict)
+    config = preset_path(args.config)
+    root = pipeline_root(config, args.overrides, args.out, args.data)
+    # its own folder, and the two runs in it: a `lorakd train --resume ROOT/student` meanwhile is refused too
+    with run_lock(root), run_lock(root / "teacher"), run_lock(root / "student"):
+        run_pipeline(config, args.overrides, out=root, data=args.data, predict_input=args.predict)
 
 
 def cmd_sweep(args):

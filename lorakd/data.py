@@ -5,7 +5,6 @@ import csv
 import hashlib
 import io
 import json
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,34 +197,48 @@ def _read_parquet(path: Path, names, need_labels=True) -> Split:
     return _frame_to_split(df, names, str(path), need_labels)
 
 
+PICKLE_TYPES = "datasets.Dataset, pandas DataFrame, numpy arrays, dicts, lists, strings and numbers"
+
+
 def _read_pickle(path: Path, names) -> Split:
-    """The course format: a pickled datasets.Dataset, DataFrame, dict of columns or list with a `text` column."""
+    """The course format: a pickled datasets.Dataset, DataFrame, dict of columns or list with a `text` column.
+    Read by a restricted unpickler (safepickle): a pickle that asks to run code is refused, not run."""
+    import pandas as pd
+
+    from . import safepickle
+
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if path.is_dir():
         raise UserError(f"{path}: is a folder, expected a file")
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f)
+            obj = safepickle.load(f)
+        if isinstance(obj, np.ndarray) and obj.ndim == 1:
+            obj = obj.tolist()
+        if type(obj) is pd.DataFrame:
+            # through the class: the file may have set instance attributes that shadow the methods
+            columns, obj = list(obj.columns), pd.DataFrame.to_dict(obj, "records")
+        else:
+            columns = None
+    except safepickle.Refused as e:
+        raise UserError(f"{path}: pickle refers to {e.module}.{e.name}, which lorakd does not load "
+                        f"(only {PICKLE_TYPES})") from None
     except Exception as e:
         first = (str(e).splitlines() or [""])[0]
         raise UserError(f"{path}: not a readable pickle ({type(e).__name__}: {first})") from None
-    if hasattr(obj, "to_pandas") and hasattr(obj, "column_names"):  # datasets.Dataset
-        obj = obj.to_pandas()
-    if isinstance(obj, dict):
-        lists = all(hasattr(v, "__len__") and not isinstance(v, (str, bytes, dict)) for v in obj.values())
+    if type(obj) is dict:
+        lists = all(isinstance(v, (list, tuple, np.ndarray)) for v in obj.values())
         if not lists or len({len(v) for v in obj.values()}) > 1:
             raise UserError(f"{path}: a dict pickle must map column names to lists of one length")
         obj = [dict(zip(obj, vals)) for vals in zip(*obj.values())] if obj else []
-    if isinstance(obj, list):
+    if type(obj) is list:
         if obj and all(isinstance(x, str) for x in obj):
             obj = [{"text": x} for x in obj]
-        if not all(isinstance(x, dict) for x in obj):
+        if not all(type(x) is dict for x in obj):
             raise UserError(f"{path}: a list pickle must hold strings or records with a 'text' key")
-        columns = list(dict.fromkeys(k for x in obj for k in x))
+        columns = columns if columns is not None else list(dict.fromkeys(k for x in obj for k in x))
         return _rows_to_split(((f"{path}: row {i}", x) for i, x in enumerate(obj)), columns, names, str(path), False)
-    if hasattr(obj, "columns") and hasattr(obj, "to_dict"):
-        return _frame_to_split(obj, names, str(path), need_labels=False)
     raise UserError(f"{path}: pickle holds a {type(obj).__name__}; expected a Dataset, DataFrame or list with 'text'")
 
 

@@ -69,6 +69,11 @@ def _file_hash(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+def pipeline_root(config_path, overrides=(), out=None, data=None) -> Path:
+    """The pipeline's folder: out, else runs/NAME (the student's name)."""
+    return Path(out or Path("runs") / split_configs(config_lib.read_yaml(config_path), overrides, data)[1].name)
+
+
 def run_pipeline(config_path, overrides=(), out=None, data=None, predict_input=None, log=print) -> dict:
     teacher_cfg, student_cfg = split_configs(config_lib.read_yaml(config_path), overrides, data)
     root = Path(out or Path("runs") / student_cfg.name)

@@ -1,7 +1,11 @@
-"""Run folders: read what a run wrote, refuse foreign formats and backbones, reopen its trained model."""
+"""Run folders: one writer at a time; read what a run wrote, refuse foreign formats and backbones, reopen its
+trained model."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 from pathlib import Path
 
 from . import RUN_FORMAT
@@ -60,3 +64,52 @@ def open_trained(run_dir, device, backbone=None):
     cfg = with_backbone(cfg, info, backbone)
     model = model_lib.load_trained(cfg, run_dir, len(cfg.data.label_names))
     return cfg, info, model.to(device).eval(), model_lib.load_tokenizer(cfg.model.backbone)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir):
+    """One writer per run folder: an exclusive flock on RUN/.lock while the block runs, else a UserError.
+
+    The kernel drops a flock when its process dies, so a killed run never leaves its folder locked. The
+    holder's pid is in the file, for the message. Under torchrun only rank 0 locks: the ranks are one run.
+    On leaving, the lock file goes, and the folder too when this made it and nothing was written there."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    run_dir = Path(run_dir)
+    path = run_dir / ".lock"
+    made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    while True:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:  # a holder that made the folder removed it as it left: make it again
+            continue
+        except OSError as e:
+            raise UserError(f"{run_dir}: cannot write ({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"{run_dir}: another lorakd process is writing to this run folder (pid {holder}); "
+                            "wait for it or use another --out") from None
+        try:  # the file we locked must still be the one at the path: a holder removes it as it leaves
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        with contextlib.suppress(OSError):  # the pid is for the message only: a full disk still runs
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before unlocking: a process waiting on this file then sees it gone
+        os.close(fd)
+        for p in made:  # deepest first; stops at the first folder something was written to
+            try:
+                p.rmdir()
+            except OSError:
+                break

@@ -20,7 +20,7 @@ from . import model as model_lib
 from . import train as train_lib
 from .errors import UserError
 from .report import fmt_value, plot_run, report
-from .runs import load_run
+from .runs import load_run, run_lock
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEPS = REPO / "sweeps"
@@ -243,6 +243,14 @@ def run_sweep(sweep_path, gpus=1, dry_run=False, data=None, out=None, overrides=
     _print_table(members)
     if dry_run:
         return members
+    # the sweep's own folder only: each member's folder is locked by whoever trains it (here, or the
+    # `lorakd train` child of a parallel sweep)
+    with run_lock(sweep_dir):
+        _run_members(spec, path, sweep_dir, members, gpus)
+    return members
+
+
+def _run_members(spec, path, sweep_dir, members, gpus):
     for m in members:
         atomic.write_text(m["config_file"], config_lib.to_yaml(m["cfg"]))
     atomic.write_text(sweep_dir / "sweep.yaml", path.read_text(encoding="utf-8"))  # what made this folder
@@ -252,8 +260,9 @@ def run_sweep(sweep_path, gpus=1, dry_run=False, data=None, out=None, overrides=
         for i, m in enumerate(todo, 1):
             print(f"\n== sweep member {i}/{len(todo)}: {m['name']} ({m['status']})")
             try:
-                summary = train_lib.train(m["cfg"], m["run_dir"], resume=m["status"] == "resume")
-                plot_run(m["run_dir"])
+                with run_lock(m["run_dir"]):
+                    summary = train_lib.train(m["cfg"], m["run_dir"], resume=m["status"] == "resume")
+                    plot_run(m["run_dir"])
                 m.update(status="done", validation_accuracy=summary.get("validation_accuracy"))
             except UserError as e:  # one bad member (say, a diverged lr) should not stop the others
                 print(f"sweep member {m['name']} failed: {e}")
@@ -269,7 +278,6 @@ def run_sweep(sweep_path, gpus=1, dry_run=False, data=None, out=None, overrides=
     if failed:
         raise UserError(f"{len(failed)} sweep member(s) failed: {', '.join(failed)} (see {sweep_dir}/sweep.json"
                         + (f" and {sweep_dir}/logs" if gpus > 1 else "") + "); run the sweep again to resume")
-    return members
 
 
 def _gpu_ids(gpus) -> list[str]:

@@ -93,3 +93,26 @@ def tiny_config(tiny_backbone, tiny_data):
         return config.load(None, [], base)
 
     return make
+
+
+@pytest.fixture
+def lock_holder():
+    """hold(folder): another process that holds folder's run lock until the test ends (or kills it)."""
+    import subprocess
+    import sys
+
+    procs = []
+
+    def hold(folder):
+        code = ("import sys, time\nfrom lorakd.runs import run_lock\nwith run_lock(sys.argv[1]):\n"
+                "    print('locked', flush=True)\n    time.sleep(600)\n")
+        proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "locked"
+        return proc
+
+    yield hold
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()

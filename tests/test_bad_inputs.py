@@ -1,6 +1,8 @@
 """A corpus of malformed inputs: each gets a one-line UserError naming the file, row or key, or a
 documented tolerant result; never a traceback, and nothing already written is lost."""
+import errno
 import json
+import os
 import pickle
 import shutil
 
@@ -19,6 +21,16 @@ GOOD_CSV = '"1","a","b"\n"2","c","d"\n"3","e","f"\n"4","g","h"\n'
 
 def pickled(obj):
     return lambda path: path.write_bytes(pickle.dumps(obj))
+
+
+class Runs:
+    """Unpickles as a call of fn(*args): what a hostile pickle does."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
 
 
 def parquet(columns):
@@ -130,6 +142,10 @@ DATA_ERRORS = [
     E("in.pkl", pickled({"text": ["a", "b"], "id": [1]}), "unlabelled", ["dict pickle"], id="pickle-ragged-columns"),
     E("in.pkl", pickled({"text": "abc"}), "unlabelled", ["dict pickle"], id="pickle-dict-of-string"),
     E("train.pkl", pickled(["a"]), "labelled", ["unknown format .pkl"], id="pickle-as-training-data"),
+    E("in.pkl", pickled(Runs(os.system, "true")), "unlabelled", [f"pickle refers to {os.system.__module__}.system",
+      "which lorakd does not load"], id="pickle-that-runs-a-command"),
+    E("in.pkl", pickled([{"text": "a", "id": Runs(eval, "1")}]), "unlabelled", ["pickle refers to builtins.eval"],
+      id="pickle-with-a-call-nested-in-a-record"),
     E("in.csv", "id,text\n7,a\n8,b\n7,c\n", "unlabelled", ["duplicate ID '7'"], id="duplicate-ids-csv"),
     E("in.pkl", pickled({"id": [1, 1], "text": ["a", "b"]}), "unlabelled", ["duplicate ID '1'"],
       id="duplicate-ids-pickle"),
@@ -434,3 +450,63 @@ def test_backbone_of_another_architecture_is_refused(capsys, tmp_path):
     same = runs.with_backbone(cfg, info, "google-bert/bert-base-uncased")  # an equal copy under another name
     assert same.model.backbone == "google-bert/bert-base-uncased"
     assert "roberta-base is not the one" in cli_error(capsys, "eval", run, "--backbone", "roberta-base")
+
+
+# ---------------------------------------------------------------- a folder in use, a full disk
+
+@pytest.mark.parametrize("command", [["train", "--config", "{cfg}", "--out", "{run}"], ["train", "--resume", "{run}"],
+                                     ["eval", "{run}"], ["pipeline", "--config", "{cfg}", "--out", "{run}"],
+                                     ["sweep", "{sweep}", "--out", "{run}"]],
+                         ids=["train", "resume", "eval", "pipeline", "sweep"])
+def test_cli_refuses_a_run_folder_in_use(capsys, tmp_path, tiny_yaml, lock_holder, command):
+    run = fake_run(tmp_path / "run")
+    sweep = write(tmp_path / "s.yaml", f"base: {tiny_yaml}\ngrid:\n  model.r: [2, 4]\n")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    proc = lock_holder(run)
+    line = cli_error(capsys, *[a.format(cfg=tiny_yaml, run=run, sweep=sweep) for a in command])
+    assert line == (f"lorakd: error: {run}: another lorakd process is writing to this run folder (pid {proc.pid}); "
+                    "wait for it or use another --out")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != ".lock"} == before
+
+
+def _fail_second_checkpoint(monkeypatch):
+    """os.fsync fails as a full disk does from the second checkpoint write on."""
+    real, seen = os.fsync, []
+
+    def fsync(fd):
+        if "state.pt" in os.readlink(f"/proc/self/fd/{fd}"):
+            seen.append(fd)
+            if len(seen) >= 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_cli_train_full_disk_keeps_the_last_checkpoint_and_resumes(capsys, tmp_path, tiny_yaml, monkeypatch):
+    import torch
+
+    run = tmp_path / "run"
+    _fail_second_checkpoint(monkeypatch)
+    line = cli_error(capsys, "train", "--config", tiny_yaml, "--out", run, "train.checkpoint_every=4",
+                     "train.max_steps=12")
+    ckpt = run / "checkpoint" / "state.pt"
+    assert line == f"lorakd: error: {ckpt}: cannot write (No space left on device)"
+    assert torch.load(ckpt, weights_only=True)["step"] == 4  # the last good one, whole
+    assert not [p for p in ckpt.parent.iterdir() if p.name != "state.pt"]
+    monkeypatch.undo()  # room again: the run goes on from step 4
+    main(["train", "--resume", str(run)])
+    assert json.loads((run / "run.json").read_text())["status"] == "done" and not ckpt.exists()
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_cli_predict_full_disk_keeps_old_output(capsys, tmp_path, trained_run, monkeypatch, code):
+    inp = write(tmp_path / "in.csv", "id,text\n1,goal\n")
+    out = write(tmp_path / "pred.csv", "ID,Label\n1,2\n")
+
+    def fsync(fd):
+        raise OSError(code, os.strerror(code))
+    monkeypatch.setattr(os, "fsync", fsync)
+    line = cli_error(capsys, "predict", trained_run, "--input", inp, "--out", out)
+    assert line == f"lorakd: error: {out}: cannot write ({os.strerror(code)})"
+    assert out.read_bytes() == b"ID,Label\n1,2\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
