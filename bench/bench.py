@@ -11,6 +11,8 @@ Prints a table and writes bench/results/bench-<device>-<date>.json. Sections (--
   levers   each speed lever switched off alone (graphs, length grouping, bf16), at 120k scale
   batch    lorakd at larger batches: fastest time to the peer's accuracy
   predict  `lorakd predict` throughput, adapters merged
+  archs    per encoder architecture (small random-weight configs): does the step capture as a CUDA graph,
+           graphed and plain samples/s, largest per-step loss difference in fp32 with no dropout
 """
 from __future__ import annotations
 
@@ -194,6 +196,78 @@ def full_scale(backbone, data, tmp, batch=24, peer_steps=600):
     return ours, peer
 
 
+ARCHS = {  # name: (transformers config class, its size keys, LoRA targets); vocab and widths kept small
+    "bert": ("BertConfig", {}, "query,key,value"),
+    "roberta": ("RobertaConfig", {"max_position_embeddings": 514}, "query,key,value"),
+    "xlm-roberta": ("XLMRobertaConfig", {"max_position_embeddings": 514}, "query,key,value"),
+    "electra": ("ElectraConfig", {"embedding_size": 128}, "query,key,value"),
+    "mpnet": ("MPNetConfig", {"max_position_embeddings": 514}, "q,k,v"),
+    "distilbert": ("DistilBertConfig", {"dim": 128, "n_layers": 2, "n_heads": 4, "hidden_dim": 256}, "q_lin,k_lin,v_lin"),
+    "deberta-v2": ("DebertaV2Config", {"relative_attention": True, "pos_att_type": ["p2c", "c2p"],
+                                       "position_buckets": 64}, "query_proj,key_proj,value_proj"),
+    "modernbert": ("ModernBertConfig", {"global_attn_every_n_layers": 1}, "Wqkv"),
+}
+
+
+def make_arch(tmp, name, tokenizer_src):
+    """A 2-layer, 128-wide random-weight model folder of one architecture, with the MiniLM tokenizer."""
+    import transformers
+    from transformers import AutoModel, AutoTokenizer
+
+    cls_name, extra, _ = ARCHS[name]
+    size = dict(vocab_size=30522, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=256, pad_token_id=0)
+    cfg = getattr(transformers, cls_name)(**size, **extra)
+    for key in list(cfg.to_dict()):  # no dropout anywhere: the two paths must agree step for step
+        if "dropout" in key and isinstance(getattr(cfg, key, None), float):
+            setattr(cfg, key, 0.0)
+    folder = Path(tmp) / f"arch-{name}"
+    torch.manual_seed(0)
+    AutoModel.from_config(cfg).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_src).save_pretrained(folder)
+    return folder
+
+
+def archs(backbone, data, tmp, steps=40):
+    """Every architecture users pick: captured or not, speed of each path, per-step loss agreement in fp32."""
+    import transformers
+
+    out = {}
+    for name, (cls_name, _, targets) in ARCHS.items():
+        if not hasattr(transformers, cls_name):
+            out[name] = {"captured": False, "skipped": f"this transformers ({transformers.__version__}) has no {cls_name}"}
+            continue
+        try:
+            folder = make_arch(tmp, name, model_lib.resolve_backbone(backbone))
+        except Exception as e:  # noqa: BLE001  an architecture this transformers cannot build is reported
+            out[name] = {"captured": False, "skipped": f"{type(e).__name__}: {str(e)[:200]}"}
+            continue
+        runs = {}
+        modes = ("off", "auto") if torch.cuda.is_available() else ("off",)
+        for mode in modes:
+            cfg = reference(str(folder), data, **{"train.max_steps": steps, "train.log_every": 1, "model.dropout": 0.0,
+                                                  "model.targets": targets, "model.budget": 0, "train.eval_every": 10_000,
+                                                  "train.cuda_graphs": mode, "train.precision": "fp32"})
+            try:
+                r = run_lorakd(cfg, tmp)
+            except Exception as e:  # noqa: BLE001
+                runs[mode] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                continue
+            info = json.loads((Path(r["run_dir"]) / "run.json").read_text())["summary"]
+            r["losses"] = [x["loss"] for x in read_metrics(r["run_dir"]) if x["split"] == "train"]
+            r["captured"] = info["cuda_graphs"] > 0
+            runs[mode] = r
+        plain, graphed = runs.get("off", {}), runs.get("auto", {})
+        row = {"captured": bool(graphed.get("captured")), "plain_samples_per_s": plain.get("samples_per_s"),
+               "graphed_samples_per_s": graphed.get("samples_per_s") if graphed.get("captured") else None,
+               "errors": {m: r["error"] for m, r in runs.items() if "error" in r}}
+        if plain.get("losses") and graphed.get("losses"):
+            row["max_loss_diff"] = max(abs(a - b) for a, b in zip(plain["losses"], graphed["losses"]))
+        out[name] = row
+        print(name, row, flush=True)
+    return out
+
+
 def make_roberta(tmp, tokenizer_src):
     """roberta-base shapes with random weights, with the MiniLM tokenizer (ids fit its vocabulary)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -252,6 +326,9 @@ def main():
 
     ref = reference(args.backbone, args.data)
     fps_minilm = flops_per_sample(args.backbone, mean_tokens(ref))
+    if "archs" in only:
+        result["archs"] = archs(args.backbone, args.data, tmp)
+        save()
     if "check" in only:
         result["check"] = check_fast_path(args.backbone, args.data, tmp)
         print("fast-path check:", json.dumps(result["check"]), flush=True)

