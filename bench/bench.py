@@ -81,11 +81,11 @@ def mean_tokens(cfg):
 
 # ---------------------------------------------------------------- lorakd
 
-def run_lorakd(cfg, tmp):
+def run_lorakd(cfg, tmp, log=lambda *a, **k: None):
     run_dir = Path(tempfile.mkdtemp(dir=tmp))
     peak_mem_reset()
     t0 = time.perf_counter()
-    summary = train(cfg, run_dir, log=lambda *a: None)
+    summary = train(cfg, run_dir, log=log)
     wall = time.perf_counter() - t0
     return {"samples_per_s": summary["samples_per_s"], "train_time_s": summary["train_time_s"], "wall_s": wall,
             "val_acc": summary.get("validation_accuracy"), "peak_gb": peak_mem_gb(), "steps": summary["steps"],
@@ -248,11 +248,13 @@ def archs(backbone, data, tmp, steps=40):
             cfg = reference(str(folder), data, **{"train.max_steps": steps, "train.log_every": 1, "model.dropout": 0.0,
                                                   "model.targets": targets, "model.budget": 0, "train.eval_every": 10_000,
                                                   "train.cuda_graphs": mode, "train.precision": "fp32"})
+            said = []  # the fallback's one line says why a step did not capture
             try:
-                r = run_lorakd(cfg, tmp)
+                r = run_lorakd(cfg, tmp, log=lambda *a, **k: said.append(" ".join(map(str, a))))
             except Exception as e:  # noqa: BLE001
                 runs[mode] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
                 continue
+            r["fallback"] = next((line for line in said if line.startswith("CUDA graphs off")), None)
             info = json.loads((Path(r["run_dir"]) / "run.json").read_text())["summary"]
             r["losses"] = [x["loss"] for x in read_metrics(r["run_dir"]) if x["split"] == "train"]
             r["captured"] = info["cuda_graphs"] > 0
@@ -260,7 +262,7 @@ def archs(backbone, data, tmp, steps=40):
         plain, graphed = runs.get("off", {}), runs.get("auto", {})
         row = {"captured": bool(graphed.get("captured")), "plain_samples_per_s": plain.get("samples_per_s"),
                "graphed_samples_per_s": graphed.get("samples_per_s") if graphed.get("captured") else None,
-               "errors": {m: r["error"] for m, r in runs.items() if "error" in r}}
+               "fallback": graphed.get("fallback"), "errors": {m: r["error"] for m, r in runs.items() if "error" in r}}
         if plain.get("losses") and graphed.get("losses"):
             row["max_loss_diff"] = max(abs(a - b) for a, b in zip(plain["losses"], graphed["losses"]))
         out[name] = row

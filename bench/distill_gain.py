@@ -106,8 +106,9 @@ def merge(paths, out):
 
     results = [json.loads(Path(p).read_text()) for p in paths]
     merged = dict(results[0], seeds=sorted({s for r in results for s in r["seeds"]}))
-    for key in ("runs", "teachers", "logits"):
-        merged[key] = [x for r in results for x in r[key]]
+    for key in ("runs", "teachers", "logits"):  # a seed's teacher run twice (two calls) counts once
+        rows = [x for r in results for x in r[key]]
+        merged[key] = rows if key == "runs" else list({(x["seed"], x["regime"]): x for x in rows}.values())
     summary = summarize(merged)
     atomic.write_json(out / "distill-gain-summary.json", summary)
     print_summary(summary)
