@@ -191,11 +191,13 @@ class TrainState:
     samples: int = 0
     best: dict = field(default_factory=lambda: {"accuracy": -1.0, "step": 0})
     best_state: list | None = None  # the trainable weights at the best validation accuracy (CPU)
+    best_metrics: dict | None = None  # their validation metrics: the run's result, not evaluated again
 
     def save(self, path, params, optimizer, acc, device):
         atomic.torch_save(path, {
             "step": self.step, "acc_steps": self.acc_steps, "acc": acc.cpu(), "train_time": self.train_time,
             "samples": self.samples, "best": self.best, "best_state": self.best_state,
+            "best_metrics": self.best_metrics,
             "trainable": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}})
@@ -215,7 +217,7 @@ class TrainState:
         if device.type == "cuda" and saved["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(saved["rng"]["cuda"], device)
         return cls(saved["step"], saved["acc_steps"], saved["train_time"], saved["samples"], saved["best"],
-                   saved["best_state"])
+                   saved["best_state"], saved.get("best_metrics"))
 
 
 # ---------------------------------------------------------------- the run log
@@ -446,6 +448,7 @@ def evaluate_and_keep_best(run, runlog):
     if m["accuracy"] > st.best["accuracy"]:
         st.best = {"accuracy": m["accuracy"], "step": st.step}
         st.best_state = [p.detach().to("cpu", copy=True) for p in run.params]
+        st.best_metrics = m
         save_weights(run)
 
 
@@ -471,12 +474,13 @@ def finish(run) -> dict:
                 p.copy_(v.to(run.device))
     else:
         save_weights(run)
-    results = {}
+    results = {"validation": st.best_metrics} if st.best_metrics else {}  # the best weights' own evaluation
     for name in ("validation", "test"):
-        if name in run.stores and run.rank == 0:
+        if name in run.stores and name not in results and run.rank == 0:
             results[name] = metrics(logits_for(run.model, run.stores[name], cfg.train.eval_batch_size, run.amp),
                                     run.splits[name].labels, cfg.data.label_names)
-            run.log(format_table(name, results[name]))
+    for name, m in results.items():
+        run.log(format_table(name, m))
     summary = {"best_step": st.best["step"], "steps": st.step, "train_time_s": round(st.train_time, 3),
                "samples_per_s": st.samples / max(st.train_time, 1e-9),
                "graph_capture_s": round(getattr(run.step, "capture_s", 0.0), 3),  # this process's, since (re)start
