@@ -414,14 +414,15 @@ def train(cfg, run_dir, resume=False, log=print) -> dict:
                 width = store.width(rows)  # the global batch's: every process has the same shape
                 run.step(idx, width, (len(rows), width))
                 st.step, st.acc_steps, st.samples = st.step + 1, st.acc_steps + 1, st.samples + len(rows)
-                log_now, eval_now = st.step % tc.log_every == 0, st.step % run.eval_every == 0
-                if run.device.type == "cuda" and (log_now or eval_now or st.step == run.total):
+                last = st.step == run.total
+                log_now, eval_now = last or st.step % tc.log_every == 0, last or st.step % run.eval_every == 0
+                if run.device.type == "cuda" and (log_now or eval_now):
                     torch.cuda.synchronize(run.device)  # time only where we would sync anyway
                 st.train_time += time.perf_counter() - t0
                 runlog.bar.update(1)
-                if log_now or st.step == run.total:
+                if log_now:
                     runlog.train_loss(st, run.acc, lr, run.ckpt_path)
-                if eval_now or st.step == run.total:
+                if eval_now:
                     evaluate_and_keep_best(run, runlog)
                 if (tc.checkpoint_every and st.step % tc.checkpoint_every == 0) or stop.signal:
                     save_checkpoint(run, runlog, lr)
