@@ -1,4 +1,4 @@
-"""Command line: lorakd train | eval | predict | params | pipeline | sweep | report | fit-budget."""
+"""Command line: lorakd train | demo | eval | predict | export | params | pipeline | sweep | report | fit-budget."""
 from __future__ import annotations
 
 import argparse
@@ -46,6 +46,27 @@ def cmd_train(args):
             print(f"run folder: {run_dir}")
 
 
+def hub_demo_data() -> str:
+    """hub:ag_news when `datasets` and the network are there; else a one-line error saying what to do."""
+    import importlib.util
+
+    fix = 'pass --data DIR (a folder with train.csv, e.g. ../shared/data/ag_news)'
+    if importlib.util.find_spec("datasets") is None:
+        raise UserError(f'lorakd demo without --data loads AG News from the hub: pip install "lorakd[hub]", or {fix}')
+    offline = [k for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+               if os.environ.get(k, "").lower() in ("1", "true", "yes", "on")]
+    if offline:
+        raise UserError(f"lorakd demo without --data loads AG News from the hub, but {offline[0]} is set: {fix}")
+    import datasets
+
+    try:  # metadata only: a missing network shows in a second, before anything trains
+        datasets.load_dataset_builder("fancyzhx/ag_news")
+    except Exception as e:
+        raise UserError(f"lorakd demo without --data: cannot reach AG News on the hub ({type(e).__name__}); "
+                        f"connect, or {fix}") from None
+    return "hub:ag_news"
+
+
 def cmd_demo(args):
     """The reference student recipe on the embedded backbone: in full on a GPU, a few steps on a CPU."""
     import torch
@@ -53,11 +74,14 @@ def cmd_demo(args):
     from . import runs, train
     from .report import plot_run
 
-    over = [f"data.path={args.data}"]
+    data = args.data or hub_demo_data()
+    over = [f"data.path={data}"]
     if not torch.cuda.is_available():
         # a few steps learn little at the recipe's lr 2e-4: the CPU demo takes 1e-3 to show a real curve
         over += [f"train.max_steps={args.cpu_steps}", f"train.eval_every={max(1, args.cpu_steps // 3)}",
                  "train.log_every=10", "train.lr=1e-3"]
+        if not args.data:  # the full split's 5% is 6,000 rows evaluated 4 times: 1% keeps the CPU demo short
+            over += ["data.val_fraction=0.01"]
         print(f"no GPU: {args.cpu_steps} steps at lr 1e-3 of the reference recipe (a GPU runs all 3 epochs "
               "in seconds)")
     cfg = config_lib.load(preset_path("agnews-minilm"), over + list(args.overrides), {"name": "demo"})
@@ -83,7 +107,13 @@ def cmd_predict(args):
     from .predict import predict
 
     predict(args.run, args.input, args.out, device=args.device, batch_size=args.batch_size,
-            label_format=args.labels, backbone=args.backbone)
+            label_format=args.labels, backbone=args.backbone, threads=args.threads)
+
+
+def cmd_export(args):
+    from .export import export
+
+    export(args.run, args.out, adapter_only=args.adapter_only, onnx=args.onnx, backbone=args.backbone)
 
 
 def cmd_params(args):
@@ -164,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="train + evaluate the reference student on the embedded backbone")
-    d.add_argument("--data", default="../shared/data/ag_news", help="AG News folder or file")
+    d.add_argument("--data", help="AG News folder or file (default: hub:ag_news, needs lorakd[hub] and the network)")
     d.add_argument("--out", help="run folder (default runs/demo-TIMESTAMP)")
     d.add_argument("--cpu-steps", type=int, default=150, help="training steps when no GPU is visible")
     d.add_argument("overrides", nargs="*", metavar="key=value")
@@ -178,14 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="write ID,Label predictions for unlabelled texts")
-    pr.add_argument("run")
+    pr.add_argument("run", help="a run folder, an exported folder (lorakd export), or an .onnx file")
     pr.add_argument("--input", required=True, help="CSV, JSONL or pickle with a text column")
     pr.add_argument("--out", required=True, help="output CSV")
     pr.add_argument("--labels", default="index", help="index (0..K-1, default), name, or charcnn (1..K)")
-    pr.add_argument("--batch-size", type=int)
-    pr.add_argument("--device", default="auto")
-    pr.add_argument("--backbone", help="a local copy of the run's backbone")
+    pr.add_argument("--batch-size", type=int, help="default 256 (PyTorch), 32 (ONNX)")
+    pr.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's / one per core)")
+    pr.add_argument("--device", default="auto", help="auto, cpu, cuda (PyTorch models; ONNX runs on the CPU)")
+    pr.add_argument("--backbone", help="a local copy of the run's (or adapter's) base model")
     pr.set_defaults(func=cmd_predict)
+
+    x = sub.add_parser("export", help="a finished run as a Hugging Face folder, a peft adapter, or ONNX")
+    x.add_argument("run")
+    x.add_argument("--out", help="output folder (default RUN/export, RUN/export-adapter)")
+    x.add_argument("--adapter-only", action="store_true", help="a peft adapter folder instead of merged weights")
+    x.add_argument("--onnx", action="store_true", help="also model.onnx (fp32) and model.int8.onnx")
+    x.add_argument("--backbone", help="a local copy of the run's backbone")
+    x.set_defaults(func=cmd_export)
 
     c = sub.add_parser("params", help="exact trainable/total parameter counts, without weights")
     c.add_argument("--preset", help="a preset name or config file")

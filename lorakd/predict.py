@@ -1,21 +1,28 @@
-"""Predict: a finished run's labels for unlabelled texts (CSV, JSONL, pickle), written as ID,Label."""
+"""Predict: labels for unlabelled texts (CSV, JSONL, pickle) from a run folder, an exported Hugging Face or
+adapter folder, or an ONNX file; streamed in chunks and written as ID,Label atomically."""
 from __future__ import annotations
 
 import csv
-import io
+import itertools
+import json
+import os
+import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 
-from . import atomic
 from . import data as data_lib
-from . import model as model_lib
-from .model import amp_dtype, pick_device
 from .errors import UserError
-from .evaluate import logits_for
 from .runs import load_run, open_trained
 
 LABEL_FORMATS = ("index", "name", "charcnn")  # 0..K-1 | class name | 1..K
+CHUNK = 2048  # texts read, tokenised, predicted and written at a time: memory stays bounded for any input
+STREAMED = (".csv", ".jsonl", ".json")  # read lazily; pickles and parquet are one object in memory anyway
+ONNX_NAMES = ("model.int8.onnx", "model.onnx")  # a folder with no PyTorch weights runs the first one found
 
 
 def merged(model):
@@ -27,34 +34,289 @@ def merged(model):
     return model
 
 
-def predict(run_dir, input_path, out_path, device="auto", batch_size=None, label_format="index",
-            backbone=None, log=print) -> dict:
-    if label_format not in LABEL_FORMATS:
-        raise UserError(f"--labels {label_format!r}: expected one of {', '.join(LABEL_FORMATS)}")
-    # the input is read from the run's config alone, before the backbone loads: a bad file fails in a moment
-    split = data_lib.read_unlabelled(input_path, load_run(run_dir)[0].data.label_names)
-    dev = pick_device(device)
-    cfg, _, model, tok = open_trained(run_dir, dev, backbone)
-    amp = amp_dtype(cfg.train.precision, dev)
-    model = merged(model)
+# ---------------------------------------------------------------- reading the input lazily
+
+def _lines(path: Path):
+    """A text file's lines, decoded one at a time, so bad bytes are reported with their line number."""
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected a file")
+    offset = 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}: line {n}: bytes that are not UTF-8 (offset {offset + e.start})") from None
+            offset += len(raw)
+            yield line.removeprefix("\ufeff") if n == 1 else line  # a BOM is tolerated
+
+
+def _csv_records(path: Path):
+    """(columns, records) of a CSV: a header names the columns, else each row's first field is a text."""
+    reader = csv.reader(_lines(path), strict=True)
+
+    def rows():
+        try:
+            for n, r in enumerate(reader, 1):
+                if any(c.strip() for c in r):  # blank rows skipped
+                    yield n, r
+        except csv.Error as e:
+            raise UserError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
+
+    it = rows()
+    first = next(it, None)
+    if first is None:
+        raise UserError(f"{path}: the file is empty")
+    known = {"text", "sentence", "content", "title", "description", "label", "labels", "class", "id"}
+    if known & {c.strip().lower() for c in first[1]}:
+        cols = first[1]
+
+        def records():
+            for n, r in it:
+                if len(r) != len(cols):
+                    raise UserError(f"{path}: row {n}: {len(r)} columns, the header has {len(cols)}")
+                yield f"{path}: row {n}", dict(zip(cols, r))
+        return cols, records()
+    return ["text"], ((f"{path}: row {n}", {"text": r[0]}) for n, r in itertools.chain([first], it))
+
+
+def _jsonl_records(path: Path):
+    for n, line in enumerate(_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise UserError(f"{path}: line {n}: JSON nested too deeply") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}: line {n}: expected a JSON object")
+        yield f"{path}: line {n}", obj
+
+
+def _chunks(path: Path, columns, size):
+    """Splits of up to `size` rows, each checked and built exactly as data.read_unlabelled builds them."""
+    records = _csv_records(path)[1] if path.suffix.lower() == ".csv" else _jsonl_records(path)
+    has_id = data_lib._find(columns, "id") is not None
+    start = 0
+    while batch := list(itertools.islice(records, size)):
+        split = data_lib._rows_to_split(batch, columns, [], str(path), need_labels=False)
+        if not has_id:  # row numbers across the whole file, not within the chunk
+            split.ids = [str(start + k) for k in range(len(split))]
+        start += len(split)
+        yield split
+
+
+def read_input(path, size=None):
+    """(number of texts, a function returning the input's chunks). The whole input is checked first
+    (bad rows, duplicate IDs; only the IDs are kept), so a bad file fails before any model loads."""
+    path, size = Path(path), size or CHUNK
+    if path.suffix.lower() not in STREAMED:
+        split = data_lib.read_unlabelled(path, [])
+        return len(split), lambda: (split.subset(np.arange(i, min(i + size, len(split))))
+                                    for i in range(0, len(split), size))
+    if path.suffix.lower() == ".csv":
+        columns = _csv_records(path)[0]
+    else:  # JSONL rows may differ in keys: the columns are their union, as data.read_unlabelled takes them
+        columns = list(dict.fromkeys(k for _, obj in _jsonl_records(path) for k in obj))
+        if not columns:
+            raise UserError(f"{path}: the file is empty")
+    seen, n = set(), 0
+    for split in _chunks(path, columns, size):
+        for i in split.ids:
+            if i in seen:
+                raise UserError(f"{path}: duplicate ID {i!r}")
+            seen.add(i)
+        n += len(split)
+    if not n:
+        raise UserError(f"{path}: no rows")
+    return n, lambda: _chunks(path, columns, size)
+
+
+# ---------------------------------------------------------------- models: run, exported folder, ONNX
+
+def model_kind(path) -> tuple[str, Path]:
+    """What a model path holds: a run folder, an exported HF or adapter folder, or an ONNX file."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".onnx":
+        return "onnx", p
+    if not p.exists():
+        raise UserError(f"{p}: no such run folder or exported model")
+    if p.is_dir():
+        if (p / "run.json").exists():
+            return "run", p
+        if (p / "adapter_config.json").exists():
+            return "adapter", p
+        if (p / "config.json").exists() and (p / "model.safetensors").exists():
+            return "hf", p
+        for name in ONNX_NAMES:
+            if (p / name).exists():
+                return "onnx", p / name
+    raise UserError(f"{p}: not a lorakd run folder or exported model (no run.json, adapter_config.json, "
+                    f"config.json + model.safetensors, or model.onnx)")
+
+
+def _labels_of(kind, p: Path) -> list[str]:
+    """Class names without loading a model: the run's config, else id2label of the exported folder."""
+    if kind == "run":
+        return list(load_run(p)[0].data.label_names)
+    folder = p.parent if kind == "onnx" else p
+    src = folder / ("lorakd.json" if kind == "adapter" else "config.json")
+    if not src.exists():
+        raise UserError(f"{folder}: no {src.name}; export the model with `lorakd export`")
+    id2label = json.loads(src.read_text())["id2label"]
+    return [id2label[str(i)] for i in range(len(id2label))]
+
+
+def _max_length(tok) -> int:
+    # export sets model_max_length to the run's data.max_length; a folder from elsewhere may say 1e30
+    return tok.model_max_length if tok.model_max_length <= 4096 else 512
+
+
+def _torch_runner(model, device, amp):
+    import torch
+
+    from .evaluate import autocast
+
+    model = model.to(device).eval()
+
+    @torch.inference_mode()
+    def run(ids, mask):
+        with autocast(device, amp):
+            out = model(input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device))
+        return out.logits.float().cpu().numpy()
+    return run
+
+
+def onnx_session(path, threads=1):
+    """An onnxruntime CPU session with every graph optimisation on, running on `threads` threads."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def open_model(kind, p: Path, device="auto", backbone=None, threads=0):
+    """The model behind a path: tokenizer, max_length and run(ids, mask) -> logits (numpy), loaded once."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from . import model as model_lib
+
+    if backbone and kind not in ("run", "adapter"):
+        raise UserError("--backbone applies to run folders and adapter folders only")
+    if kind == "onnx":
+        for need in ("config.json", "tokenizer_config.json"):
+            if not (p.parent / need).exists():
+                raise UserError(f"{p}: no {need} beside it; predict on a folder written by lorakd export --onnx")
+        try:
+            # small batches on one thread each, one batch per core at a time: on a CPU this beats
+            # splitting each batch's matrix products across cores (measured: bench/predict_cpu.py)
+            sess = onnx_session(p, 1)
+        except ImportError:
+            raise UserError('running an ONNX model needs onnxruntime: pip install "lorakd[onnx]"') from None
+        tok = AutoTokenizer.from_pretrained(p.parent)
+        run = lambda ids, mask: sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]  # noqa: E731
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return SimpleNamespace(tok=tok, max_length=_max_length(tok), run=run, workers=threads or cores,
+                               device=f"cpu, onnxruntime {p.name}")
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = model_lib.pick_device(device)
+    model_lib._quiet_transformers()
+    if kind == "run":
+        cfg, _, model, tok = open_trained(p, dev, backbone)
+        amp, max_length = model_lib.amp_dtype(cfg.train.precision, dev), cfg.data.max_length
+    else:
+        if kind == "adapter":  # base named in adapter_config.json; embedded:* and hub ids resolved here
+            from peft import PeftModel
+
+            base = backbone or json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
+            id2label = {int(i): n for i, n in json.loads((p / "lorakd.json").read_text())["id2label"].items()}
+            model = AutoModelForSequenceClassification.from_pretrained(
+                model_lib.resolve_backbone(base), id2label=id2label, label2id={n: i for i, n in id2label.items()})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = PeftModel.from_pretrained(model, p)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(p)
+        tok = AutoTokenizer.from_pretrained(p)
+        amp, max_length = model_lib.amp_dtype("auto", dev), _max_length(tok)
+    model = merged(model.float())
     if amp is not None:
         model_lib.freeze_to(model, amp)
+    return SimpleNamespace(tok=tok, max_length=max_length, run=_torch_runner(model, dev, amp), workers=1,
+                           device=str(dev))
+
+
+def logits_of(m, texts, batch_size) -> np.ndarray:
+    """Logits [N, C] in input order; batches of similar length, padded only to their longest text."""
+    encoded = data_lib.encode(m.tok, texts, m.max_length)
+    pad_id = m.tok.pad_token_id or 0
+    order = np.argsort([-len(e) for e in encoded], kind="stable")
+    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+    def run(idx):
+        width = len(encoded[idx[0]])
+        ids = np.full((len(idx), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(idx), width), dtype=np.int64)
+        for row, i in enumerate(idx):
+            ids[row, : len(encoded[i])] = encoded[i]
+            mask[row, : len(encoded[i])] = 1
+        return m.run(ids, mask)
+
+    if m.workers > 1:  # onnxruntime releases the GIL: threads run batches side by side
+        with ThreadPoolExecutor(m.workers) as pool:
+            outs = list(pool.map(run, batches))
+    else:
+        outs = [run(idx) for idx in batches]
+    out = np.empty((len(texts), outs[0].shape[-1]), dtype=np.float32)
+    for idx, logits in zip(batches, outs):
+        out[idx] = logits
+    return out
+
+
+# ---------------------------------------------------------------- predict
+
+def predict(run_dir, input_path, out_path, device="auto", batch_size=None, label_format="index",
+            backbone=None, threads=0, progress=None, log=print) -> dict:
+    """Predict every text of input_path with the model at run_dir (a run, an export or an .onnx file)."""
+    from tqdm import tqdm
+
+    if label_format not in LABEL_FORMATS:
+        raise UserError(f"--labels {label_format!r}: expected one of {', '.join(LABEL_FORMATS)}")
+    kind, path = model_kind(run_dir)
+    names = _labels_of(kind, path)
+    n, chunks = read_input(input_path)  # a bad file fails here, in a moment, before the model loads
+    m = open_model(kind, path, device, backbone, threads)
+    # ONNX on a CPU: small batches on each core (measured: bench/predict_cpu.py); PyTorch takes 256 at once
+    batch_size = batch_size or (16 if kind == "onnx" else 256)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
     t0 = time.perf_counter()
-    store = data_lib.TokenStore(data_lib.encode(tok, split.texts, cfg.data.max_length), None,
-                                tok.pad_token_id or 0, dev)
-    logits = logits_for(model, store, batch_size or cfg.train.eval_batch_size, amp)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f, \
+                tqdm(total=n, unit="text", desc="predict", disable=None if progress is None else not progress) as bar:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["ID", "Label"])
+            for split in chunks():
+                for i, p in zip(split.ids, logits_of(m, split.texts, batch_size).argmax(-1).tolist()):
+                    w.writerow([i, {"index": p, "name": names[p], "charcnn": p + 1}[label_format]])
+                bar.update(len(split))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_path)  # atomic: a kill leaves the old output or the new one
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     seconds = time.perf_counter() - t0
-    pred = logits.argmax(-1).tolist()
-    names = cfg.data.label_names
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["ID", "Label"])
-    for i, p in zip(split.ids, pred):
-        w.writerow([i, {"index": p, "name": names[p], "charcnn": p + 1}[label_format]])
-    atomic.write_text(out_path, buf.getvalue())
-    stats = {"n": len(split), "seconds": seconds, "texts_per_s": len(split) / max(seconds, 1e-9),
-             "device": str(dev)}
-    log(f"wrote {len(split):,} predictions to {out_path} ({stats['texts_per_s']:.0f} texts/s on {dev})")
+    stats = {"n": n, "seconds": seconds, "texts_per_s": n / max(seconds, 1e-9), "device": m.device}
+    log(f"wrote {n:,} predictions to {out_path} ({stats['texts_per_s']:.0f} texts/s on {m.device})")
     return stats
-
-

@@ -71,3 +71,63 @@ def test_missing_input_fails_fast_and_writes_nothing(trained_run, tmp_path, no_m
     with pytest.raises(UserError, match="missing.csv: no such file") as e:
         predict(trained_run, tmp_path / "missing.csv", out, log=lambda *a: None)
     assert "\n" not in str(e.value) and not out.exists()
+
+
+def test_streamed_chunks_give_the_same_output_as_one_chunk(trained_run, tmp_path, monkeypatch):
+    """Chunks of 7 rows: the same rows, IDs counted across chunks, the same labels as one chunk."""
+    texts = ["election minister war", "goal season coach", "shares profit bank", "nasa linux chip"] * 6
+    (tmp_path / "in.csv").write_text("".join(f'"{t}"\n' for t in texts))  # headerless: IDs are row numbers
+    predict(trained_run, tmp_path / "in.csv", tmp_path / "one.csv", progress=False, log=lambda *a: None)
+    monkeypatch.setattr(predict_lib, "CHUNK", 7)
+    stats = predict(trained_run, tmp_path / "in.csv", tmp_path / "seven.csv", progress=False, log=lambda *a: None)
+    rows = list(csv.reader((tmp_path / "seven.csv").open()))
+    assert stats["n"] == 24 and [r[0] for r in rows[1:]] == [str(i) for i in range(24)]
+    assert (tmp_path / "seven.csv").read_text() == (tmp_path / "one.csv").read_text()
+
+
+@pytest.mark.parametrize("name,content,fragment", [
+    ("in.csv", "id,text\n" + "".join(f"{i},goal\n" for i in range(10)) + "3,peace\n", "duplicate ID '3'"),
+    ("in.jsonl", '{"text": "goal"}\n' * 9 + '{"id": 9, "text": "peace"}\n', "line 1: no id"),
+    ("in.csv", "id,text\n" + "".join(f"{i},goal\n" for i in range(10)) + "10,peace,extra\n", "row 12: 3 columns"),
+    ("in.csv", "id,text\n", "no rows"),
+], ids=["duplicate-id-in-a-later-chunk", "jsonl-id-only-in-a-later-chunk", "bad-row-in-a-later-chunk", "header-only"])
+def test_streamed_input_is_checked_whole_before_the_model_loads(trained_run, tmp_path, monkeypatch, no_model,
+                                                                name, content, fragment):
+    monkeypatch.setattr(predict_lib, "CHUNK", 4)
+    (tmp_path / name).write_text(content)
+    with pytest.raises(UserError, match=fragment):
+        predict(trained_run, tmp_path / name, tmp_path / "p.csv", log=lambda *a: None)
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_failure_mid_stream_keeps_the_old_output(trained_run, tmp_path, monkeypatch):
+    (tmp_path / "in.csv").write_text("text\n" + "goal match\n" * 10)
+    out = tmp_path / "p.csv"
+    out.write_text("ID,Label\nold,0\n")
+    monkeypatch.setattr(predict_lib, "CHUNK", 4)
+    calls = []
+    real = predict_lib.logits_of
+
+    def fail_on_the_second_chunk(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(predict_lib, "logits_of", fail_on_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        predict(trained_run, tmp_path / "in.csv", out, progress=False, log=lambda *a: None)
+    assert out.read_text() == "ID,Label\nold,0\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "p.csv"]  # no temporary file left
+
+
+def test_input_matches_the_whole_file_reader(tmp_path):
+    """The streamed reader builds what data.read_unlabelled builds: texts, IDs, title + description."""
+    cases = {"a.csv": "\ufeffid,title,description\r\n7,Big,deal\r\n\r\n8,Small,\r\n",
+             "b.jsonl": '{"id": "x", "text": "one"}\n\n{"id": "y", "text": "two\\u2028lines"}\n',
+             "c.csv": "just a text\nanother, with a comma\n"}
+    for name, content in cases.items():
+        (tmp_path / name).write_text(content, encoding="utf-8")
+        n, chunks = predict_lib.read_input(tmp_path / name)
+        got = [(i, t) for s in chunks() for i, t in zip(s.ids, s.texts)]
+        whole = data_lib.read_unlabelled(tmp_path / name, [])
+        assert got == list(zip(whole.ids, whole.texts)) and n == len(whole), name

@@ -1,0 +1,191 @@
+"""Export: the HF folder, the peft adapter folder, ONNX fp32 and int8 all predict what the run predicts."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_texts
+from lorakd import model as model_lib
+from lorakd.cli import main
+from lorakd.errors import UserError
+from lorakd.export import export, portable_base
+from lorakd.predict import predict
+from lorakd.train import train
+
+NAMES = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_backbone, tiny_data):
+    from lorakd import config
+
+    cfg = config.load(None, [], {"data.path": str(tiny_data), "model.backbone": str(tiny_backbone), "model.r": 4,
+                                 "train.lr": 1e-2, "train.batch_size": 8, "train.epochs": 3, "train.threads": 1,
+                                 "data.max_length": 32, "train.checkpoint_every": 0})
+    run = tmp_path_factory.mktemp("export") / "run"
+    train(cfg, run, log=lambda *a: None)
+    return run
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    """200 unlabelled texts, some longer than max_length (32 tokens) so truncation is exercised."""
+    rows = make_texts(40, seed=7)
+    out = [t for _, t in rows] + [" ".join(t for _, t in rows[i: i + 4]) for i in range(0, 160, 4)]
+    path = tmp_path_factory.mktemp("texts") / "in.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text"])
+        w.writerows([f"t{i}", t] for i, t in enumerate(out))
+    return out, path
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    root = tmp_path_factory.mktemp("out")
+    hf = export(trained_run, root / "hf", onnx=True, log=lambda *a: None)
+    peft = export(trained_run, root / "adapter", adapter_only=True, log=lambda *a: None)
+    return root / "hf", root / "adapter", hf, peft
+
+
+def labels_of(path):
+    return [row[1] for row in list(csv.reader(open(path)))[1:]]
+
+
+def lorakd_labels(model, inp, out, **kw):
+    predict(model, inp, out, label_format="name", progress=False, log=lambda *a: None, **kw)
+    return labels_of(out)
+
+
+def test_hf_folder_loads_with_plain_transformers_and_predicts_like_the_run(trained_run, exported, texts, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    hf, _, result, _ = exported
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "model.onnx",
+            "model.int8.onnx"} <= set(result["files"])
+    want = lorakd_labels(trained_run, texts[1], tmp_path / "run.csv")
+    model = AutoModelForSequenceClassification.from_pretrained(hf).eval()
+    assert model.config.id2label == dict(enumerate(NAMES)) and model.config.label2id == {n: i for i, n in enumerate(NAMES)}
+    tok = AutoTokenizer.from_pretrained(hf)
+    assert tok.model_max_length == 32  # the run's data.max_length travels with the tokenizer
+    with torch.inference_mode():
+        enc = tok(texts[0], padding=True, truncation=True, return_tensors="pt")
+        got = [model.config.id2label[i] for i in model(**enc).logits.argmax(-1).tolist()]
+    assert got == want
+    clf = pipeline("text-classification", model=str(hf), device="cpu")
+    assert [r["label"] for r in clf(texts[0], truncation=True, batch_size=16)] == want
+    assert lorakd_labels(hf, texts[1], tmp_path / "hf.csv") == want
+
+
+def test_adapter_folder_loads_with_plain_peft_and_predicts_like_the_run(trained_run, exported, texts, tmp_path,
+                                                                       tiny_backbone):
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    _, adapter, _, result = exported
+    assert {"adapter_config.json", "adapter_model.safetensors", "lorakd.json", "README.md"} <= set(result["files"])
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(tiny_backbone.resolve())  # a local folder: its absolute path
+    id2label = {int(i): n for i, n in json.loads((adapter / "lorakd.json").read_text())["id2label"].items()}
+    assert id2label == dict(enumerate(NAMES))
+    want = lorakd_labels(trained_run, texts[1], tmp_path / "run.csv")
+    model = AutoPeftModelForSequenceClassification.from_pretrained(adapter, id2label=id2label).eval()
+    tok = AutoTokenizer.from_pretrained(adapter)
+    with torch.inference_mode():
+        enc = tok(texts[0], padding=True, truncation=True, return_tensors="pt")
+        got = [model.config.id2label[i] for i in model(**enc).logits.argmax(-1).tolist()]
+    assert got == want
+    assert lorakd_labels(adapter, texts[1], tmp_path / "adapter.csv") == want
+
+
+def test_onnx_fp32_matches_and_int8_agrees(trained_run, exported, texts, tmp_path):
+    hf = exported[0]
+    want = lorakd_labels(trained_run, texts[1], tmp_path / "run.csv")
+    assert lorakd_labels(hf / "model.onnx", texts[1], tmp_path / "fp32.csv") == want
+    int8 = lorakd_labels(hf / "model.int8.onnx", texts[1], tmp_path / "int8.csv", batch_size=4, threads=2)
+    assert np.mean([a == b for a, b in zip(int8, want)]) >= 0.95
+    assert labels_of(tmp_path / "int8.csv") and [r[0] for r in csv.reader(open(tmp_path / "int8.csv"))][1:4] == \
+        ["t0", "t1", "t2"]
+
+
+def test_model_card_states_data_recipe_counts_and_figures(trained_run, exported):
+    card = (exported[0] / "README.md").read_text()
+    info = json.loads((trained_run / "run.json").read_text())
+    evals = json.loads((trained_run / "eval.json").read_text())
+    for fragment in ["World", "Sci/Tech", "r=4", "lr 0.01", "batch 8", f"{info['params']['trainable']:,}",
+                     f"{evals['validation']['accuracy']:.4f}", f"{evals['test']['accuracy']:.4f}", "pipeline(",
+                     "model.int8.onnx", "Distillation: none"]:
+        assert fragment in card, fragment
+    adapter_card = (exported[1] / "README.md").read_text()
+    assert "AutoPeftModelForSequenceClassification" in adapter_card and "id2label" in adapter_card
+
+
+def test_adapter_with_embedded_base_is_resolved_by_lorakd(trained_run, exported, texts, tmp_path, monkeypatch,
+                                                          tiny_backbone):
+    """An adapter naming embedded:minilm: lorakd resolves the name when it loads (here onto the tiny backbone)."""
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(exported[1], adapter)
+    cfg_path = adapter / "adapter_config.json"
+    cfg_path.write_text(json.dumps(dict(json.loads(cfg_path.read_text()), base_model_name_or_path=model_lib.EMBEDDED)))
+    real = model_lib.resolve_backbone
+    monkeypatch.setattr(model_lib, "resolve_backbone",
+                        lambda name: str(tiny_backbone) if name == model_lib.EMBEDDED else real(name))
+    want = lorakd_labels(trained_run, texts[1], tmp_path / "run.csv")
+    assert lorakd_labels(adapter, texts[1], tmp_path / "a.csv") == want
+
+
+def test_portable_base_names():
+    assert portable_base("embedded:minilm") == "embedded:minilm"
+    assert portable_base("FacebookAI/roberta-base") == "FacebookAI/roberta-base"
+
+
+def test_cli_export_replaces_an_earlier_export_and_refuses_other_folders(trained_run, tmp_path, capsys):
+    out = tmp_path / "exp"
+    main(["export", str(trained_run), "--out", str(out), "--adapter-only"])
+    main(["export", str(trained_run), "--out", str(out)])  # an earlier export is replaced whole
+    assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(trained_run), "--out", str(other)])
+    assert e.value.code == 2 and "not a lorakd export" in capsys.readouterr().err
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_export_refuses_unfinished_runs_and_bad_combinations(trained_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    with pytest.raises(UserError, match="drop --onnx"):
+        export(run, tmp_path / "x", adapter_only=True, onnx=True, log=lambda *a: None)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps(dict(info, status="running")))
+    with pytest.raises(UserError, match="has not finished"):
+        export(run, tmp_path / "x", log=lambda *a: None)
+    assert not (tmp_path / "x").exists()
+
+
+def test_outlier_channels_leave_int8_with_the_same_function(tiny_backbone):
+    """A feed-forward channel 50x the others (as BERT's have) is routed around int8; fp32 logits are unchanged."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lorakd.export import _split_outliers
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_backbone, num_labels=4).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_backbone)
+    inter = model.bert.encoder.layer[0].intermediate.dense
+    inter.weight.data[3] *= 50
+    inter.bias.data[3] = 30.0
+    enc = tok(["election war peace", "goal match season coach league"], padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        before = model(**enc).logits
+        assert _split_outliers(model, tok) >= 1
+        assert torch.allclose(model(**enc).logits, before, atol=1e-5)
+    assert type(model.bert.encoder.layer[0].output.dense).__name__ == "Split"
