@@ -61,6 +61,11 @@ def _replace_with(path, write):
         raise
 
 
+def write_stream(path, write):
+    """write(f) fills a binary file written atomically: for output made piece by piece (predictions)."""
+    _replace_with(path, write)
+
+
 def write_bytes(path, data: bytes):
     _replace_with(path, lambda f: f.write(data))
 

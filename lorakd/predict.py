@@ -3,10 +3,10 @@ adapter folder, or an ONNX file; streamed in chunks and written as ID,Label atom
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import os
-import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from . import atomic
 from . import data as data_lib
 from .errors import UserError
 from .runs import load_run, open_trained
@@ -298,24 +299,21 @@ def predict(run_dir, input_path, out_path, device="auto", batch_size=None, label
     # ONNX on a CPU: small batches on each core (measured: bench/predict_cpu.py); PyTorch takes 256 at once
     batch_size = batch_size or (16 if kind == "onnx" else 256)
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
     t0 = time.perf_counter()
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f, \
-                tqdm(total=n, unit="text", desc="predict", disable=None if progress is None else not progress) as bar:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(["ID", "Label"])
-            for split in chunks():
-                for i, p in zip(split.ids, logits_of(m, split.texts, batch_size).argmax(-1).tolist()):
-                    w.writerow([i, {"index": p, "name": names[p], "charcnn": p + 1}[label_format]])
-                bar.update(len(split))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)  # atomic: a kill leaves the old output or the new one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def write(f):  # atomic: a kill or a full disk leaves the old output; the file gets the usual permissions
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        w = csv.writer(text, lineterminator="\n")
+        w.writerow(["ID", "Label"])
+        for split in chunks():
+            for i, p in zip(split.ids, logits_of(m, split.texts, batch_size).argmax(-1).tolist()):
+                w.writerow([i, {"index": p, "name": names[p], "charcnn": p + 1}[label_format]])
+            bar.update(len(split))
+        text.flush()
+        text.detach()  # the binary file stays open for the fsync and rename
+
+    with tqdm(total=n, unit="text", desc="predict", disable=None if progress is None else not progress) as bar:
+        atomic.write_stream(out_path, write)
     seconds = time.perf_counter() - t0
     stats = {"n": n, "seconds": seconds, "texts_per_s": n / max(seconds, 1e-9), "device": m.device}
     log(f"wrote {n:,} predictions to {out_path} ({stats['texts_per_s']:.0f} texts/s on {m.device})")
