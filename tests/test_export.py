@@ -67,7 +67,8 @@ def test_hf_folder_loads_with_plain_transformers_and_predicts_like_the_run(train
             "model.int8.onnx"} <= set(result["files"])
     want = lorakd_labels(trained_run, texts[1], tmp_path / "run.csv")
     model = AutoModelForSequenceClassification.from_pretrained(hf).eval()
-    assert model.config.id2label == dict(enumerate(NAMES)) and model.config.label2id == {n: i for i, n in enumerate(NAMES)}
+    assert model.config.id2label == dict(enumerate(NAMES))
+    assert model.config.label2id == {n: i for i, n in enumerate(NAMES)}
     tok = AutoTokenizer.from_pretrained(hf)
     assert tok.model_max_length == 32  # the run's data.max_length travels with the tokenizer
     with torch.inference_mode():
