@@ -161,10 +161,9 @@ def _read_csv(path: Path, names, need_labels=True) -> Split:
     return Split(texts, np.asarray(labels, dtype=np.int64), [str(n) for n in range(len(texts))])
 
 
-def _read_jsonl(path: Path, names, need_labels=True) -> Split:
-    recs, columns = [], {}
-    # \r and \n only: str.splitlines would also split at U+2028 and others, which JSON strings may hold
-    for i, line in enumerate(io.StringIO(_decode(path), newline=None), 1):
+def json_records(path, lines):
+    """(where, object) for each non-blank line of a JSONL file; a bad line is an error naming it."""
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -175,8 +174,15 @@ def _read_jsonl(path: Path, names, need_labels=True) -> Split:
             raise UserError(f"{path}: line {i}: JSON nested too deeply") from None
         if not isinstance(obj, dict):
             raise UserError(f"{path}: line {i}: expected a JSON object")
+        yield f"{path}: line {i}", obj
+
+
+def _read_jsonl(path: Path, names, need_labels=True) -> Split:
+    recs, columns = [], {}
+    # \r and \n only: str.splitlines would also split at U+2028 and others, which JSON strings may hold
+    for where, obj in json_records(path, io.StringIO(_decode(path), newline=None)):
         columns.update(dict.fromkeys(obj))
-        recs.append((f"{path}: line {i}", obj))
+        recs.append((where, obj))
     return _rows_to_split(recs, list(columns), names, str(path), need_labels)
 
 

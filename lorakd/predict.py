@@ -84,18 +84,7 @@ def _csv_records(path: Path):
 
 
 def _jsonl_records(path: Path):
-    for n, line in enumerate(_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-        except RecursionError:
-            raise UserError(f"{path}: line {n}: JSON nested too deeply") from None
-        if not isinstance(obj, dict):
-            raise UserError(f"{path}: line {n}: expected a JSON object")
-        yield f"{path}: line {n}", obj
+    return data_lib.json_records(path, _lines(path))
 
 
 def _chunks(path: Path, columns, size):
