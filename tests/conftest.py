@@ -116,3 +116,18 @@ def lock_holder():
         proc.kill()
         proc.wait()
         proc.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def learned_run(tmp_path_factory, tiny_backbone, tiny_data):
+    """A finished tiny run that has learned the task (3 epochs): predict and export compare against it.
+    Tests write their outputs elsewhere, so one run serves every module."""
+    from lorakd import config
+    from lorakd.train import train
+
+    cfg = config.load(None, [], {"data.path": str(tiny_data), "model.backbone": str(tiny_backbone), "model.r": 4,
+                                 "train.lr": 1e-2, "train.batch_size": 8, "train.epochs": 3, "train.threads": 1,
+                                 "data.max_length": 32, "train.checkpoint_every": 0})
+    run = tmp_path_factory.mktemp("learned") / "run"
+    train(cfg, run, log=lambda *a: None)
+    return run

@@ -12,21 +12,8 @@ from lorakd.cli import main
 from lorakd.errors import UserError
 from lorakd.export import export, portable_base
 from lorakd.predict import predict
-from lorakd.train import train
 
 NAMES = ["World", "Sports", "Business", "Sci/Tech"]
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_backbone, tiny_data):
-    from lorakd import config
-
-    cfg = config.load(None, [], {"data.path": str(tiny_data), "model.backbone": str(tiny_backbone), "model.r": 4,
-                                 "train.lr": 1e-2, "train.batch_size": 8, "train.epochs": 3, "train.threads": 1,
-                                 "data.max_length": 32, "train.checkpoint_every": 0})
-    run = tmp_path_factory.mktemp("export") / "run"
-    train(cfg, run, log=lambda *a: None)
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +30,10 @@ def texts(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def exported(trained_run, tmp_path_factory):
+def exported(learned_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("out")
-    hf = export(trained_run, root / "hf", onnx=True, log=lambda *a: None)
-    peft = export(trained_run, root / "adapter", adapter_only=True, log=lambda *a: None)
+    hf = export(learned_run, root / "hf", onnx=True, log=lambda *a: None)
+    peft = export(learned_run, root / "adapter", adapter_only=True, log=lambda *a: None)
     return root / "hf", root / "adapter", hf, peft
 
 
@@ -59,13 +46,13 @@ def lorakd_labels(model, inp, out, **kw):
     return labels_of(out)
 
 
-def test_hf_folder_loads_with_plain_transformers_and_predicts_like_the_run(trained_run, exported, texts, tmp_path):
+def test_hf_folder_loads_with_plain_transformers_and_predicts_like_the_run(learned_run, exported, texts, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
     hf, _, result, _ = exported
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "model.onnx",
             "model.int8.onnx"} <= set(result["files"])
-    want = lorakd_labels(trained_run, texts[1], tmp_path / "run.csv")
+    want = lorakd_labels(learned_run, texts[1], tmp_path / "run.csv")
     model = AutoModelForSequenceClassification.from_pretrained(hf).eval()
     assert model.config.id2label == dict(enumerate(NAMES))
     assert model.config.label2id == {n: i for i, n in enumerate(NAMES)}
@@ -80,7 +67,7 @@ def test_hf_folder_loads_with_plain_transformers_and_predicts_like_the_run(train
     assert lorakd_labels(hf, texts[1], tmp_path / "hf.csv") == want
 
 
-def test_adapter_folder_loads_with_plain_peft_and_predicts_like_the_run(trained_run, exported, texts, tmp_path,
+def test_adapter_folder_loads_with_plain_peft_and_predicts_like_the_run(learned_run, exported, texts, tmp_path,
                                                                        tiny_backbone):
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoTokenizer
@@ -91,7 +78,7 @@ def test_adapter_folder_loads_with_plain_peft_and_predicts_like_the_run(trained_
     assert cfg["base_model_name_or_path"] == str(tiny_backbone.resolve())  # a local folder: its absolute path
     id2label = {int(i): n for i, n in json.loads((adapter / "lorakd.json").read_text())["id2label"].items()}
     assert id2label == dict(enumerate(NAMES))
-    want = lorakd_labels(trained_run, texts[1], tmp_path / "run.csv")
+    want = lorakd_labels(learned_run, texts[1], tmp_path / "run.csv")
     model = AutoPeftModelForSequenceClassification.from_pretrained(adapter, id2label=id2label).eval()
     tok = AutoTokenizer.from_pretrained(adapter)
     with torch.inference_mode():
@@ -101,9 +88,9 @@ def test_adapter_folder_loads_with_plain_peft_and_predicts_like_the_run(trained_
     assert lorakd_labels(adapter, texts[1], tmp_path / "adapter.csv") == want
 
 
-def test_onnx_fp32_matches_and_int8_agrees(trained_run, exported, texts, tmp_path):
+def test_onnx_fp32_matches_and_int8_agrees(learned_run, exported, texts, tmp_path):
     hf = exported[0]
-    want = lorakd_labels(trained_run, texts[1], tmp_path / "run.csv")
+    want = lorakd_labels(learned_run, texts[1], tmp_path / "run.csv")
     assert lorakd_labels(hf / "model.onnx", texts[1], tmp_path / "fp32.csv") == want
     int8 = lorakd_labels(hf / "model.int8.onnx", texts[1], tmp_path / "int8.csv", batch_size=4, threads=2)
     assert np.mean([a == b for a, b in zip(int8, want)]) >= 0.95
@@ -111,10 +98,10 @@ def test_onnx_fp32_matches_and_int8_agrees(trained_run, exported, texts, tmp_pat
         ["t0", "t1", "t2"]
 
 
-def test_model_card_states_data_recipe_counts_and_figures(trained_run, exported):
+def test_model_card_states_data_recipe_counts_and_figures(learned_run, exported):
     card = (exported[0] / "README.md").read_text()
-    info = json.loads((trained_run / "run.json").read_text())
-    evals = json.loads((trained_run / "eval.json").read_text())
+    info = json.loads((learned_run / "run.json").read_text())
+    evals = json.loads((learned_run / "eval.json").read_text())
     for fragment in ["World", "Sci/Tech", "r=4", "lr 0.01", "batch 8", f"{info['params']['trainable']:,}",
                      f"{evals['validation']['accuracy']:.4f}", f"{evals['test']['accuracy']:.4f}", "pipeline(",
                      "model.int8.onnx", "Distillation: none"]:
@@ -123,7 +110,7 @@ def test_model_card_states_data_recipe_counts_and_figures(trained_run, exported)
     assert "AutoPeftModelForSequenceClassification" in adapter_card and "id2label" in adapter_card
 
 
-def test_adapter_with_embedded_base_is_resolved_by_lorakd(trained_run, exported, texts, tmp_path, monkeypatch,
+def test_adapter_with_embedded_base_is_resolved_by_lorakd(learned_run, exported, texts, tmp_path, monkeypatch,
                                                           tiny_backbone):
     """An adapter naming embedded:minilm: lorakd resolves the name when it loads (here onto the tiny backbone)."""
     import shutil
@@ -135,7 +122,7 @@ def test_adapter_with_embedded_base_is_resolved_by_lorakd(trained_run, exported,
     real = model_lib.resolve_backbone
     monkeypatch.setattr(model_lib, "resolve_backbone",
                         lambda name: str(tiny_backbone) if name == model_lib.EMBEDDED else real(name))
-    want = lorakd_labels(trained_run, texts[1], tmp_path / "run.csv")
+    want = lorakd_labels(learned_run, texts[1], tmp_path / "run.csv")
     assert lorakd_labels(adapter, texts[1], tmp_path / "a.csv") == want
 
 
@@ -144,26 +131,26 @@ def test_portable_base_names():
     assert portable_base("FacebookAI/roberta-base") == "FacebookAI/roberta-base"
 
 
-def test_cli_export_replaces_an_earlier_export_and_refuses_other_folders(trained_run, tmp_path, capsys):
+def test_cli_export_replaces_an_earlier_export_and_refuses_other_folders(learned_run, tmp_path, capsys):
     out = tmp_path / "exp"
-    main(["export", str(trained_run), "--out", str(out), "--adapter-only"])
-    main(["export", str(trained_run), "--out", str(out)])  # an earlier export is replaced whole
+    main(["export", str(learned_run), "--out", str(out), "--adapter-only"])
+    main(["export", str(learned_run), "--out", str(out)])  # an earlier export is replaced whole
     assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
     with pytest.raises(SystemExit) as e:
-        main(["export", str(trained_run), "--out", str(other)])
+        main(["export", str(learned_run), "--out", str(other)])
     assert e.value.code == 2 and "not a lorakd export" in capsys.readouterr().err
     assert (other / "notes.txt").read_text() == "keep me"
 
 
-def test_export_refuses_unfinished_runs_and_bad_combinations(trained_run, tmp_path):
+def test_export_refuses_unfinished_runs_and_bad_combinations(learned_run, tmp_path):
     import shutil
 
     run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
+    shutil.copytree(learned_run, run)
     with pytest.raises(UserError, match="drop --onnx"):
         export(run, tmp_path / "x", adapter_only=True, onnx=True, log=lambda *a: None)
     info = json.loads((run / "run.json").read_text())

@@ -12,23 +12,10 @@ from lorakd.errors import UserError
 from lorakd.evaluate import logits_for
 from lorakd.predict import merged, predict
 from lorakd.runs import open_trained
-from lorakd.train import train
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_backbone, tiny_data):
-    from lorakd import config
-
-    cfg = config.load(None, [], {"data.path": str(tiny_data), "model.backbone": str(tiny_backbone), "model.r": 4,
-                                 "train.lr": 1e-2, "train.batch_size": 8, "train.epochs": 3, "train.threads": 1,
-                                 "data.max_length": 32, "train.checkpoint_every": 0})
-    run = tmp_path_factory.mktemp("pred") / "run"
-    train(cfg, run, log=lambda *a: None)
-    return run
-
-
-def test_merged_adapters_give_the_same_logits(trained_run):
-    cfg, _, model, tok = open_trained(trained_run, torch.device("cpu"))
+def test_merged_adapters_give_the_same_logits(learned_run):
+    cfg, _, model, tok = open_trained(learned_run, torch.device("cpu"))
     store = data_lib.TokenStore(data_lib.encode(tok, ["election treaty war", "goal match", "nasa chip"], 32), None,
                                 0, torch.device("cpu"))
     before = logits_for(model, store, 8)
@@ -36,17 +23,17 @@ def test_merged_adapters_give_the_same_logits(trained_run):
     assert torch.allclose(before, after, atol=1e-4)
 
 
-def test_pickle_course_format_and_label_formats(trained_run, tmp_path):
+def test_pickle_course_format_and_label_formats(learned_run, tmp_path):
     df = pd.DataFrame({"text": ["election minister", "goal season", "shares profit"]})
     (tmp_path / "test_unlabelled.pkl").write_bytes(pickle.dumps(df))
     out = tmp_path / "p.csv"
-    stats = predict(trained_run, tmp_path / "test_unlabelled.pkl", out, log=lambda *a: None)
+    stats = predict(learned_run, tmp_path / "test_unlabelled.pkl", out, log=lambda *a: None)
     rows = list(csv.reader(out.open()))
     assert rows[0] == ["ID", "Label"] and [r[0] for r in rows[1:]] == ["0", "1", "2"] and stats["n"] == 3
-    predict(trained_run, tmp_path / "test_unlabelled.pkl", out, label_format="name", log=lambda *a: None)
+    predict(learned_run, tmp_path / "test_unlabelled.pkl", out, label_format="name", log=lambda *a: None)
     assert {r[1] for r in list(csv.reader(out.open()))[1:]} <= {"World", "Sports", "Business", "Sci/Tech"}
     (tmp_path / "list.pkl").write_bytes(pickle.dumps(["nasa linux", "bank oil"]))
-    predict(trained_run, tmp_path / "list.pkl", out, label_format="charcnn", log=lambda *a: None)
+    predict(learned_run, tmp_path / "list.pkl", out, label_format="charcnn", log=lambda *a: None)
     assert {r[1] for r in list(csv.reader(out.open()))[1:]} <= {"1", "2", "3", "4"}
 
 
@@ -58,28 +45,28 @@ def no_model(monkeypatch):
     monkeypatch.setattr(predict_lib, "open_trained", refuse)
 
 
-def test_bad_label_format_fails_fast_and_writes_nothing(trained_run, tmp_path, no_model):
+def test_bad_label_format_fails_fast_and_writes_nothing(learned_run, tmp_path, no_model):
     (tmp_path / "in.csv").write_text("text\ngoal match\n")
     out = tmp_path / "p.csv"
     with pytest.raises(UserError, match="--labels 'names'"):
-        predict(trained_run, tmp_path / "in.csv", out, label_format="names", log=lambda *a: None)
+        predict(learned_run, tmp_path / "in.csv", out, label_format="names", log=lambda *a: None)
     assert not out.exists()
 
 
-def test_missing_input_fails_fast_and_writes_nothing(trained_run, tmp_path, no_model):
+def test_missing_input_fails_fast_and_writes_nothing(learned_run, tmp_path, no_model):
     out = tmp_path / "p.csv"
     with pytest.raises(UserError, match="missing.csv: no such file") as e:
-        predict(trained_run, tmp_path / "missing.csv", out, log=lambda *a: None)
+        predict(learned_run, tmp_path / "missing.csv", out, log=lambda *a: None)
     assert "\n" not in str(e.value) and not out.exists()
 
 
-def test_streamed_chunks_give_the_same_output_as_one_chunk(trained_run, tmp_path, monkeypatch):
+def test_streamed_chunks_give_the_same_output_as_one_chunk(learned_run, tmp_path, monkeypatch):
     """Chunks of 7 rows: the same rows, IDs counted across chunks, the same labels as one chunk."""
     texts = ["election minister war", "goal season coach", "shares profit bank", "nasa linux chip"] * 6
     (tmp_path / "in.csv").write_text("".join(f'"{t}"\n' for t in texts))  # headerless: IDs are row numbers
-    predict(trained_run, tmp_path / "in.csv", tmp_path / "one.csv", progress=False, log=lambda *a: None)
+    predict(learned_run, tmp_path / "in.csv", tmp_path / "one.csv", progress=False, log=lambda *a: None)
     monkeypatch.setattr(predict_lib, "CHUNK", 7)
-    stats = predict(trained_run, tmp_path / "in.csv", tmp_path / "seven.csv", progress=False, log=lambda *a: None)
+    stats = predict(learned_run, tmp_path / "in.csv", tmp_path / "seven.csv", progress=False, log=lambda *a: None)
     rows = list(csv.reader((tmp_path / "seven.csv").open()))
     assert stats["n"] == 24 and [r[0] for r in rows[1:]] == [str(i) for i in range(24)]
     assert (tmp_path / "seven.csv").read_text() == (tmp_path / "one.csv").read_text()
@@ -91,16 +78,16 @@ def test_streamed_chunks_give_the_same_output_as_one_chunk(trained_run, tmp_path
     ("in.csv", "id,text\n" + "".join(f"{i},goal\n" for i in range(10)) + "10,peace,extra\n", "row 12: 3 columns"),
     ("in.csv", "id,text\n", "no rows"),
 ], ids=["duplicate-id-in-a-later-chunk", "jsonl-id-only-in-a-later-chunk", "bad-row-in-a-later-chunk", "header-only"])
-def test_streamed_input_is_checked_whole_before_the_model_loads(trained_run, tmp_path, monkeypatch, no_model,
+def test_streamed_input_is_checked_whole_before_the_model_loads(learned_run, tmp_path, monkeypatch, no_model,
                                                                 name, content, fragment):
     monkeypatch.setattr(predict_lib, "CHUNK", 4)
     (tmp_path / name).write_text(content)
     with pytest.raises(UserError, match=fragment):
-        predict(trained_run, tmp_path / name, tmp_path / "p.csv", log=lambda *a: None)
+        predict(learned_run, tmp_path / name, tmp_path / "p.csv", log=lambda *a: None)
     assert not (tmp_path / "p.csv").exists()
 
 
-def test_a_failure_mid_stream_keeps_the_old_output(trained_run, tmp_path, monkeypatch):
+def test_a_failure_mid_stream_keeps_the_old_output(learned_run, tmp_path, monkeypatch):
     (tmp_path / "in.csv").write_text("text\n" + "goal match\n" * 10)
     out = tmp_path / "p.csv"
     out.write_text("ID,Label\nold,0\n")
@@ -115,7 +102,7 @@ def test_a_failure_mid_stream_keeps_the_old_output(trained_run, tmp_path, monkey
         return real(*a, **k)
     monkeypatch.setattr(predict_lib, "logits_of", fail_on_the_second_chunk)
     with pytest.raises(KeyboardInterrupt):
-        predict(trained_run, tmp_path / "in.csv", out, progress=False, log=lambda *a: None)
+        predict(learned_run, tmp_path / "in.csv", out, progress=False, log=lambda *a: None)
     assert out.read_text() == "ID,Label\nold,0\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "p.csv"]  # no temporary file left
 
