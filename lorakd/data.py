@@ -362,13 +362,6 @@ def load_splits(data_cfg, seed) -> dict[str, Split]:
     return out
 
 
-def concat(splits: list[Split]) -> Split:
-    """Rows of several splits, in order; labels kept only when every part has them."""
-    labels = [s.labels for s in splits]
-    return Split([t for s in splits for t in s.texts],
-                 None if any(lab is None for lab in labels) else np.concatenate(labels).astype(np.int64))
-
-
 def augment(texts: list[str], copies: int, ops, seed: int, mask_token: str = "[MASK]") -> list[str]:
     """`copies` augmented versions of each text, a pure function of (texts, copies, ops, seed), on words:
     delete: drop 15% of the words; swap: with p 0.5 swap two spans of up to a quarter of the words each;

@@ -310,10 +310,7 @@ def setup(cfg, run_dir: Path, resume: bool, log):
     counts = model_lib.count_params(cfg.model, num_labels)
     model_lib.check_budget(cfg, counts)
     ckpt_path = run_dir / "checkpoint" / "state.pt"
-    if resume:
-        if not (run_dir / "run.json").exists():
-            load_run(run_dir)  # says what is wrong with the folder
-    elif (run_dir / "run.json").exists():
+    if not resume and (run_dir / "run.json").exists():
         raise UserError(f"{run_dir}: a run already exists here; use --resume {run_dir} or another --out")
 
     torch.manual_seed(tc.seed)
@@ -390,8 +387,8 @@ def epoch_batches(run, epoch):
 def train(cfg, run_dir, resume=False, log=print) -> dict:
     """Train one run into run_dir; returns its summary (also in run.json)."""
     run_dir = Path(run_dir)
-    if resume and (run_dir / "run.json").exists():
-        _, info = load_run(run_dir)
+    if resume:
+        _, info = load_run(run_dir)  # refuses a missing, foreign or newer-format folder
         if info.get("status") == "done":
             log(f"{run_dir}: already finished")
             return info["summary"]
