@@ -32,15 +32,17 @@ from lorakd import atomic, distill  # noqa: E402
 from lorakd import config as config_lib  # noqa: E402
 from lorakd import data as data_lib  # noqa: E402
 from lorakd import model as model_lib  # noqa: E402
+from lorakd.runs import read_metrics  # noqa: E402
 from lorakd.train import train  # noqa: E402
 
 STUDENTS = {  # name: overrides of the reference student (presets/agnews-minilm.yaml)
     "minilm-r6-qkv": [],
     "minilm-fill": ["model.r=23", "model.targets=[query,key,value,dense]"],  # 973,060 trainable
 }
-REGIMES = {  # name: (data overrides, teacher overrides, CE epochs to tune over, transfer-row overrides)
-    "all": ([], ["train.epochs=2"], [10], ["distill.augment=2"]),
-    "few": ([], ["train.epochs=6"], [10, 20], []),  # + data.labelled=--labelled
+REGIMES = {  # name: (data overrides, teacher overrides, CE epochs to tune over, transfer-row overrides,
+    #              overrides of the round-2 teacher, which trains on the labelled rows + the transfer rows)
+    "all": ([], ["train.epochs=2"], [10], ["distill.augment=2"], ["train.epochs=1"]),
+    "few": ([], ["train.epochs=6"], [10, 20], [], ["train.epochs=2"]),  # + data.labelled=--labelled
 }
 
 
@@ -58,6 +60,11 @@ def main():
     ap.add_argument("--variants", nargs="*", default=[],
                     help="extra kd_transfer arms, each NAME:key=value,key=value")
     ap.add_argument("--skip-tuned", action="store_true", help="no longer-trained CE arms")
+    ap.add_argument("--teachers", type=int, default=1,
+                    help="mpnet teachers per seed (seeds s, s+1000, ...): >1 adds the ensemble arms kd_ens, self_train_ens")
+    ap.add_argument("--round2", action="store_true",
+                    help="also a round-2 teacher, distilled from the ensemble over labelled + transfer rows (arm kd_r2)")
+    ap.add_argument("--arms", default="", help="only these student arms (comma-separated; default: all)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--deadline-s", type=float, default=0, help="start no new run after this many seconds")
     ap.add_argument("--tag", default="", help="suffix of the raw JSON (several processes side by side)")
@@ -85,6 +92,8 @@ def main():
             raise TimeoutError(name)
         cfg = config_lib.load(path, [f"data.path={args.data}", *over, *args.set])
         s = train(cfg, tmp / name, log=quiet)
+        evals = [m["accuracy"] for m in read_metrics(tmp / name) if m.get("split") == "validation"]
+        s["val_last"], s["evals"] = (evals[-1], len(evals)) if evals else (s["validation_accuracy"], 1)
         return s
 
     try:
@@ -108,59 +117,96 @@ def merge(paths, out):
     merged = dict(results[0], seeds=sorted({s for r in results for s in r["seeds"]}))
     for key in ("runs", "teachers", "logits"):  # a seed's teacher run twice (two calls) counts once
         rows = [x for r in results for x in r[key]]
-        merged[key] = rows if key == "runs" else list({(x["seed"], x["regime"]): x for x in rows}.values())
+        merged[key] = rows if key == "runs" else list({(x["seed"], x["regime"], x.get("teacher")): x
+                                                       for x in rows}.values())
     summary = summarize(merged)
     atomic.write_json(out / "distill-gain-summary.json", summary)
     print_summary(summary)
 
 
 def one_seed(args, seed, run, result, raw_path, tmp, quiet, variants, base_student):
-    """Teacher, transfer-row logits and every student arm of one seed, in each regime."""
+    """Teachers, transfer-row logits and every student arm of one seed, in each regime."""
     for regime in args.regimes.split(","):
-        data_over, teacher_over, tune_epochs, transfer_over = REGIMES[regime]
+        data_over, teacher_over, tune_epochs, transfer_over, round2_over = REGIMES[regime]
         common = [f"train.seed={seed}", *data_over] + ([f"data.labelled={args.labelled}"] if regime == "few" else [])
-        tdir = f"teacher-{regime}-{seed}"
-        t0 = time.time()
-        ts = run(tdir, [f"model.backbone={args.teacher_backbone}", *common, *teacher_over],
-                 config_lib.preset_path("mpnet-teacher"))
-        result["teachers"].append({"seed": seed, "regime": regime, "val": ts["validation_accuracy"],
-                                   "train_time_s": ts["train_time_s"], "samples_per_s": ts["samples_per_s"],
-                                   "graph_capture_s": ts["graph_capture_s"], "cuda_graphs": ts["cuda_graphs"],
-                                   "wall_s": round(time.time() - t0, 1)})
-        print(result["teachers"][-1], flush=True)
-        kd = [f"distill.teachers=[{tmp / tdir}]", *args.recipe]
+        teacher_preset = config_lib.preset_path("mpnet-teacher")
+        tdirs = []
+        for k in range(args.teachers):  # teacher k trains with seed + 1000k on the same split (data seed fixed)
+            tdir = tmp / f"teacher-{regime}-{seed}-{k}"
+            over = [f"model.backbone={args.teacher_backbone}", *common, *teacher_over]
+            if k:
+                over += [f"train.seed={seed + 1000 * k}", f"data.split_seed={seed}"]
+            t0 = time.time()
+            ts = run(tdir.name, over, teacher_preset)
+            tdirs.append(tdir)
+            record_teacher(result, seed, regime, f"mpnet-{k}", ts, t0)
+        kd = [f"distill.teachers=[{tdirs[0]}]", *args.recipe]
+        kd_ens = [f"distill.teachers=[{','.join(map(str, tdirs))}]", *args.recipe]
+        splits, dev_t, tok = None, model_lib.pick_device("auto"), model_lib.load_tokenizer(args.student_backbone)
+
+        def student_cfg(over):
+            return config_lib.load(base_student, [f"data.path={args.data}", f"model.backbone={args.student_backbone}",
+                                                  *common, *over, *transfer_over, *args.set])
+
+        splits = data_lib.load_splits(student_cfg(kd).data, seed)
+        if len(tdirs) > 1:  # the ensemble's own validation accuracy (averaged probabilities, T = 1)
+            cfg = student_cfg(kd_ens + ["distill.temperature=1"])
+            probs = distill.soft_targets(cfg, [splits["validation"]], dev_t, quiet)
+            acc = float((probs.argmax(-1).cpu().numpy() == splits["validation"].labels).mean())
+            result["teachers"].append({"seed": seed, "regime": regime, "teacher": "ensemble", "val": acc,
+                                       "val_last": acc, "members": len(tdirs)})
+            print(result["teachers"][-1], flush=True)
+        if args.round2:  # the teacher trains again, on its ensemble's soft targets over labelled + transfer rows
+            t0 = time.time()
+            r2 = tmp / f"teacher-{regime}-{seed}-r2"
+            ts = run(r2.name, [f"model.backbone={args.teacher_backbone}", *common, *teacher_over, *kd_ens,
+                               *transfer_over, *round2_over], teacher_preset)
+            record_teacher(result, seed, regime, "round2", ts, t0)
         # the transfer rows' logits: computed once (timed), then every arm reads the cache
-        cfg = config_lib.load(base_student, [f"data.path={args.data}", f"model.backbone={args.student_backbone}",
-                                             *common, *kd, *transfer_over, *args.set])
-        splits = data_lib.load_splits(cfg.data, seed)
-        tok = model_lib.load_tokenizer(cfg.model.backbone)
-        dev_t = model_lib.pick_device("auto")
         times = []
         for _ in range(2):
             t0 = time.time()
-            rows, _ = distill.student_rows(cfg, dict(splits), dev_t, quiet, tok)
+            rows, _ = distill.student_rows(student_cfg(kd), dict(splits), dev_t, quiet, tok)
             times.append(round(time.time() - t0, 2))
         result["logits"].append({"seed": seed, "regime": regime, "rows": len(rows), "computed_s": times[0],
                                  "cached_s": times[1]})
+        hard = ["distill.transfer_targets=hard", "distill.alpha=1"]
         for student in args.students.split(","):
             base = [f"model.backbone={args.student_backbone}", *common, *STUDENTS[student]]
             transfer = kd + transfer_over
-            arms = [("ce", []), ("kd_transfer", transfer),  # the key arms first: a deadline cuts the rest
-                    ("self_train", transfer + ["distill.transfer_targets=hard", "distill.alpha=1"])]
+            arms = [("ce", []), ("kd_transfer", transfer)]  # the key arms first: a deadline cuts the rest
+            if len(tdirs) > 1:
+                arms += [("kd_ens", kd_ens + transfer_over)]
+            if args.round2:
+                arms += [("kd_r2", [f"distill.teachers=[{r2}]", *args.recipe, *transfer_over])]
+            arms += [("self_train", transfer + hard)]
+            if len(tdirs) > 1:
+                arms += [("self_train_ens", kd_ens + transfer_over + hard)]
             if not args.skip_tuned:
                 arms += [(f"ce_e{e}", [f"train.epochs={e}"]) for e in tune_epochs]
             arms += [("kd_labelled", kd + ["distill.rest_as_transfer=false"])]
             arms += [(f"kd_{n}", transfer + o) for n, o in variants]
+            if args.arms:
+                arms = [a for a in arms if a[0] in args.arms.split(",")]
             for arm, over in arms:
                 name = f"{regime}-{student}-{arm}-{seed}"
                 t0 = time.time()
                 s = run(name, base + over, base_student)
                 result["runs"].append({"seed": seed, "regime": regime, "student": student, "arm": arm,
-                                       "val": s["validation_accuracy"], "steps": s["steps"],
+                                       "val": s["validation_accuracy"], "val_last": s["val_last"],
+                                       "evals": s["evals"], "steps": s["steps"],
                                        "train_time_s": s["train_time_s"], "wall_s": round(time.time() - t0, 1)})
                 print(result["runs"][-1], flush=True)
                 atomic.write_json(raw_path, result)
     atomic.write_json(raw_path, result)
+
+
+def record_teacher(result, seed, regime, name, ts, t0):
+    result["teachers"].append({"seed": seed, "regime": regime, "teacher": name, "val": ts["validation_accuracy"],
+                               "val_last": ts["val_last"], "train_time_s": ts["train_time_s"],
+                               "samples_per_s": ts["samples_per_s"], "graph_capture_s": ts["graph_capture_s"],
+                               "cuda_graphs": ts["cuda_graphs"], "wall_s": round(time.time() - t0, 1)})
+    print(result["teachers"][-1], flush=True)
 
 
 def mean_sd(values):
@@ -169,46 +215,71 @@ def mean_sd(values):
 
 
 def summarize(result):
-    """Per regime and student: each arm's mean/sd (validation, in %), the tuned CE twin, and the gains."""
-    out = {"device": result["device"], "date": result["date"], "seeds": result["seeds"], "regimes": {}}
-    teachers = {}
-    for t in result["teachers"]:
-        teachers.setdefault(t["regime"], []).append(t["val"])
+    """Per regime and student: each arm's mean/sd (validation, in %), the tuned CE twin, and the gains.
+
+    The headline metric is each run's last validation evaluation (`val_last`): arms differ in their number of
+    evaluations (CE 20 epochs evaluates 20 times, KD 3 times), so the best of them would favour the longer arm.
+    The best-of-evaluations figures (the checkpoint a run keeps) are under `best_of_evals`."""
+    out = {"device": result["device"], "date": result["date"], "seeds": result["seeds"],
+           "metric": "last validation evaluation of each run (no checkpoint selection)", "regimes": {}}
     for r in result["runs"]:
         reg = out["regimes"].setdefault(r["regime"], {})
-        reg.setdefault(r["student"], {}).setdefault("_vals", {}).setdefault(r["arm"], {})[r["seed"]] = r["val"]
+        entry = reg.setdefault(r["student"], {"_vals": {}, "_best": {}})
+        entry["_vals"].setdefault(r["arm"], {})[r["seed"]] = r.get("val_last", r["val"])
+        entry["_best"].setdefault(r["arm"], {})[r["seed"]] = r["val"]
     for regime, students in out["regimes"].items():
         for student, entry in students.items():
-            vals = entry.pop("_vals")
-            arms = {arm: mean_sd(list(v.values())) for arm, v in vals.items()}
-            ce_arms = [a for a in arms if a == "ce" or a.startswith("ce_e")]
-            kd_arms = [a for a in arms if a.startswith("kd_") and a != "kd_labelled"] or ["kd_labelled"]
-            best_ce = max(ce_arms, key=lambda a: arms[a]["mean"])
-            best_kd = max(kd_arms, key=lambda a: arms[a]["mean"])
-            paired = sorted(set(vals[best_kd]) & set(vals[best_ce]))  # gains over the seeds both arms ran
-            gains = [100 * (vals[best_kd][s] - vals[best_ce][s]) for s in paired]
-            entry.update(arms=arms, best_ce=best_ce, best_kd=best_kd, seeds=paired,
-                         gain_pt=round(statistics.mean(gains), 2) if gains else None,
-                         gain_pt_sd=round(statistics.stdev(gains), 2) if len(gains) > 1 else None,
-                         gain_over_reference_ce_pt=round(arms[best_kd]["mean"] - arms["ce"]["mean"], 2))
-            if "self_train" in arms:
-                entry["gain_over_self_train_pt"] = round(arms[best_kd]["mean"] - arms["self_train"]["mean"], 2)
-        if regime in teachers:
-            students["teacher"] = mean_sd(teachers[regime])
+            vals, best = entry.pop("_vals"), entry.pop("_best")
+            entry.update(gains(vals))
+            entry["best_of_evals"] = gains(best)
+        teachers = {}
+        for t in result["teachers"]:
+            if t["regime"] == regime:
+                teachers.setdefault(t.get("teacher", "mpnet-0"), []).append(t.get("val_last", t["val"]))
+        if teachers:
+            students["teacher"] = mean_sd(teachers.pop("mpnet-0", teachers.get("ensemble", [0.0])))
+            students["teachers"] = {name: mean_sd(v) for name, v in teachers.items()}
+    return out
+
+
+def gains(vals):
+    """vals: {arm: {seed: accuracy}} -> arm means/sd and the best KD arm's gains over the best CE arm and over
+    self-training, paired by seed."""
+    arms = {arm: mean_sd(list(v.values())) for arm, v in vals.items()}
+    ce_arms = [a for a in arms if a == "ce" or a.startswith("ce_e")]
+    kd_arms = [a for a in arms if a.startswith("kd_") and a != "kd_labelled"] or ["kd_labelled"]
+    best_ce = max(ce_arms, key=lambda a: arms[a]["mean"])
+    best_kd = max((a for a in kd_arms if a in arms), key=lambda a: arms[a]["mean"])
+    paired = sorted(set(vals[best_kd]) & set(vals[best_ce]))  # gains over the seeds both arms ran
+    diffs = [100 * (vals[best_kd][s] - vals[best_ce][s]) for s in paired]
+    out = dict(arms=arms, best_ce=best_ce, best_kd=best_kd, seeds=paired,
+               gain_pt=round(statistics.mean(diffs), 2) if diffs else None,
+               gain_pt_sd=round(statistics.stdev(diffs), 2) if len(diffs) > 1 else None,
+               gain_over_reference_ce_pt=round(arms[best_kd]["mean"] - arms["ce"]["mean"], 2) if "ce" in arms else None)
+    self_arms = [a for a in arms if a.startswith("self_train")]
+    if self_arms:
+        best_self = max(self_arms, key=lambda a: arms[a]["mean"])
+        out.update(best_self_train=best_self,
+                   gain_over_self_train_pt=round(arms[best_kd]["mean"] - arms[best_self]["mean"], 2))
     return out
 
 
 def print_summary(summary):
+    print(f"\nmetric: {summary['metric']}")
     for regime, students in summary["regimes"].items():
         t = students.get("teacher", {})
         print(f"\nregime {regime}: teacher {t.get('mean')} (sd {t.get('sd')})")
+        for name, m in students.get("teachers", {}).items():
+            print(f"  teacher {name}: {m['mean']} (sd {m['sd']})")
         for student, e in students.items():
-            if student == "teacher" or "arms" not in e:
+            if student in ("teacher", "teachers") or "arms" not in e:
                 continue
             print(f"  {student}: gain {e['gain_pt']} pt (sd {e['gain_pt_sd']}; {e['best_kd']} over {e['best_ce']}, "
                   f"seeds {e['seeds']})")
+            best = e["best_of_evals"]["arms"]
+            print(f"    {'arm':<24} {'last':>6}  {'sd':>5}  {'best-of-evals':>13}")
             for arm, m in e["arms"].items():
-                print(f"    {arm:<24} {m['mean']:6.2f}  sd {m['sd']}")
+                print(f"    {arm:<24} {m['mean']:6.2f}  {m['sd'] or 0:5.2f}  {best[arm]['mean']:13.2f}")
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ def main():
     ap.add_argument("--curve-batches", type=int, nargs="+", default=[6, 12, 24, 48, 96, 192, 384])
     ap.add_argument("--curve-steps", type=int, default=400)
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="config overrides (smoke tests)")
+    ap.add_argument("--tag", default="", help="suffix of the result and log files (a later call adds rows apart)")
     args = ap.parse_args()
     only = set(args.only.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="lorakd-mgpu-"))
@@ -91,7 +92,7 @@ def main():
     result = {"device": dev, "gpus": args.gpus, "date": date.today().isoformat(), "torch": torch.__version__,
               "launcher": "torchrun --standalone", "rows": [], "curve": []}
     part = "-curve" if only == {"curve"} else ""  # the one-GPU curve is its own result file
-    stem = f"multi-gpu{part}-{dev.replace(' ', '_')}-x{args.gpus}-{result['date']}"
+    stem = f"multi-gpu{part}-{dev.replace(' ', '_')}-x{args.gpus}-{result['date']}{args.tag}"
     out_path, log_path = ROOT / args.out / f"{stem}.json", ROOT / args.out / f"{stem}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     if only - {"curve"}:  # the curve runs in this process and logs nothing

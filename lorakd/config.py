@@ -26,6 +26,7 @@ class DataConfig:
     label_names: tuple[str, ...] = AG_NEWS_LABELS
     group_by_length: bool = True  # batches of similar lengths: less padding, few shapes
     labelled: int = 0  # keep N stratified labelled train rows (0 = all); the rest become transfer rows
+    split_seed: int = -1  # seed of the validation carve and data.labelled; -1 = train.seed (fix it to vary only the init)
 
 
 @dataclass(frozen=True)

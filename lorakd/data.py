@@ -333,7 +333,9 @@ def stratified_take(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 def load_splits(data_cfg, seed) -> dict[str, Split]:
     """train / validation (carved from train) / test (when present), as the config asks. With data.labelled
-    N, train keeps N stratified rows and the others come back as 'unlabelled' (their labels unused)."""
+    N, train keeps N stratified rows and the others come back as 'unlabelled' (their labels unused).
+    `seed` (the run's train.seed) draws them unless data.split_seed fixes the split apart from it."""
+    seed = data_cfg.split_seed if data_cfg.split_seed >= 0 else seed
     splits = read_splits(data_cfg.path, data_cfg.label_names)
     train = splits["train"]
     if "validation" in splits:

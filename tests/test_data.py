@@ -206,6 +206,16 @@ def test_labelled_keeps_n_stratified_rows_and_returns_the_rest(tmp_path):
         data.load_splits(config.override(cfg, **{"data.labelled": 500}).data, 5)
 
 
+def test_split_seed_fixes_the_split_apart_from_the_run_seed(tmp_path):
+    write_charcnn(tmp_path / "train.csv", make_texts(50, seed=3))
+    cfg = config.load(None, [], {"data.path": str(tmp_path), "data.val_fraction": 0.2, "data.labelled": 21})
+    by_run_seed = [data.load_splits(cfg.data, s)["validation"].texts for s in (5, 6)]
+    assert by_run_seed[0] != by_run_seed[1]  # by default the run's seed draws the split
+    fixed = config.override(cfg, **{"data.split_seed": 5}).data
+    assert data.load_splits(fixed, 6)["validation"].texts == by_run_seed[0]
+    assert data.load_splits(fixed, 6)["train"].texts == data.load_splits(cfg.data, 5)["train"].texts
+
+
 def test_augment_is_seeded_and_does_what_each_op_says():
     texts = [" ".join(f"w{i}_{j}" for j in range(20)) for i in range(30)]
     a = data.augment(texts, 2, ("delete", "swap"), seed=1)
