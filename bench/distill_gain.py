@@ -104,7 +104,8 @@ def main():
         print(f"deadline: stopped before {e}", flush=True)
     atomic.write_json(raw_path, result)
     summary = summarize(result)
-    atomic.write_json(out / f"distill-gain-summary{args.tag}.json", summary)
+    if not args.tag:  # side-by-side processes: one summary from all of them (--merge) instead
+        atomic.write_json(out / "distill-gain-summary.json", summary)
     print_summary(summary)
     print(f"wrote {raw_path} in {time.time() - t_start:.0f}s")
 
