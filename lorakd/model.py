@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import tempfile
+import types
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -291,8 +292,28 @@ def build(mcfg, num_labels: int):
     except OSError as e:
         raise UserError(f"model.backbone {mcfg.backbone}: cannot load its weights "
                         f"({str(e).splitlines()[0][:160]})") from None
-    base = base.float()  # a bf16 checkpoint trains its adapters in fp32; frozen weights are cast later
+    base = graph_safe(base.float())  # a bf16 checkpoint trains its adapters in fp32; frozen weights cast later
     return attach_adapters(base, mcfg)
+
+
+def _position_bias_on_device(self, x, position_ids=None, num_buckets=32):
+    """MPNet's relative position bias [B, heads, L, L], every tensor made on x's device. transformers <= 5.17
+    builds the positions on the CPU and copies them over, which a CUDA graph cannot capture; same maths."""
+    pos = torch.arange(x.size(1), dtype=torch.long, device=x.device) if position_ids is None else position_ids
+    relative = pos[..., None, :] - pos[..., :, None]  # memory - context, as MPNet defines it
+    bucket = self.relative_position_bucket(relative, num_buckets=num_buckets)
+    values = self.relative_attention_bias(bucket)  # [L, L, heads] (or [B, L, L, heads] with position_ids)
+    values = values.permute([2, 0, 1]).unsqueeze(0) if values.dim() == 3 else values.permute([0, 3, 1, 2])
+    return values.expand((x.size(0), -1, x.size(1), x.size(1))).contiguous()
+
+
+def graph_safe(model):
+    """Make a loaded model's forward capturable as a CUDA graph where a known library detail prevents it:
+    MPNet encoders get a position bias computed on the device. Returns the model."""
+    for module in model.modules():
+        if type(module).__name__ == "MPNetEncoder" and hasattr(module, "relative_attention_bias"):
+            module.compute_position_bias = types.MethodType(_position_bias_on_device, module)
+    return model
 
 
 def needs_ready_mask(model) -> bool:
@@ -371,14 +392,14 @@ def load_trained(cfg, run_dir: Path, num_labels: int):
         src = run_dir / "model"
         if not (src / "config.json").exists():
             raise UserError(f"{run_dir}: no trained model in model/ (did training finish?)")
-        return AutoModelForSequenceClassification.from_pretrained(src).float()
+        return graph_safe(AutoModelForSequenceClassification.from_pretrained(src).float())
     from peft import PeftModel
 
     src = run_dir / "adapter"
     if not (src / "adapter_config.json").exists():
         raise UserError(f"{run_dir}: no adapter in adapter/ (did training finish?)")
-    base = AutoModelForSequenceClassification.from_pretrained(resolve_backbone(cfg.model.backbone),
-                                                              num_labels=num_labels).float()
+    base = graph_safe(AutoModelForSequenceClassification.from_pretrained(resolve_backbone(cfg.model.backbone),
+                                                                         num_labels=num_labels).float())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

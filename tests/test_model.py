@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from lorakd import config as config_lib
+from lorakd import model as model_lib
 from lorakd.cli import main
 from lorakd.errors import UserError
 from lorakd.model import backbone_config, backbone_fingerprint, count_params, resolve_backbone
@@ -146,3 +147,28 @@ def test_embedded_mpnet_missing_or_broken_parts(tmp_path, monkeypatch):
     _fake_parts(tmp_path / "other", monkeypatch, _model_zip()[::-1])  # parts that form no zip
     with pytest.raises(UserError, match="do not form the model zip"):
         resolve_backbone("embedded:mpnet")
+
+
+def test_mpnet_position_bias_on_the_device_is_the_same_maths():
+    """graph_safe swaps MPNet's position bias for one built on the model's device (CUDA-graph capturable on
+    transformers <= 5.17); on the CPU here the bias and the logits must not change at all."""
+    import torch
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = MPNetConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                      max_position_embeddings=80, num_labels=4)
+    model = MPNetForSequenceClassification(cfg).eval()
+    ids = torch.randint(3, 50, (3, 40))
+    mask = torch.ones_like(ids)
+    mask[1, 25:] = 0
+    encoder = model.mpnet.encoder
+    x = torch.zeros(3, 40, 32)
+    before_bias = encoder.compute_position_bias(x)
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+    assert model_lib.graph_safe(model) is model
+    assert encoder.compute_position_bias.__func__ is model_lib._position_bias_on_device
+    assert torch.equal(encoder.compute_position_bias(x), before_bias)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, before)
