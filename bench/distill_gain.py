@@ -248,9 +248,11 @@ def gains(vals):
     self-training, paired by seed."""
     arms = {arm: mean_sd(list(v.values())) for arm, v in vals.items()}
     ce_arms = [a for a in arms if a == "ce" or a.startswith("ce_e")]
-    kd_arms = [a for a in arms if a.startswith("kd_") and a != "kd_labelled"] or ["kd_labelled"]
+    kd_arms = [a for a in arms if a.startswith("kd_") and a != "kd_labelled"] or [a for a in arms if a == "kd_labelled"]
+    if not ce_arms or not kd_arms:  # a deadline cut this student short: arms only, no gain
+        return dict(arms=arms, gain_pt=None)
     best_ce = max(ce_arms, key=lambda a: arms[a]["mean"])
-    best_kd = max((a for a in kd_arms if a in arms), key=lambda a: arms[a]["mean"])
+    best_kd = max(kd_arms, key=lambda a: arms[a]["mean"])
     paired = sorted(set(vals[best_kd]) & set(vals[best_ce]))  # gains over the seeds both arms ran
     diffs = [100 * (vals[best_kd][s] - vals[best_ce][s]) for s in paired]
     out = dict(arms=arms, best_ce=best_ce, best_kd=best_kd, seeds=paired,
@@ -274,6 +276,9 @@ def print_summary(summary):
             print(f"  teacher {name}: {m['mean']} (sd {m['sd']})")
         for student, e in students.items():
             if student in ("teacher", "teachers") or "arms" not in e:
+                continue
+            if e["gain_pt"] is None:
+                print(f"  {student}: cut short; arms {sorted(e['arms'])}")
                 continue
             print(f"  {student}: gain {e['gain_pt']} pt (sd {e['gain_pt_sd']}; {e['best_kd']} over {e['best_ce']}, "
                   f"seeds {e['seeds']})")

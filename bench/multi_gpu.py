@@ -9,7 +9,8 @@ Prints a table and writes bench/results/multi-gpu-<device>-x<N>-<date>.json. Sec
   roberta    strong scaling on roberta-base shapes with random weights (speed only), --roberta-batches
   weak       weak scaling: the per-GPU batch kept (--weak-batches), so N GPUs train a global batch N times
              larger over the same 120,000 samples (MiniLM and roberta-base shapes)
-  sweep      `lorakd sweep --gpus 1` against `--gpus N` on a 4-member rank sweep: wall time
+  sweep      `lorakd sweep --gpus 1` against `--gpus N` on an 8-member rank sweep (the reference recipe on the
+             sample): wall time, command to exit
   curve      one GPU only, in this process: steady step time against batch size, and from it the most
              that splitting a global batch B over N GPUs can give, t(B) / t(B/N) (needs no second GPU)
 Throughput is `samples_per_s` from the run's summary (training steps only, graph capture included);
@@ -170,7 +171,7 @@ def main():
     if "sweep" in only and args.gpus > 1:
         sweep_file = tmp / "ranks.yaml"
         sweep_file.write_text(f"name: ranks\nbase: {ROOT / 'presets' / 'agnews-minilm.yaml'}\n"
-                              "grid:\n  model.r: [2, 4, 6, 8]\n")
+                              "grid:\n  model.r: [1, 2, 3, 4, 5, 6, 7, 8]\n")
         sets = [f"model.backbone={args.backbone}"] + args.set
         for n in both:
             cmd = [sys.executable, "-m", "lorakd.cli", "sweep", str(sweep_file), "--data", args.data,
@@ -182,7 +183,7 @@ def main():
                 rc = subprocess.run(cmd, env=dict(os.environ, **SAFE_ENV), stdout=log, stderr=subprocess.STDOUT,
                                     cwd=ROOT, timeout=300).returncode
             wall = time.perf_counter() - t0
-            r = {"name": "sweep of 4 members (r 2,4,6,8), wall", "scaling_kind": "sweep", "gpus": n,
+            r = {"name": "sweep of 8 members (r 1-8), wall", "scaling_kind": "sweep", "gpus": n,
                  "global_batch": ref.train.batch_size, "per_gpu_batch": ref.train.batch_size, "wall_s": round(wall, 1)}
             if rc:
                 r["error"] = f"exit {rc}"

@@ -1,15 +1,18 @@
 """Sweeps: a grid (or a random sample of it) of configs, budget-checked before anything trains, run in-process
-or one subprocess per GPU, resumable. And fit-budget: adapter placements that fill a parameter budget."""
+or one worker process per GPU, resumable. And fit-budget: adapter placements that fill a parameter budget."""
 from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
+import queue as queue_lib
 import random
 import re
 import subprocess
 import sys
-import time
+import threading
+import traceback
 from pathlib import Path
 
 import yaml
@@ -289,45 +292,95 @@ def _gpu_ids(gpus) -> list[str]:
     return ids[:gpus]
 
 
-def _command(m) -> list[str]:
-    cmd = [sys.executable, "-m", "lorakd.cli", "train"]
-    if m["status"] == "resume":
-        return cmd + ["--resume", str(m["run_dir"])]
-    return cmd + ["--config", str(m["config_file"]), "--out", str(m["run_dir"])]
+def _worker_command() -> list[str]:
+    return [sys.executable, "-m", "lorakd.sweep"]
 
 
 def _run_parallel(todo, gpus, sweep_dir, record):
-    """One `lorakd train` subprocess per member, at most one per GPU at a time; output to logs/NAME.log
-    (a streamed log: it grows while the member trains, so it is not written atomically)."""
-    free = _gpu_ids(gpus)
+    """One long-lived worker process per GPU (`python -m lorakd.sweep`, see worker()) trains members one at a
+    time: imports, CUDA start-up and warm caches are paid once per GPU, not once per member. Each member's
+    output goes to logs/NAME.log (a streamed log: it grows while the member trains, so not written atomically)."""
     env = dict(os.environ)
-    # the children import this same lorakd, even from a checkout that is not installed
+    # the workers import this same lorakd, even from a checkout that is not installed
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    queue, running = list(todo), []
+    answers = queue_lib.Queue()  # (gpu, answer line or None at the worker's end), from one reader thread each
+    workers, busy, idle, todo = {}, {}, _gpu_ids(gpus), list(todo)
+
+    def start(gpu):
+        proc = subprocess.Popen(_worker_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                env={**env, "CUDA_VISIBLE_DEVICES": gpu})
+        threading.Thread(target=_relay, args=(proc, gpu, answers), daemon=True).start()
+        workers[gpu] = proc
+
     try:
-        while queue or running:
-            while queue and free:
-                m, gpu = queue.pop(0), free.pop(0)
+        while todo or busy:
+            while todo and idle:
+                m, gpu = todo.pop(0), idle.pop(0)
+                if gpu not in workers:
+                    start(gpu)
                 log_path = sweep_dir / "logs" / f"{m['name']}.log"
                 log_path.parent.mkdir(parents=True, exist_ok=True)
-                log = open(log_path, "ab")
-                proc = subprocess.Popen(_command(m), stdout=log, stderr=subprocess.STDOUT,
-                                        env={**env, "CUDA_VISIBLE_DEVICES": gpu})
-                running.append((proc, gpu, m, log, log_path))
+                task = {"config": str(m["config_file"]), "run_dir": str(m["run_dir"]), "log": str(log_path),
+                        "resume": m["status"] == "resume"}
+                workers[gpu].stdin.write(json.dumps(task) + "\n")
+                workers[gpu].stdin.flush()
+                busy[gpu] = (m, log_path)
                 print(f"sweep member {m['name']}: started on GPU {gpu} ({m['status']}; log {log_path})")
-            time.sleep(0.5)
-            for item in [r for r in running if r[0].poll() is not None]:
-                proc, gpu, m, log, log_path = item
-                running.remove(item)
-                free.append(gpu)
-                log.close()
-                _finish(m, proc.returncode, log_path)
-                record()
-    finally:  # an interrupted sweep stops its children; they checkpoint on SIGTERM and resume next time
-        for proc, _, _, log, _ in running:
-            proc.terminate()
+            gpu, line = answers.get()
+            if gpu not in busy:
+                continue
+            m, log_path = busy.pop(gpu)
+            if line is None:  # the worker died with the member (a crash, a kill): a fresh one takes the next
+                rc = workers.pop(gpu).wait()
+            else:
+                rc = json.loads(line)["rc"]
+            idle.append(gpu)
+            _finish(m, rc, log_path)
+            record()
+    finally:  # workers stop when their input closes; an interrupted sweep stops them (they checkpoint on
+        for gpu, proc in workers.items():  # SIGTERM and resume next time)
+            if gpu in busy:
+                proc.terminate()
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
             proc.wait()
-            log.close()
+
+
+def _relay(proc, gpu, answers):
+    """A worker's answers into the parent's queue, then None when its output ends (it exited)."""
+    for line in proc.stdout:
+        answers.put((gpu, line))
+    answers.put((gpu, None))
+
+
+def worker():
+    """A parallel sweep's worker on one GPU: trains each member the parent sends (one JSON line on stdin) in
+    this process and answers one JSON line {"rc": 0 | 1} on stdout; a member's own output goes to its log."""
+    answer = os.fdopen(os.dup(1), "w", buffering=1)
+    for line in sys.stdin:
+        task = json.loads(line)
+        run_dir = Path(task["run_dir"])
+        with open(task["log"], "ab", buffering=0) as log:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(log.fileno(), 1)  # the fds, not just sys.stdout: native libraries' output lands there too
+            os.dup2(log.fileno(), 2)
+            rc = 0
+            try:
+                cfg = load_run(run_dir)[0] if task["resume"] else config_lib.load(task["config"])
+                with run_lock(run_dir):
+                    train_lib.train(cfg, run_dir, resume=task["resume"])
+                    plot_run(run_dir)
+                print(f"run folder: {run_dir}")
+            except UserError as e:
+                print(f"error: {e}")
+                rc = 1
+            except Exception:  # noqa: BLE001  one broken member must not take the others on this GPU down
+                traceback.print_exc()
+                rc = 1
+            sys.stdout.flush(), sys.stderr.flush()
+        answer.write(json.dumps({"rc": rc}) + "\n")
 
 
 def _finish(m, rc, log_path):
@@ -336,7 +389,7 @@ def _finish(m, rc, log_path):
         m.update(status="done", validation_accuracy=(info.get("summary") or {}).get("validation_accuracy"))
         print(f"sweep member {m['name']}: done")
         return
-    lines = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    lines = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines() if log_path.exists() else []
     m.update(status="failed", error=f"exit {rc}: {lines[-1] if lines else 'no output'}")
     print(f"sweep member {m['name']}: failed ({m['error']})")
 
@@ -466,3 +519,7 @@ def write_fit_sweep(path, props, budget, backbone, num_labels):
             f"# trainable parameters within {budget:,}, on the reference student recipe (preset agnews-minilm).\n"
             + ("# data.label_names are placeholders: put your class names there.\n" if num_labels != 4 else ""))
     atomic.write_text(path, head + yaml.safe_dump(spec, sort_keys=False, default_flow_style=None, width=120))
+
+
+if __name__ == "__main__":  # a parallel sweep's worker (see _run_parallel)
+    worker()

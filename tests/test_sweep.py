@@ -9,6 +9,7 @@ import yaml
 
 from lorakd import config, sweep
 from lorakd.errors import UserError
+from lorakd.runs import read_metrics
 from lorakd.model import count_params
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,46 +64,60 @@ def test_sweep_budget_skip_and_resume(tiny_config, tmp_path, monkeypatch, capsys
         sweep.run_sweep(path)
 
 
-FAKE_TRAIN = """
+FAKE_WORKER = """
 import json, os, pathlib, shutil, sys, time
-cfg, run = map(pathlib.Path, sys.argv[1:3])
-t0 = time.time()
-time.sleep(0.5)
-run.mkdir(parents=True)
-shutil.copy(cfg, run / "config.yaml")
-ok = not run.name.startswith("r=3")
-info = {"format": 1, "status": "done" if ok else "running", "summary": {"validation_accuracy": 0.5, "trainable": 1}}
-(run / "run.json").write_text(json.dumps(info))
-print(os.environ["CUDA_VISIBLE_DEVICES"], t0, time.time())
-sys.exit(0 if ok else 3)
+for line in sys.stdin:
+    task = json.loads(line)
+    cfg, run = pathlib.Path(task["config"]), pathlib.Path(task["run_dir"])
+    t0 = time.time()
+    time.sleep(0.5)
+    run.mkdir(parents=True)
+    shutil.copy(cfg, run / "config.yaml")
+    if run.name.startswith("r=5"):
+        os._exit(5)  # the worker dies with its member
+    ok = not run.name.startswith("r=3")
+    info = {"format": 1, "status": "done" if ok else "running", "summary": {"validation_accuracy": 0.5, "trainable": 1}}
+    (run / "run.json").write_text(json.dumps(info))
+    with open(task["log"], "a") as log:
+        log.write(f"{os.environ['CUDA_VISIBLE_DEVICES']} {os.getpid()} {t0} {time.time()}\\n")
+    print(json.dumps({"rc": 0 if ok else 3}), flush=True)
 """
 
 
 def test_sweep_parallel_scheduling(tiny_config, tmp_path, monkeypatch):
-    """At most one member per GPU, each told its GPU; a failing member is recorded and named at the end."""
-    monkeypatch.setattr(sweep, "_command", lambda m: [sys.executable, "-c", FAKE_TRAIN, str(m["config_file"]),
-                                                      str(m["run_dir"])])
-    path = write_sweep(tmp_path, tiny_config, grid={"model.r": [1, 2, 3, 4]}, out=str(tmp_path / "par"))
-    with pytest.raises(UserError, match=r"1 sweep member\(s\) failed: r=3"):
+    """One worker per GPU trains several members, one at a time, each told its GPU; a failing member is
+    recorded and named at the end; a worker that dies takes only its member down, a fresh one goes on."""
+    monkeypatch.setattr(sweep, "_worker_command", lambda: [sys.executable, "-c", FAKE_WORKER])
+    path = write_sweep(tmp_path, tiny_config, grid={"model.r": [1, 2, 3, 4, 5, 6, 7]}, out=str(tmp_path / "par"))
+    with pytest.raises(UserError, match=r"2 sweep member\(s\) failed: r=3, r=5"):
         sweep.run_sweep(path, gpus=2)
-    spans = [(tmp_path / "par" / "logs" / f"r={r}.log").read_text().split() for r in (1, 2, 3, 4)]
-    assert {gpu for gpu, _, _ in spans} == {"0", "1"}
-    starts_ends = [(float(a), float(b)) for _, a, b in spans]
+    spans = [(tmp_path / "par" / "logs" / f"r={r}.log").read_text().split() for r in (1, 2, 4, 6, 7)]
+    assert {gpu for gpu, *_ in spans} == {"0", "1"}
+    assert len({pid for _, pid, *_ in spans}) <= 3  # 5 members, 2 workers (+1 after the crash), not 5 processes
+    starts_ends = [(float(a), float(b)) for *_, a, b in spans]
     for t, _ in starts_ends:  # never more than two running at once
         assert sum(a <= t < b for a, b in starts_ends) <= 2
     rec = json.loads((tmp_path / "par" / "sweep.json").read_text())
-    assert [m["status"] for m in rec["members"]] == ["done", "done", "failed", "done"]
+    assert [m["status"] for m in rec["members"]] == ["done", "done", "failed", "done", "failed", "done", "done"]
     assert rec["members"][2]["error"].startswith("exit 3")
+    assert rec["members"][4]["error"].startswith("exit 5")
 
 
-def test_sweep_parallel_real_subprocess(tiny_config, tmp_path, monkeypatch):
-    """The real `python -m lorakd.cli train` child (one member keeps it quick)."""
+def test_sweep_parallel_real_worker(tiny_config, tmp_path, monkeypatch):
+    """The real worker (`python -m lorakd.sweep`): one worker per GPU, the one with two members trains both
+    in its one process (a second train() after the first) with the same results as an in-process sweep."""
     monkeypatch.chdir(tmp_path)
-    path = write_sweep(tmp_path, tiny_config, set={"train.max_steps": 6}, out=str(tmp_path / "par"))
-    (m,) = sweep.run_sweep(path, gpus=2)
-    assert m["status"] == "done" and m["name"] == "tiny"  # one member: named after the sweep
-    assert json.loads((tmp_path / "par" / "tiny" / "run.json").read_text())["summary"]["steps"] == 6
-    assert (tmp_path / "par" / "tiny" / "plots" / "val_accuracy.png").exists()
+    grid = {"model.r": [2, 3, 4]}
+    path = write_sweep(tmp_path, tiny_config, set={"train.max_steps": 6}, grid=grid, out=str(tmp_path / "par"))
+    members = sweep.run_sweep(path, gpus=2)
+    assert [m["status"] for m in members] == ["done"] * 3
+    seq = sweep.run_sweep(write_sweep(tmp_path / "seq", tiny_config, set={"train.max_steps": 6}, grid=grid,
+                                      out=str(tmp_path / "seq-out")))
+    for m, s in zip(members, seq):
+        losses = [[(r["step"], r["split"], r["loss"]) for r in read_metrics(x["run_dir"])] for x in (m, s)]
+        assert losses[0] == losses[1] and len(losses[0]) > 1  # the same losses, step by step
+    assert "run folder:" in (tmp_path / "par" / "logs" / "r=4.log").read_text()  # its output went to its log
+    assert (tmp_path / "par" / "r=4" / "plots" / "val_accuracy.png").exists()
     assert (tmp_path / "par" / "report" / "results.md").exists()
 
 
