@@ -14,14 +14,17 @@ mkdir -p "$out"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}  # eight processes share the host's cores
 gpus=$(python -c "import torch; print(max(1, torch.cuda.device_count()))")
 tag=-$(date +%H%M)
+raw=$out/raw$tag  # per-process JSON and logs, packed into one archive at the end (few files come back)
+mkdir -p "$raw"
 i=0
 for seed in 42 43 44 45; do
   for regime in few all; do
     CUDA_VISIBLE_DEVICES=$((i % gpus)) PYTHONPATH=. timeout $((deadline + 110)) python bench/distill_gain.py \
       --teacher-backbone "$teacher" --student-backbone "$student" --data "$data" --seeds $seed --regimes $regime \
-      --deadline-s "$deadline" --tag="$tag-$regime-s$seed" --out "$out" "$@" $( [ $regime = few ] && echo "${FEW_ARGS:-}" || echo "${ALL_ARGS:-}" ) > "$out/distill$tag-$regime-s$seed.log" 2>&1 &
+      --deadline-s "$deadline" --tag="$tag-$regime-s$seed" --out "$raw" "$@" $( [ $regime = few ] && echo "${FEW_ARGS:-}" || echo "${ALL_ARGS:-}" ) > "$raw/distill$tag-$regime-s$seed.log" 2>&1 &
     i=$((i + 1))
   done
 done
 wait
-PYTHONPATH=. python bench/distill_gain.py --out "$out" --merge "$out"/distill-gain-*[0-9]"$tag"-*.json
+PYTHONPATH=. python bench/distill_gain.py --out "$out" --merge "$raw"/distill-gain-*[0-9]"$tag"-*.json
+tar czf "$out/distill$tag.tgz" -C "$out" "raw$tag" && rm -rf "$raw"

@@ -58,7 +58,8 @@ def main():
     ap.add_argument("--recipe", nargs="*", default=["distill.alpha=0.5", "distill.temperature=2"],
                     help="distillation keys of the kd arms (the presets' defaults)")
     ap.add_argument("--variants", nargs="*", default=[],
-                    help="extra kd_transfer arms, each NAME:key=value,key=value")
+                    help="extra arms, each NAME:key=value,key=value: kd_NAME on top of kd_transfer, or a CE-only "
+                         "arm when NAME starts with ce_ (a CE twin tuned otherwise)")
     ap.add_argument("--skip-tuned", action="store_true", help="no longer-trained CE arms")
     ap.add_argument("--teachers", type=int, default=1,
                     help="mpnet teachers per seed (seeds s, s+1000, ...): >1 adds the ensemble arms kd_ens, self_train_ens")
@@ -186,7 +187,7 @@ def one_seed(args, seed, run, result, raw_path, tmp, quiet, variants, base_stude
             if not args.skip_tuned:
                 arms += [(f"ce_e{e}", [f"train.epochs={e}"]) for e in tune_epochs]
             arms += [("kd_labelled", kd + ["distill.rest_as_transfer=false"])]
-            arms += [(f"kd_{n}", transfer + o) for n, o in variants]
+            arms += [(n, o) if n.startswith("ce_") else (f"kd_{n}", transfer + o) for n, o in variants]
             if args.arms:
                 arms = [a for a in arms if a[0] in args.arms.split(",")]
             for arm, over in arms:
@@ -247,7 +248,7 @@ def gains(vals):
     """vals: {arm: {seed: accuracy}} -> arm means/sd and the best KD arm's gains over the best CE arm and over
     self-training, paired by seed."""
     arms = {arm: mean_sd(list(v.values())) for arm, v in vals.items()}
-    ce_arms = [a for a in arms if a == "ce" or a.startswith("ce_e")]
+    ce_arms = [a for a in arms if a == "ce" or a.startswith("ce_")]
     kd_arms = [a for a in arms if a.startswith("kd_") and a != "kd_labelled"] or [a for a in arms if a == "kd_labelled"]
     if not ce_arms or not kd_arms:  # a deadline cut this student short: arms only, no gain
         return dict(arms=arms, gain_pt=None)
