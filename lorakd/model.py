@@ -291,8 +291,37 @@ def build(mcfg, num_labels: int):
     except OSError as e:
         raise UserError(f"model.backbone {mcfg.backbone}: cannot load its weights "
                         f"({str(e).splitlines()[0][:160]})") from None
-    base = base.float()  # a bf16 checkpoint trains its adapters in fp32; frozen weights are cast later
+    base = graph_safe(base.float())  # a bf16 checkpoint trains its adapters in fp32; frozen weights cast later
     return attach_adapters(base, mcfg)
+
+
+def _position_bias_on_device(self, x, position_ids=None, num_buckets=32):
+    """MPNetEncoder.compute_position_bias with every tensor made on x's device.
+
+    transformers 5.17 builds the relative positions with torch.arange on the CPU and then copies the
+    buckets to the GPU (`rp_bucket.to(x.device)`): a CPU->GPU copy, which CUDA graph capture refuses, so
+    MPNet fell back to the plain step. Newer releases build them on x.device; this is that same maths
+    (the module's own bucketing and bias table), whatever the installed release does."""
+    bsz, qlen = x.size(0), x.size(1)
+    if position_ids is not None:
+        context, memory = position_ids[:, :, None], position_ids[:, None, :]
+    else:
+        positions = torch.arange(qlen, dtype=torch.long, device=x.device)
+        context, memory = positions[:, None], positions[None, :]
+    buckets = self.relative_position_bucket(memory - context, num_buckets=num_buckets)
+    values = self.relative_attention_bias(buckets).permute([2, 0, 1]).unsqueeze(0)
+    return values.expand((bsz, -1, qlen, qlen)).contiguous()
+
+
+def graph_safe(model):
+    """Make a built model's forward capturable as a CUDA graph where a transformers release is not:
+    MPNet encoders get the position bias above (bound on the instance, so nothing global changes)."""
+    import types
+
+    for module in model.modules():
+        if type(module).__name__ == "MPNetEncoder" and hasattr(module, "relative_attention_bias"):
+            module.compute_position_bias = types.MethodType(_position_bias_on_device, module)
+    return model
 
 
 def needs_ready_mask(model) -> bool:
@@ -371,14 +400,14 @@ def load_trained(cfg, run_dir: Path, num_labels: int):
         src = run_dir / "model"
         if not (src / "config.json").exists():
             raise UserError(f"{run_dir}: no trained model in model/ (did training finish?)")
-        return AutoModelForSequenceClassification.from_pretrained(src).float()
+        return graph_safe(AutoModelForSequenceClassification.from_pretrained(src).float())
     from peft import PeftModel
 
     src = run_dir / "adapter"
     if not (src / "adapter_config.json").exists():
         raise UserError(f"{run_dir}: no adapter in adapter/ (did training finish?)")
-    base = AutoModelForSequenceClassification.from_pretrained(resolve_backbone(cfg.model.backbone),
-                                                              num_labels=num_labels).float()
+    base = graph_safe(AutoModelForSequenceClassification.from_pretrained(resolve_backbone(cfg.model.backbone),
+                                                                         num_labels=num_labels).float())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

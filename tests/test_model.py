@@ -146,3 +146,39 @@ def test_embedded_mpnet_missing_or_broken_parts(tmp_path, monkeypatch):
     _fake_parts(tmp_path / "other", monkeypatch, _model_zip()[::-1])  # parts that form no zip
     with pytest.raises(UserError, match="do not form the model zip"):
         resolve_backbone("embedded:mpnet")
+
+
+def test_mpnet_position_bias_on_the_device_matches_transformers(tmp_path):
+    """graph_safe's MPNet position bias (built where the model runs, so a CUDA graph can capture it) is the
+    installed transformers' own, bit for bit (the encoder passes no position ids); logits do not change; and
+    build() puts it on the encoder of the model it returns."""
+    import torch
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    from lorakd.model import build, graph_safe
+
+    torch.manual_seed(0)
+    cfg = MPNetConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                      max_position_embeddings=80, relative_attention_num_buckets=32, num_labels=4,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = MPNetForSequenceClassification(cfg).eval()
+    ids = torch.randint(3, 50, (3, 70))  # past max_exact: the log-spaced buckets are used too
+    mask = torch.ones_like(ids)
+    mask[1, 40:] = 0
+    encoder = model.mpnet.encoder
+    x = torch.randn(3, 70, 32)
+    before = encoder.compute_position_bias(x)
+    with torch.no_grad():
+        logits_before = model(input_ids=ids, attention_mask=mask).logits
+    graph_safe(model)
+    assert encoder.compute_position_bias.__func__ is not type(encoder).compute_position_bias  # patched here
+    assert torch.equal(encoder.compute_position_bias(x), before)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, logits_before)
+
+    model.mpnet.save_pretrained(tmp_path / "mpnet")
+    mcfg = config_lib.override(config_lib.Config(), **{"model.backbone": str(tmp_path / "mpnet"),
+                                                       "model.targets": ["q", "k", "v"]}).model
+    built = build(mcfg, 4)
+    enc = built.get_base_model().mpnet.encoder
+    assert enc.compute_position_bias.__func__ is not type(enc).compute_position_bias
