@@ -339,14 +339,16 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
     if tc.cuda_graphs == "on" and device.type != "cuda":
         raise UserError("train.cuda_graphs=on needs a CUDA device")
     num_labels = len(cfg.data.label_names)
-    counts = model_lib.count_params(cfg.model, num_labels)
-    model_lib.check_budget(cfg, counts)
     ckpt_path = run_dir / "checkpoint" / "state.pt"
     if not resume and (run_dir / "run.json").exists():
         raise UserError(f"{run_dir}: a run already exists here; use --resume {run_dir} or another --out")
-
     phases.mark("setup")
+
     torch.manual_seed(tc.seed)
+    model = model_lib.build(cfg.model, num_labels)  # the same initial weights on every process
+    counts = model_lib.summarize_params(model)  # what count_params gives without weights, from the model itself
+    model_lib.check_budget(cfg, counts)
+    phases.mark("model")
     splits = data_lib.load_splits(cfg.data, tc.seed)
     tok = model_lib.load_tokenizer(cfg.model.backbone)
     train_rows, teacher_probs = distill.student_rows(cfg, splits, device, log, tok)
@@ -355,7 +357,7 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
     stores = {name: data_lib.TokenStore(data_lib.encode(tok, s.texts, cfg.data.max_length), s.labels, pad_id, device)
               for name, s in splits.items() if len(s) and name != "unlabelled"}
     phases.mark("data")
-    hf_config = model_lib.backbone_config(cfg.model.backbone, num_labels)
+    hf_config = model_lib.backbone_config(cfg.model.backbone, num_labels)  # the fingerprint load_run checks
     dist.barrier(world)  # every process has checked the folder before rank 0 writes to it
     if rank == 0 and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -371,7 +373,6 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
     log(f"trainable parameters: {counts['trainable']:,} of {counts['total']:,}"
         + (f" (budget {cfg.model.budget:,})" if cfg.role == "student" and cfg.model.budget else ""))
 
-    model = model_lib.build(cfg.model, num_labels)  # the same initial weights on every process
     torch.manual_seed(tc.seed + rank)  # dropout masks differ across processes
     amp = model_lib.amp_dtype(tc.precision, device)
     if amp is not None:
