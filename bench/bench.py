@@ -17,7 +17,9 @@ Prints a table and writes bench/results/bench-<device>-<date>.json. Sections (--
            fresh `lorakd train` processes (wall, phases), the peer on the same recipe, MiniLM at 120k scale,
            roberta-base shapes (batch 24, and MFU at 256), the all-mpnet-base-v2 full-FT teacher, archs.
            Writes bench/results/speed-summary.json after every part (a failing part is recorded, the rest
-           still run). LORAKD_BENCH_TINY=1 shrinks every part to a few steps (a CPU smoke test).
+           still run). --parts NAME,... runs some parts and adds them to the file (`--parts levers`: each
+           speed lever alone, about 2-3 minutes more). LORAKD_BENCH_TINY=1 shrinks every part to a few
+           steps (a CPU smoke test).
 """
 from __future__ import annotations
 
@@ -184,16 +186,24 @@ LEVERS = {  # each measured alone against the full fast path, at 120k-row scale
     "no CUDA graphs (eager step)": {"train.cuda_graphs": "off"},
     "no length grouping (random batches)": {"data.group_by_length": False},
     "fp32 instead of bf16": {"train.precision": "fp32"},
+    "eager attention instead of SDPA": {"model.attention": "eager"},
+    "torch.compile (inductor) on": {"train.compile": True},
 }
 
 
-def levers(backbone, data, tmp, steps):
+def levers(backbone, data, tmp, steps, names=None):
+    """Each lever alone (names: a subset of LEVERS); a lever that fails is recorded, not fatal."""
     n_train = len(data_lib.load_splits(reference(backbone, data).data, 42)["train"])
     rows = {}
     for name, over in LEVERS.items():
+        if names and name not in names:
+            continue
         cfg = reference(backbone, data, **{"data.repeat": math.ceil(FULL_SPLIT / n_train), "train.max_steps": steps,
                                            **over})
-        rows[name] = run_lorakd(cfg, tmp)
+        try:
+            rows[name] = run_lorakd(cfg, tmp)
+        except Exception as e:  # noqa: BLE001
+            rows[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     return rows
 
 
@@ -367,6 +377,10 @@ def speed(backbone, data, tmp, out_dir, deadline_s=400, peer_steps=400, parts=No
            "transformers": transformers.__version__, "peft": peft.__version__, "tiny": TINY,
            "errors": {}, "skipped": []}
     path = Path(out_dir) / "speed-summary.json"
+    if parts and path.exists():  # a run of some parts adds them to the file; a full run rewrites it
+        old = json.loads(path.read_text())
+        res = {**old, **res, "errors": {k: v for k, v in old.get("errors", {}).items() if k not in parts},
+               "skipped": [k for k in old.get("skipped", []) if k not in parts]}
     peak = peak_flops()
     n = 3 if TINY else None  # steps of every part under LORAKD_BENCH_TINY=1
     ref = reference(backbone, data)
@@ -426,16 +440,22 @@ def speed(backbone, data, tmp, out_dir, deadline_s=400, peer_steps=400, parts=No
         res["mfu_roberta_b256"] = None if not peak else round(steady * fps / peak, 4)  # graph capture left out
         shutil.rmtree(folder, ignore_errors=True)
 
+    def lever_table():
+        # a second call (--parts levers): 1,000 steps at 120k scale each; compile pays its compile time here
+        rows = levers(backbone, data, tmp, n or 1000)
+        res["levers"] = {k: (brief(v) if "error" not in v else v) for k, v in rows.items()}
+
     def save():
         atomic.write_json(path, res)
 
     for name, part in (("cli", cli), ("peer_ref", peer_ref), ("archs", arch_table), ("mpnet_teacher", mpnet_teacher),
-                       ("minilm_120k", minilm_120k), ("roberta", roberta)):
-        if parts and name not in parts:
+                       ("minilm_120k", minilm_120k), ("roberta", roberta), ("levers", lever_table)):
+        if (parts and name not in parts) or (not parts and name == "levers"):
             continue
         elapsed = time.perf_counter() - t_start
         if elapsed > deadline_s:
             res["skipped"].append(name)
+            save()
             continue
         print(f"== speed: {name} (at {elapsed:.0f} s)", flush=True)
         try:
@@ -465,7 +485,7 @@ def main():
     ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[42, 43])
     ap.add_argument("--deadline", type=float, default=400, help="speed: start no part after this many seconds")
     ap.add_argument("--parts", default="", help="speed: only these parts (cli,peer_ref,archs,mpnet_teacher,"
-                                                "minilm_120k,roberta)")
+                                                "minilm_120k,roberta; levers only when named)")
     args = ap.parse_args()
     only = set(args.only.split(","))
     tmp = tempfile.mkdtemp(prefix="lorakd-bench-")

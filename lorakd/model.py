@@ -287,10 +287,14 @@ def build(mcfg, num_labels: int):
             for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
                 if hasattr(config, key):
                     setattr(config, key, mcfg.backbone_dropout)
-        base = AutoModelForSequenceClassification.from_pretrained(src, config=config)
+        base = AutoModelForSequenceClassification.from_pretrained(src, config=config, **attention(mcfg))
     except OSError as e:
         raise UserError(f"model.backbone {mcfg.backbone}: cannot load its weights "
                         f"({str(e).splitlines()[0][:160]})") from None
+    except ValueError as e:  # an attention this architecture lacks (say, sdpa for MPNet)
+        if mcfg.attention == "auto":
+            raise
+        raise UserError(f"model.attention {mcfg.attention}: {str(e).splitlines()[0][:200]}; use auto") from None
     base = graph_safe(base.float())  # a bf16 checkpoint trains its adapters in fp32; frozen weights cast later
     return attach_adapters(base, mcfg)
 
@@ -322,6 +326,12 @@ def graph_safe(model):
         if type(module).__name__ == "MPNetEncoder" and hasattr(module, "relative_attention_bias"):
             module.compute_position_bias = types.MethodType(_position_bias_on_device, module)
     return model
+
+
+def attention(mcfg) -> dict:
+    """from_pretrained's attn_implementation for model.attention: a speed lever; auto leaves transformers'
+    choice (sdpa where the architecture has it, else eager)."""
+    return {} if mcfg.attention == "auto" else {"attn_implementation": mcfg.attention}
 
 
 def needs_ready_mask(model) -> bool:

@@ -378,6 +378,11 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
     if amp is not None:
         model_lib.freeze_to(model, amp)
     model.to(device).train()
+    if tc.compile:
+        # inductor fuses the elementwise kernels around the matmuls. Each padded width compiles once (shapes
+        # become dynamic after the second), in the warm-up steps before a CUDA graph captures it: compiling is
+        # seconds per shape, so it only pays on long runs. Off by default (README: levers).
+        model.compile()
     optimizer, params = make_optimizer(model, cfg, device)
     flat_grad = flat_gradients(params, device)
     acc, share = torch.zeros(3, device=device), torch.ones((), device=device)
