@@ -13,11 +13,20 @@ Prints a table and writes bench/results/bench-<device>-<date>.json. Sections (--
   predict  `lorakd predict` throughput, adapters merged
   archs    per encoder architecture (small random-weight configs): does the step capture as a CUDA graph,
            graphed and plain samples/s, largest per-step loss difference in fp32 with no dropout
+  speed    issue 14's figures in one call (about 6-7 minutes on one H200), side by side with the peer:
+           fresh `lorakd train` processes (wall, phases), the peer on the same recipe, MiniLM at 120k scale,
+           roberta-base shapes (batch 24, and MFU at 256), the all-mpnet-base-v2 full-FT teacher, archs.
+           Writes bench/results/speed-summary.json after every part (a failing part is recorded, the rest
+           still run). --parts NAME,... runs some parts and adds them to the file (`--parts levers`: each
+           speed lever alone, about 2-3 minutes more). LORAKD_BENCH_TINY=1 shrinks every part to a few
+           steps (a CPU smoke test).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import traceback
 import math
 import os
 import shutil
@@ -37,6 +46,8 @@ from lorakd.runs import read_metrics  # noqa: E402
 from lorakd.train import train  # noqa: E402
 
 FULL_SPLIT = 120_000
+REPO = Path(__file__).resolve().parent.parent
+TINY = os.environ.get("LORAKD_BENCH_TINY") == "1"  # a few steps everywhere: checks the bench runs, not speed
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
@@ -87,9 +98,12 @@ def run_lorakd(cfg, tmp, log=lambda *a, **k: None):
     t0 = time.perf_counter()
     summary = train(cfg, run_dir, log=log)
     wall = time.perf_counter() - t0
+    samples = summary["samples_per_s"] * summary["train_time_s"]
+    steady = summary["train_time_s"] - summary["graph_capture_s"]  # what a long run converges to
     return {"samples_per_s": summary["samples_per_s"], "train_time_s": summary["train_time_s"], "wall_s": wall,
             "val_acc": summary.get("validation_accuracy"), "peak_gb": peak_mem_gb(), "steps": summary["steps"],
-            "run_dir": str(run_dir)}
+            "capture_s": summary["graph_capture_s"], "graphs": summary["cuda_graphs"],
+            "steady_samples_per_s": samples / steady if steady > 0 else None, "run_dir": str(run_dir)}
 
 
 # ---------------------------------------------------------------- the peer: Trainer + PEFT
@@ -116,8 +130,9 @@ def run_peer(cfg, tmp, max_steps=0, evaluate=True):
     torch.manual_seed(cfg.train.seed)
     model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=4)
     m = cfg.model
-    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout,
-                                             target_modules=list(m.targets)))
+    if not m.full_finetune:  # a full fine-tune (a teacher) trains the stock model as it is
+        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=m.r, lora_alpha=m.alpha,
+                                                 lora_dropout=m.dropout, target_modules=list(m.targets)))
     t = cfg.train
     kwargs = dict(output_dir=str(Path(tmp) / "peer"), per_device_train_batch_size=t.batch_size,
                   per_device_eval_batch_size=t.eval_batch_size, learning_rate=t.lr, num_train_epochs=t.epochs,
@@ -171,16 +186,24 @@ LEVERS = {  # each measured alone against the full fast path, at 120k-row scale
     "no CUDA graphs (eager step)": {"train.cuda_graphs": "off"},
     "no length grouping (random batches)": {"data.group_by_length": False},
     "fp32 instead of bf16": {"train.precision": "fp32"},
+    "eager attention instead of SDPA": {"model.attention": "eager"},
+    "torch.compile (inductor) on": {"train.compile": True},
 }
 
 
-def levers(backbone, data, tmp, steps):
+def levers(backbone, data, tmp, steps, names=None):
+    """Each lever alone (names: a subset of LEVERS); a lever that fails is recorded, not fatal."""
     n_train = len(data_lib.load_splits(reference(backbone, data).data, 42)["train"])
     rows = {}
     for name, over in LEVERS.items():
+        if names and name not in names:
+            continue
         cfg = reference(backbone, data, **{"data.repeat": math.ceil(FULL_SPLIT / n_train), "train.max_steps": steps,
                                            **over})
-        rows[name] = run_lorakd(cfg, tmp)
+        try:
+            rows[name] = run_lorakd(cfg, tmp)
+        except Exception as e:  # noqa: BLE001
+            rows[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     return rows
 
 
@@ -228,8 +251,9 @@ def make_arch(tmp, name, tokenizer_src):
     return folder
 
 
-def archs(backbone, data, tmp, steps=40):
-    """Every architecture users pick: captured or not, speed of each path, per-step loss agreement in fp32."""
+def archs(backbone, data, tmp, steps=40, max_train=0):
+    """Every architecture users pick: captured or not, speed of each path, per-step loss agreement in fp32.
+    max_train: tokenise only that many train rows (the speed section's time budget; 0 = all)."""
     import transformers
 
     out = {}
@@ -247,7 +271,8 @@ def archs(backbone, data, tmp, steps=40):
         for mode in modes:
             cfg = reference(str(folder), data, **{"train.max_steps": steps, "train.log_every": 1, "model.dropout": 0.0,
                                                   "model.targets": targets, "model.budget": 0, "train.eval_every": 10_000,
-                                                  "train.cuda_graphs": mode, "train.precision": "fp32"})
+                                                  "train.cuda_graphs": mode, "train.precision": "fp32",
+                                                  "data.max_train_samples": max_train})
             said = []  # the fallback's one line says why a step did not capture
             try:
                 r = run_lorakd(cfg, tmp, log=lambda *a, **k: said.append(" ".join(map(str, a))))
@@ -270,12 +295,13 @@ def archs(backbone, data, tmp, steps=40):
     return out
 
 
-def make_roberta(tmp, tokenizer_src):
-    """roberta-base shapes with random weights, with the MiniLM tokenizer (ids fit its vocabulary)."""
+def make_roberta(tmp, tokenizer_src, known="roberta-base"):
+    """roberta-base shapes (or another KNOWN_BACKBONES entry's) with random weights, with the MiniLM tokenizer
+    (its ids fit the vocabulary); speed only."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    folder = Path(tmp) / "roberta-base-random"
-    cfg = model_lib.backbone_config("roberta-base", 4)
+    folder = Path(tmp) / f"{known.replace(':', '-')}-random"
+    cfg = model_lib.backbone_config(known, 4)
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_config(cfg).save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_src).save_pretrained(folder)
@@ -299,6 +325,153 @@ def print_table(rows, cols=("name", "samples_per_s", "epoch_120k_s", "peak_gb", 
         print("  ".join(str(r.get(c)).ljust(w) for c, w in zip(cols, widths)))
 
 
+# ---------------------------------------------------------------- speed: issue 14's figures in one call
+
+def cli_run(backbone, data, tmp, name):
+    """A fresh `lorakd train --config presets/agnews-minilm.yaml --data DATA` process, command to exit."""
+    out = Path(tmp) / name
+    cmd = [sys.executable, "-m", "lorakd.cli", "train", "--config", "presets/agnews-minilm.yaml", "--data", data,
+           "--out", str(out)]
+    if backbone != "embedded:minilm":  # the GPU machine gets MiniLM as a folder, not the PyPI wheel
+        cmd.append(f"model.backbone={backbone}")
+    if TINY:
+        cmd += ["train.max_steps=3", "data.val_fraction=0.01"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"exit {proc.returncode}: {proc.stderr.strip()[-600:]}")
+    summary = json.loads((out / "run.json").read_text())["summary"]
+    return {"wall_s": round(wall, 2), "train_time_s": summary["train_time_s"], "samples_per_s": round(summary["samples_per_s"], 1),
+            "graph_capture_s": summary["graph_capture_s"], "cuda_graphs": summary["cuda_graphs"],
+            "val_acc": summary.get("validation_accuracy"), "phases_s": summary.get("phases_s"),
+            # what no phase holds: interpreter exit (CUDA context, modules) after run.json was written
+            "exit_s": None if not (summary.get("phases_s") or {}).get("total") else round(wall - summary["phases_s"]["total"], 2)}
+
+
+def brief(r):
+    """The figures of a run worth keeping (no run folder)."""
+    keep = ("samples_per_s", "steady_samples_per_s", "train_time_s", "capture_s", "graphs", "steps", "val_acc",
+            "peak_gb", "wall_s")
+    return {k: (round(r[k], 4) if isinstance(r[k], float) else r[k]) for k in keep if k in r}
+
+
+def ratio(a, b):
+    return None if not a or not b else round(a / b, 2)
+
+
+def speed(backbone, data, tmp, out_dir, deadline_s=400, peer_steps=400, parts=None):
+    """Everything speed-summary.json holds, each part saved as soon as it is measured; a part that fails is
+    recorded under "errors" and the next one runs; parts not started by deadline_s are listed as skipped.
+    parts: the names to run (default all), in this order."""
+    import peft
+    import transformers
+    from lorakd import atomic
+
+    t_start = time.perf_counter()
+    # the CLI child runs from the repo root: folders given relative to where the bench was started are made absolute
+    backbone, data = (str(Path(x).resolve()) if Path(x).exists() else x for x in (backbone, data))
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    res = {"device": dev, "date": date.today().isoformat(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "peft": peft.__version__, "tiny": TINY,
+           "errors": {}, "skipped": []}
+    path = Path(out_dir) / "speed-summary.json"
+    if parts and path.exists():  # a run of some parts adds them to the file; a full run rewrites it
+        old = json.loads(path.read_text())
+        res = {**old, **res, "errors": {k: v for k, v in old.get("errors", {}).items() if k not in parts},
+               "skipped": [k for k in old.get("skipped", []) if k not in parts]}
+    peak = peak_flops()
+    n = 3 if TINY else None  # steps of every part under LORAKD_BENCH_TINY=1
+    ref = reference(backbone, data)
+    n_train = len(data_lib.load_splits(ref.data, 42)["train"])
+    repeat = math.ceil(FULL_SPLIT / n_train)
+    tok_src = model_lib.resolve_backbone(backbone)
+
+    def cli():
+        # the first process follows only this bench's own `import torch`: close to a fresh machine's first
+        res["cli"] = {"first": cli_run(backbone, data, tmp, "cli-1")}
+        res["cli"]["second"] = cli_run(backbone, data, tmp, "cli-2")
+        res["cli_wall_s"] = {k: v["wall_s"] for k, v in res["cli"].items()}
+        res["phases_s"] = {k: v["phases_s"] for k, v in res["cli"].items()}
+
+    def peer_ref():
+        cfg = config_lib.override(ref, **{"train.max_steps": n}) if n else ref
+        res["peer_ref"] = run_peer(cfg, tmp, max_steps=n or 0)
+        ours = res.get("cli", {})
+        res["cli_train_speedup"] = {k: ratio(res["peer_ref"]["train_time_s"], v["train_time_s"]) for k, v in ours.items()}
+
+    def arch_table():
+        res["archs"] = archs(backbone, data, tmp, steps=n or 40, max_train=200 if TINY else 2000)
+
+    def mpnet_teacher():
+        folder = make_roberta(tmp, tok_src, known=model_lib.MPNET)
+        cfg = reference(folder, data, **{"role": "teacher", "model.full_finetune": True, "model.budget": 0,
+                                         "train.batch_size": 16, "train.lr": 2e-5})
+        peer = run_peer(cfg, tmp, max_steps=n or 150, evaluate=False)
+        ours = run_lorakd(config_lib.override(cfg, **{"train.max_steps": n or 500}), tmp)  # about one epoch
+        res["mpnet_teacher"] = {"peer": brief(peer), "lorakd": brief(ours), "batch": 16, "full_finetune": True}
+        res["speedup_mpnet_teacher"] = ratio(ours["samples_per_s"], peer["samples_per_s"])
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def minilm_120k():
+        steps = n or FULL_SPLIT // 24
+        cfg = reference(backbone, data, **{"data.repeat": repeat, "train.max_steps": steps})
+        ours = run_lorakd(cfg, tmp)
+        peer = run_peer(reference(backbone, data, **{"data.repeat": repeat}), tmp, max_steps=n or peer_steps,
+                        evaluate=False)
+        res["minilm_120k"] = {"peer": brief(peer), "lorakd": brief(ours), "batch": 24}
+        res["speedup_minilm_120k"] = ratio(ours["samples_per_s"], peer["samples_per_s"])
+
+    def roberta():
+        folder = make_roberta(tmp, tok_src)
+        cfg = reference(folder, data, **{"model.budget": 0})  # steps past an epoch: the next epoch's batches
+        fps = flops_per_sample(folder, mean_tokens(ref))
+        peer = run_peer(cfg, tmp, max_steps=n or 300, evaluate=False)
+        ours = run_lorakd(config_lib.override(cfg, **{"train.max_steps": n or 1200}), tmp)
+        res["roberta"] = {"peer": brief(peer), "lorakd": brief(ours), "batch": 24}
+        res["speedup_roberta"] = ratio(ours["samples_per_s"], peer["samples_per_s"])
+        save()
+        big = 32 if TINY else 256
+        b256 = run_lorakd(config_lib.override(cfg, **{"train.max_steps": n or 200, "train.batch_size": big,
+                                                      "train.lr": 1e-3}), tmp)
+        steady = b256["steady_samples_per_s"] or b256["samples_per_s"]
+        res["roberta_b256"] = {**brief(b256), "batch": big, "flops_per_sample": fps, "peak_flops": peak}
+        res["mfu_roberta_b256"] = None if not peak else round(steady * fps / peak, 4)  # graph capture left out
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def lever_table():
+        # a second call (--parts levers): 1,000 steps at 120k scale each; compile pays its compile time here
+        rows = levers(backbone, data, tmp, n or 1000)
+        res["levers"] = {k: (brief(v) if "error" not in v else v) for k, v in rows.items()}
+
+    def save():
+        atomic.write_json(path, res)
+
+    for name, part in (("cli", cli), ("peer_ref", peer_ref), ("archs", arch_table), ("mpnet_teacher", mpnet_teacher),
+                       ("minilm_120k", minilm_120k), ("roberta", roberta), ("levers", lever_table)):
+        if (parts and name not in parts) or (not parts and name == "levers"):
+            continue
+        elapsed = time.perf_counter() - t_start
+        if elapsed > deadline_s:
+            res["skipped"].append(name)
+            save()
+            continue
+        print(f"== speed: {name} (at {elapsed:.0f} s)", flush=True)
+        try:
+            part()
+        except Exception as e:  # noqa: BLE001  one part failing must not lose the others
+            res["errors"][name] = f"{type(e).__name__}: {str(e)[:600]}"
+            traceback.print_exc()
+        res["bench_s"] = round(time.perf_counter() - t_start, 1)
+        save()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    print(json.dumps({k: v for k, v in res.items() if k not in ("archs", "cli", "phases_s")}, indent=1, default=str))
+    print(f"wrote {path}")
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backbone", default="embedded:minilm")
@@ -310,9 +483,17 @@ def main():
     ap.add_argument("--peer-steps", type=int, default=600)
     ap.add_argument("--tag", default="", help="suffix of the result file's name")
     ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[42, 43])
+    ap.add_argument("--deadline", type=float, default=400, help="speed: start no part after this many seconds")
+    ap.add_argument("--parts", default="", help="speed: only these parts (cli,peer_ref,archs,mpnet_teacher,"
+                                                "minilm_120k,roberta; levers only when named)")
     args = ap.parse_args()
     only = set(args.only.split(","))
     tmp = tempfile.mkdtemp(prefix="lorakd-bench-")
+    if only == {"speed"}:  # its own summary file, nothing else
+        speed(args.backbone, args.data, tmp, args.out, args.deadline, min(args.peer_steps, 400),
+              [p for p in args.parts.split(",") if p])
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     peak = peak_flops()
     import peft

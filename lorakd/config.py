@@ -40,6 +40,7 @@ class ModelConfig:
     targets: tuple[str, ...] = ("query", "key", "value")
     layers: tuple[int, ...] = ()  # empty = every layer
     budget: int = 1_000_000  # trainable-parameter limit for students; 0 = none
+    attention: str = "auto"  # auto (transformers' pick: sdpa where the architecture has it) | eager | sdpa
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class TrainConfig:
     cuda_graphs: str = "auto"  # auto (on GPU) | on | off: one CUDA graph per shape bucket
     threads: int = 0  # CPU threads; 0 = torch default
     tensorboard: bool = False
+    compile: bool = False  # torch.compile (inductor) the model: a lever, off unless measured to win (README)
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ CHOICES = {
     "train.schedule": ("linear", "cosine", "polynomial", "constant"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.cuda_graphs": ("auto", "on", "off"),
+    "model.attention": ("auto", "eager", "sdpa"),
     "distill.transfer_targets": ("soft", "hard"),
 }
 AUGMENT_OPS = ("delete", "swap", "mask", "mix")

@@ -414,7 +414,8 @@ def encode(tokenizer, texts, max_length, chunk=4096) -> list[np.ndarray]:
     out = []
     for i in range(0, len(texts), chunk):
         cut = [t[: max_length * 64] for t in texts[i: i + chunk]]
-        enc = tokenizer(cut, truncation=True, max_length=max_length)
+        enc = tokenizer(cut, truncation=True, max_length=max_length, return_attention_mask=False,
+                        return_token_type_ids=False)  # ids only: masks come from lengths (TokenStore.batch)
         out.extend(np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"])
     return out
 

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import tempfile
-import types
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -288,32 +287,51 @@ def build(mcfg, num_labels: int):
             for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
                 if hasattr(config, key):
                     setattr(config, key, mcfg.backbone_dropout)
-        base = AutoModelForSequenceClassification.from_pretrained(src, config=config)
+        base = AutoModelForSequenceClassification.from_pretrained(src, config=config, **attention(mcfg))
     except OSError as e:
         raise UserError(f"model.backbone {mcfg.backbone}: cannot load its weights "
                         f"({str(e).splitlines()[0][:160]})") from None
+    except ValueError as e:  # an attention this architecture lacks (say, sdpa for MPNet)
+        if mcfg.attention == "auto":
+            raise
+        raise UserError(f"model.attention {mcfg.attention}: {str(e).splitlines()[0][:200]}; use auto") from None
     base = graph_safe(base.float())  # a bf16 checkpoint trains its adapters in fp32; frozen weights cast later
     return attach_adapters(base, mcfg)
 
 
 def _position_bias_on_device(self, x, position_ids=None, num_buckets=32):
-    """MPNet's relative position bias [B, heads, L, L], every tensor made on x's device. transformers <= 5.17
-    builds the positions on the CPU and copies them over, which a CUDA graph cannot capture; same maths."""
-    pos = torch.arange(x.size(1), dtype=torch.long, device=x.device) if position_ids is None else position_ids
-    relative = pos[..., None, :] - pos[..., :, None]  # memory - context, as MPNet defines it
-    bucket = self.relative_position_bucket(relative, num_buckets=num_buckets)
-    values = self.relative_attention_bias(bucket)  # [L, L, heads] (or [B, L, L, heads] with position_ids)
-    values = values.permute([2, 0, 1]).unsqueeze(0) if values.dim() == 3 else values.permute([0, 3, 1, 2])
-    return values.expand((x.size(0), -1, x.size(1), x.size(1))).contiguous()
+    """MPNetEncoder.compute_position_bias with every tensor made on x's device.
+
+    transformers 5.17 builds the relative positions with torch.arange on the CPU and then copies the
+    buckets to the GPU (`rp_bucket.to(x.device)`): a CPU->GPU copy, which CUDA graph capture refuses, so
+    MPNet fell back to the plain step. Newer releases build them on x.device; this is that same maths
+    (the module's own bucketing and bias table), whatever the installed release does."""
+    bsz, qlen = x.size(0), x.size(1)
+    if position_ids is not None:
+        context, memory = position_ids[:, :, None], position_ids[:, None, :]
+    else:
+        positions = torch.arange(qlen, dtype=torch.long, device=x.device)
+        context, memory = positions[:, None], positions[None, :]
+    buckets = self.relative_position_bucket(memory - context, num_buckets=num_buckets)
+    values = self.relative_attention_bias(buckets).permute([2, 0, 1]).unsqueeze(0)
+    return values.expand((bsz, -1, qlen, qlen)).contiguous()
 
 
 def graph_safe(model):
-    """Make a loaded model's forward capturable as a CUDA graph where a known library detail prevents it:
-    MPNet encoders get a position bias computed on the device. Returns the model."""
+    """Make a built model's forward capturable as a CUDA graph where a transformers release is not:
+    MPNet encoders get the position bias above (bound on the instance, so nothing global changes)."""
+    import types
+
     for module in model.modules():
         if type(module).__name__ == "MPNetEncoder" and hasattr(module, "relative_attention_bias"):
             module.compute_position_bias = types.MethodType(_position_bias_on_device, module)
     return model
+
+
+def attention(mcfg) -> dict:
+    """from_pretrained's attn_implementation for model.attention: a speed lever; auto leaves transformers'
+    choice (sdpa where the architecture has it, else eager)."""
+    return {} if mcfg.attention == "auto" else {"attn_implementation": mcfg.attention}
 
 
 def needs_ready_mask(model) -> bool:

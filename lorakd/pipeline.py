@@ -52,7 +52,6 @@ def _stage_state(run_dir: Path, cfg) -> str:
 
 
 def _train_stage(name, cfg, run_dir, log):
-    from .report import plot_run
     from .train import train
 
     state = _stage_state(run_dir, cfg)
@@ -60,8 +59,7 @@ def _train_stage(name, cfg, run_dir, log):
         log(f"[{name}] done already: {run_dir}")
         return "skipped"
     log(f"[{name}] {'resuming' if state == 'partial' else 'training'}: {run_dir}")
-    train(cfg, run_dir, resume=state == "partial", log=log)
-    plot_run(run_dir)
+    train(cfg, run_dir, resume=state == "partial", log=log, plots=True)
     return "trained"
 
 

@@ -45,20 +45,24 @@ PLOTS = (("train_loss", "train", "loss", "train loss"),
 
 
 def plot_run(run_dir):
-    """plots/train_loss.png, val_loss.png, val_accuracy.png against steps."""
-    plt = _pyplot()
+    """plots/train_loss.png, val_loss.png, val_accuracy.png against steps.
+
+    Drawn on bare matplotlib Figures (Agg), not pyplot: every `lorakd train` waits for these, and pyplot
+    adds its import, a backend and global figure state for nothing here."""
+    from matplotlib.figure import Figure
+
     records = read_metrics(run_dir)
     out = Path(run_dir) / "plots"
     for name, split, key, label in PLOTS:
         xs, ys = _series(records, split, key)
-        fig, ax = plt.subplots(figsize=(5, 3.2))
+        fig = Figure(figsize=(5, 3.2))
+        ax = fig.subplots()
         ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3)
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.set_title(f"{Path(run_dir).name}: {label}", fontsize=9)
         ax.grid(alpha=0.3)
         _save(fig, out / f"{name}.png")
-        plt.close(fig)
 
 
 # ---------------------------------------------------------------- values and the Pareto front

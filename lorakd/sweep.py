@@ -22,7 +22,7 @@ from . import config as config_lib
 from . import model as model_lib
 from . import train as train_lib
 from .errors import UserError
-from .report import fmt_value, plot_run, report
+from .report import fmt_value, report
 from .runs import load_run, run_lock
 
 REPO = Path(__file__).resolve().parent.parent
@@ -264,8 +264,7 @@ def _run_members(spec, path, sweep_dir, members, gpus):
             print(f"\n== sweep member {i}/{len(todo)}: {m['name']} ({m['status']})")
             try:
                 with run_lock(m["run_dir"]):
-                    summary = train_lib.train(m["cfg"], m["run_dir"], resume=m["status"] == "resume")
-                    plot_run(m["run_dir"])
+                    summary = train_lib.train(m["cfg"], m["run_dir"], resume=m["status"] == "resume", plots=True)
                 m.update(status="done", validation_accuracy=summary.get("validation_accuracy"))
             except UserError as e:  # one bad member (say, a diverged lr) should not stop the others
                 print(f"sweep member {m['name']} failed: {e}")
@@ -370,8 +369,7 @@ def worker():
             try:
                 cfg = load_run(run_dir)[0] if task["resume"] else config_lib.load(task["config"])
                 with run_lock(run_dir):
-                    train_lib.train(cfg, run_dir, resume=task["resume"])
-                    plot_run(run_dir)
+                    train_lib.train(cfg, run_dir, resume=task["resume"], plots=True)
                 print(f"run folder: {run_dir}")
             except UserError as e:
                 print(f"error: {e}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -288,10 +289,41 @@ class StopOnSigterm:
             signal.signal(signal.SIGTERM, self.old)
 
 
+# ---------------------------------------------------------------- wall-clock phases
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc): the interpreter and imports before lorakd runs."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Phases:
+    """Wall-clock seconds per phase of a run, as a user waits for them (run.json's summary["phases_s"]).
+    Only perf_counter around whole phases: no device syncs are added (an evaluation syncs by itself)."""
+
+    def __init__(self):
+        self.s = {"start": process_age_s()}  # process start to train(): interpreter, imports, config
+        self.t = time.perf_counter()
+
+    def mark(self, name):
+        """Add the time since the last mark to `name`."""
+        now = time.perf_counter()
+        self.s[name] = self.s.get(name, 0.0) + now - self.t
+        self.t = now
+
+    def rounded(self):
+        return {k: None if v is None else round(v, 3) for k, v in self.s.items()}
+
+
 # ---------------------------------------------------------------- set-up
 
-def setup(cfg, run_dir: Path, resume: bool, log):
+def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
     """Everything the loop runs on: processes, run folder, data, model, optimizer, the step, resumed state."""
+    phases = phases or Phases()
     rank, world, local_rank = dist.env()
     device = model_lib.pick_device(cfg.train.device, local_rank)
     if device.type == "cuda":
@@ -307,13 +339,16 @@ def setup(cfg, run_dir: Path, resume: bool, log):
     if tc.cuda_graphs == "on" and device.type != "cuda":
         raise UserError("train.cuda_graphs=on needs a CUDA device")
     num_labels = len(cfg.data.label_names)
-    counts = model_lib.count_params(cfg.model, num_labels)
-    model_lib.check_budget(cfg, counts)
     ckpt_path = run_dir / "checkpoint" / "state.pt"
     if not resume and (run_dir / "run.json").exists():
         raise UserError(f"{run_dir}: a run already exists here; use --resume {run_dir} or another --out")
+    phases.mark("setup")
 
     torch.manual_seed(tc.seed)
+    model = model_lib.build(cfg.model, num_labels)  # the same initial weights on every process
+    counts = model_lib.summarize_params(model)  # what count_params gives without weights, from the model itself
+    model_lib.check_budget(cfg, counts)
+    phases.mark("model")
     splits = data_lib.load_splits(cfg.data, tc.seed)
     tok = model_lib.load_tokenizer(cfg.model.backbone)
     train_rows, teacher_probs = distill.student_rows(cfg, splits, device, log, tok)
@@ -321,7 +356,8 @@ def setup(cfg, run_dir: Path, resume: bool, log):
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     stores = {name: data_lib.TokenStore(data_lib.encode(tok, s.texts, cfg.data.max_length), s.labels, pad_id, device)
               for name, s in splits.items() if len(s) and name != "unlabelled"}
-    hf_config = model_lib.backbone_config(cfg.model.backbone, num_labels)
+    phases.mark("data")
+    hf_config = model_lib.backbone_config(cfg.model.backbone, num_labels)  # the fingerprint load_run checks
     dist.barrier(world)  # every process has checked the folder before rank 0 writes to it
     if rank == 0 and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -337,12 +373,16 @@ def setup(cfg, run_dir: Path, resume: bool, log):
     log(f"trainable parameters: {counts['trainable']:,} of {counts['total']:,}"
         + (f" (budget {cfg.model.budget:,})" if cfg.role == "student" and cfg.model.budget else ""))
 
-    model = model_lib.build(cfg.model, num_labels)  # the same initial weights on every process
     torch.manual_seed(tc.seed + rank)  # dropout masks differ across processes
     amp = model_lib.amp_dtype(tc.precision, device)
     if amp is not None:
         model_lib.freeze_to(model, amp)
     model.to(device).train()
+    if tc.compile:
+        # inductor fuses the elementwise kernels around the matmuls. Each padded width compiles once (shapes
+        # become dynamic after the second), in the warm-up steps before a CUDA graph captures it: compiling is
+        # seconds per shape, so it only pays on long runs. Off by default (README: levers).
+        model.compile()
     optimizer, params = make_optimizer(model, cfg, device)
     flat_grad = flat_gradients(params, device)
     acc, share = torch.zeros(3, device=device), torch.ones((), device=device)
@@ -363,7 +403,8 @@ def setup(cfg, run_dir: Path, resume: bool, log):
     if rank == 0:  # records after the checkpoint are replayed by the resumed run: drop them
         kept = [r for r in read_metrics(run_dir) if resume and r["step"] <= state.step]
         atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-    return SimpleNamespace(
+    phases.mark("model")
+    return SimpleNamespace(phases=phases,
         cfg=cfg, run_dir=run_dir, ckpt_path=ckpt_path, rank=rank, world=world, device=device, log=log, amp=amp,
         splits=splits, stores=stores, counts=counts, model=model, params=params, optimizer=optimizer, acc=acc,
         share=share, step=step, with_kd=teacher_probs is not None, state=state, total=total,
@@ -384,15 +425,17 @@ def epoch_batches(run, epoch):
 
 # ---------------------------------------------------------------- the loop
 
-def train(cfg, run_dir, resume=False, log=print) -> dict:
-    """Train one run into run_dir; returns its summary (also in run.json)."""
+def train(cfg, run_dir, resume=False, log=print, plots=False) -> dict:
+    """Train one run into run_dir; returns its summary (also in run.json). plots: also draw plots/*.png
+    (rank 0), timed with the other phases in summary["phases_s"]."""
+    phases = Phases()
     run_dir = Path(run_dir)
     if resume:
         _, info = load_run(run_dir)  # refuses a missing, foreign or newer-format folder
         if info.get("status") == "done":
             log(f"{run_dir}: already finished")
             return info["summary"]
-    run = setup(cfg, run_dir, resume, log)
+    run = setup(cfg, run_dir, resume, log, phases)
     tc, st, store = cfg.train, run.state, run.stores["train"]
     runlog = RunLog(run_dir, run.rank, run.world, run.total, st.step, run.steps_per_epoch, run.with_kd, tc.tensorboard)
     batches, batches_epoch, lr = None, None, tc.lr
@@ -420,15 +463,19 @@ def train(cfg, run_dir, resume=False, log=print) -> dict:
                 if log_now:
                     runlog.train_loss(st, run.acc, lr, run.ckpt_path)
                 if eval_now:
+                    phases.mark("train_loop")
                     evaluate_and_keep_best(run, runlog)
                 if (tc.checkpoint_every and st.step % tc.checkpoint_every == 0) or stop.signal:
+                    phases.mark("train_loop")
                     save_checkpoint(run, runlog, lr)
+                    phases.mark("checkpoints")
                 if stop.signal:
                     run.log(f"stopped by signal at step {st.step}; continue with: lorakd train --resume {run_dir}")
                     sys.exit(143)
         finally:
             runlog.close()
-    return finish(run)
+    phases.mark("train_loop")
+    return finish(run, plots)
 
 
 def evaluate_and_keep_best(run, runlog):
@@ -440,6 +487,7 @@ def evaluate_and_keep_best(run, runlog):
     logits = logits_for(run.model, store, run.cfg.train.eval_batch_size, run.amp, rows)
     logits = dist.gather_rows(logits, rows, len(store), run.world, run.device)
     m = metrics(logits, run.splits["validation"].labels, run.cfg.data.label_names)
+    run.phases.mark("eval")
     runlog.record({"step": st.step, "epoch": round(st.step / run.steps_per_epoch, 4), "split": "validation",
                    "loss": m["loss"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
     run.log(f"step {st.step}/{run.total}  validation accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}")
@@ -448,6 +496,7 @@ def evaluate_and_keep_best(run, runlog):
         st.best_state = [p.detach().to("cpu", copy=True) for p in run.params]
         st.best_metrics = m
         save_weights(run)
+    run.phases.mark("files")
 
 
 def save_weights(run):
@@ -463,15 +512,16 @@ def save_checkpoint(run, runlog, lr):
         run.state.save(run.ckpt_path, run.params, run.optimizer, run.acc, run.device)
 
 
-def finish(run) -> dict:
-    """The best weights back in the model, final evaluation, eval.json, and the run marked done."""
-    st, cfg = run.state, run.cfg
+def finish(run, plots=False) -> dict:
+    """The best weights back in the model, final evaluation, eval.json, plots, and the run marked done."""
+    st, cfg, phases = run.state, run.cfg, run.phases
     if st.best_state is not None:  # the best checkpoint by validation accuracy is the run's result
         with torch.no_grad():
             for p, v in zip(run.params, st.best_state):
                 p.copy_(v.to(run.device))
     else:
         save_weights(run)
+    phases.mark("files")
     results = {"validation": st.best_metrics} if st.best_metrics else {}  # the best weights' own evaluation
     for name in ("validation", "test"):
         if name in run.stores and name not in results and run.rank == 0:
@@ -479,6 +529,7 @@ def finish(run) -> dict:
                                     run.splits[name].labels, cfg.data.label_names)
     for name, m in results.items():
         run.log(format_table(name, m))
+    phases.mark("eval")
     summary = {"best_step": st.best["step"], "steps": st.step, "train_time_s": round(st.train_time, 3),
                "samples_per_s": st.samples / max(st.train_time, 1e-9),
                "graph_capture_s": round(getattr(run.step, "capture_s", 0.0), 3),  # this process's, since (re)start
@@ -489,6 +540,15 @@ def finish(run) -> dict:
         summary[f"{name}_accuracy"] = m["accuracy"]
     if run.rank == 0:
         atomic.write_json(run.run_dir / "eval.json", results)
+        phases.mark("files")
+        if plots:
+            from .report import plot_run
+
+            plot_run(run.run_dir)
+            phases.mark("plots")
+        # graph_capture is part of train_loop; total runs from process start (None where /proc is missing)
+        summary["phases_s"] = {**phases.rounded(), "graph_capture": summary["graph_capture_s"],
+                               "total": None if phases.s["start"] is None else round(process_age_s(), 3)}
         info = json.loads((run.run_dir / "run.json").read_text())
         info.update(status="done", summary=summary, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         atomic.write_json(run.run_dir / "run.json", info)

@@ -26,3 +26,18 @@ def test_train_eval_predict(tiny_config, tmp_path, tiny_data):
     rows = list(csv.reader(out.open()))
     assert rows[0] == ["ID", "Label"] and [r[0] for r in rows[1:]] == ["7", "9"]
     assert all(r[1] in "0123" for r in rows[1:])
+
+
+def test_run_json_times_the_phases_a_user_waits_for(tiny_config, tmp_path):
+    """summary.phases_s: every phase timed, none negative, the parts within the process's total; plots drawn
+    inside train(plots=True) and timed with them."""
+    run = tmp_path / "run"
+    summary = train_lib.train(tiny_config(**{"train.epochs": 1}), run, log=lambda *a: None, plots=True)
+    phases = json.loads((run / "run.json").read_text())["summary"]["phases_s"]
+    assert phases == summary["phases_s"]
+    parts = ("start", "setup", "model", "data", "train_loop", "eval", "files", "plots")
+    assert set(parts) <= set(phases) and phases["graph_capture"] == 0.0  # no graphs on the CPU
+    assert all(phases[k] >= 0 for k in parts)
+    assert phases["train_loop"] >= summary["train_time_s"] * 0.99  # the loop holds the timed steps
+    assert sum(phases[k] for k in parts) <= phases["total"] + 0.01  # /proc: this test runs on Linux
+    assert {p.name for p in (run / "plots").iterdir()} == {"train_loss.png", "val_loss.png", "val_accuracy.png"}

@@ -4,7 +4,6 @@ from pathlib import Path
 import pytest
 
 from lorakd import config as config_lib
-from lorakd import model as model_lib
 from lorakd.cli import main
 from lorakd.errors import UserError
 from lorakd.model import backbone_config, backbone_fingerprint, count_params, resolve_backbone
@@ -149,26 +148,67 @@ def test_embedded_mpnet_missing_or_broken_parts(tmp_path, monkeypatch):
         resolve_backbone("embedded:mpnet")
 
 
-def test_mpnet_position_bias_on_the_device_is_the_same_maths():
-    """graph_safe swaps MPNet's position bias for one built on the model's device (CUDA-graph capturable on
-    transformers <= 5.17); on the CPU here the bias and the logits must not change at all."""
+def test_mpnet_position_bias_on_the_device_matches_transformers(tmp_path):
+    """graph_safe's MPNet position bias (built where the model runs, so a CUDA graph can capture it) is the
+    installed transformers' own, bit for bit (the encoder passes no position ids); logits do not change; and
+    build() puts it on the encoder of the model it returns."""
     import torch
     from transformers import MPNetConfig, MPNetForSequenceClassification
 
+    from lorakd.model import build, graph_safe
+
     torch.manual_seed(0)
     cfg = MPNetConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                      max_position_embeddings=80, num_labels=4)
+                      max_position_embeddings=80, relative_attention_num_buckets=32, num_labels=4,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = MPNetForSequenceClassification(cfg).eval()
-    ids = torch.randint(3, 50, (3, 40))
+    ids = torch.randint(3, 50, (3, 70))  # past max_exact: the log-spaced buckets are used too
     mask = torch.ones_like(ids)
-    mask[1, 25:] = 0
+    mask[1, 40:] = 0
     encoder = model.mpnet.encoder
-    x = torch.zeros(3, 40, 32)
-    before_bias = encoder.compute_position_bias(x)
+    x = torch.randn(3, 70, 32)
+    before = encoder.compute_position_bias(x)
     with torch.no_grad():
-        before = model(input_ids=ids, attention_mask=mask).logits
-    assert model_lib.graph_safe(model) is model
-    assert encoder.compute_position_bias.__func__ is model_lib._position_bias_on_device
-    assert torch.equal(encoder.compute_position_bias(x), before_bias)
+        logits_before = model(input_ids=ids, attention_mask=mask).logits
+    graph_safe(model)
+    assert encoder.compute_position_bias.__func__ is not type(encoder).compute_position_bias  # patched here
+    assert torch.equal(encoder.compute_position_bias(x), before)
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, before)
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, logits_before)
+
+    model.mpnet.save_pretrained(tmp_path / "mpnet")
+    mcfg = config_lib.override(config_lib.Config(), **{"model.backbone": str(tmp_path / "mpnet"),
+                                                       "model.targets": ["q", "k", "v"]}).model
+    built = build(mcfg, 4)
+    enc = built.get_base_model().mpnet.encoder
+    assert enc.compute_position_bias.__func__ is not type(enc).compute_position_bias
+
+
+def test_attention_lever_switches_the_implementation_not_the_result(tiny_backbone, tmp_path):
+    """model.attention picks transformers' attention code (a speed lever): eager and sdpa give the same
+    logits on the tiny BERT; an architecture without sdpa (MPNet) is a one-line error naming the key."""
+    import torch
+    from transformers import MPNetConfig, MPNetModel
+
+    from lorakd.model import build
+
+    logits = {}
+    for impl in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        mcfg = config_lib.override(config_lib.Config(), **{"model.backbone": str(tiny_backbone), "model.r": 2,
+                                                           "model.attention": impl}).model
+        model = build(mcfg, 4).eval()
+        assert model.config._attn_implementation == impl
+        ids = torch.randint(5, 30, (2, 12))
+        mask = torch.ones_like(ids)
+        mask[0, 8:] = 0
+        with torch.no_grad():
+            logits[impl] = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(logits["eager"], logits["sdpa"], atol=1e-5)
+
+    MPNetModel(MPNetConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=64)).save_pretrained(tmp_path / "mpnet")
+    mcfg = config_lib.override(config_lib.Config(), **{"model.backbone": str(tmp_path / "mpnet"),
+                                                       "model.targets": ["q"], "model.attention": "sdpa"}).model
+    with pytest.raises(UserError, match="model.attention sdpa"):
+        build(mcfg, 4)

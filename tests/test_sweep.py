@@ -48,7 +48,7 @@ def test_sweep_budget_skip_and_resume(tiny_config, tmp_path, monkeypatch, capsys
 
     # again: nothing trains; an unfinished member resumes
     calls = []
-    monkeypatch.setattr(sweep.train_lib, "train", lambda cfg, run_dir, resume=False: calls.append(
+    monkeypatch.setattr(sweep.train_lib, "train", lambda cfg, run_dir, resume=False, plots=False: calls.append(
         (Path(run_dir).name, resume)) or {"validation_accuracy": 0.5})
     mtimes = [(sdir / n / "run.json").stat().st_mtime_ns for n in names[:2]]
     sweep.run_sweep(path)
