@@ -14,7 +14,6 @@ import numpy as np
 
 from . import atomic
 from .errors import UserError
-from .model import HEAD_NAMES
 from .predict import merged, onnx_session
 from .runs import load_run, open_trained
 
@@ -104,47 +103,63 @@ def _first_token_only(model) -> bool:
 
 
 def _split_outliers(model, tok, ratio=10.0, most=16) -> int:
-    """Route the few input channels of outsized range around int8, in every down-projection (a Linear with more
-    inputs than outputs, the head aside). Dynamic quantisation scales a whole activation tensor by its largest
-    value: one channel of 25 among channels of 1 (BERT's feed-forward outputs have such channels) leaves the
-    others a handful of levels. Those channels are zeroed in the int8 product and added back in fp32; the
-    function is unchanged. Returns how many channels were split out."""
+    """Route the few feed-forward channels of outsized range around int8. Dynamic quantisation scales a whole
+    activation tensor by its largest value: one channel of 25 among channels of 1 (BERT's feed-forward outputs
+    have such channels) leaves the others a handful of levels. Each layer's up-projection is split in two: the
+    ordinary channels (int8, on to the int8 down-projection) and the outsized ones (a small fp32 product through
+    the activation and back down, added to the int8 result). Same function; no pass over the whole activation
+    tensor to take them out. Layers with `intermediate.dense` and `output.dense` (BERT, RoBERTa, DeBERTa, MPNet
+    and kin); returns how many channels were split out."""
     import torch
 
-    class Split(torch.nn.Module):
-        def __init__(self, linear, channels):
+    def linear(w, b):
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+        lin.weight.data = w.clone()
+        if b is not None:
+            lin.bias.data = b.clone()
+        return lin
+
+    class Up(torch.nn.Module):  # replaces `intermediate`: (ordinary channels, outsized channels), activated
+        def __init__(self, inter, keep, channels):
             super().__init__()
-            keep = torch.ones(linear.in_features)
-            keep[channels] = 0
-            self.register_buffer("keep", keep)
-            self.register_buffer("channels", torch.as_tensor(channels))
-            self.fp32 = torch.nn.Linear(len(channels), linear.out_features, bias=False)  # excluded from int8
-            self.fp32.weight.data = linear.weight.data[:, channels].clone()
-            linear.weight.data[:, channels] = 0
-            self.int8 = linear
+            w, b = inter.dense.weight.data, inter.dense.bias.data
+            self.int8, self.fp32 = linear(w[keep], b[keep]), linear(w[channels], b[channels])
+            self.act = inter.intermediate_act_fn
 
         def forward(self, x):
-            return self.int8(x * self.keep) + self.fp32(x[..., self.channels])
+            return self.act(self.int8(x)), self.act(self.fp32(x))
 
-    downs = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-             and m.in_features > m.out_features and not (n.startswith(HEAD_NAMES) or ".classifier" in n)]
-    peaks = {}  # name -> each input channel's largest |value| on the sample texts
+    class Down(torch.nn.Module):  # replaces `output.dense`: both parts back to the hidden size
+        def __init__(self, dense, keep, channels):
+            super().__init__()
+            self.int8 = linear(dense.weight.data[:, keep], dense.bias.data)
+            self.fp32 = linear(dense.weight.data[:, channels], None)
 
-    def record(name):
-        return lambda mod, inp, out: peaks.__setitem__(name, inp[0].abs().flatten(0, -2).amax(0))
-    hooks = [m.register_forward_hook(record(n)) for n, m in downs]
+        def forward(self, parts):
+            return self.int8(parts[0]) + self.fp32(parts[1])
+
+    layers = [m for m in model.modules() if isinstance(getattr(m, "intermediate", None), torch.nn.Module)
+              and isinstance(getattr(m.intermediate, "dense", None), torch.nn.Linear)
+              and isinstance(getattr(getattr(m, "output", None), "dense", None), torch.nn.Linear)]
+    peaks = {}  # layer -> each feed-forward channel's largest |activation| on the sample texts
+
+    def record(layer):
+        return lambda mod, inp, out: peaks.__setitem__(layer, out.abs().flatten(0, -2).amax(0))
+    hooks = [m.intermediate.register_forward_hook(record(m)) for m in layers]
     with torch.inference_mode():
         model(**tok(SAMPLE, padding=True, return_tensors="pt"))  # outlier channels show on any text
     for h in hooks:
         h.remove()
     count = 0
-    for name, linear in downs:
-        peak = peaks[name]
+    for layer in layers:
+        peak = peaks[layer]
         channels = torch.nonzero(peak > ratio * peak.median()).flatten()
-        channels = channels[peak[channels].argsort(descending=True)][:most].tolist()
-        if channels:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, Split(linear, channels))
+        channels = channels[peak[channels].argsort(descending=True)][:most]
+        if len(channels):
+            keep = torch.ones(len(peak), dtype=torch.bool)
+            keep[channels] = False
+            layer.output.dense = Down(layer.output.dense, keep, channels)
+            layer.intermediate = Up(layer.intermediate, keep, channels)
             count += len(channels)
     return count
 
@@ -182,7 +197,7 @@ def export_onnx(model, tok, folder: Path, max_length: int, log=print) -> dict:
             root.removeHandler(null)
             root.setLevel(level)
     log(f"ONNX: {fp32.name} (max |logit difference| to PyTorch {diff:.1e}), {int8.name} (int8; {channels} "
-        f"outlier channels of {len(keep)} down-projections kept in fp32)")
+        f"outsized feed-forward channels kept in fp32)")
     return {"onnx_max_abs_diff": diff, "int8_fp32_channels": channels, "last_layer_first_token_only": first}
 
 

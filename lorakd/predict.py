@@ -291,8 +291,9 @@ def predict(run_dir, input_path, out_path, device="auto", batch_size=None, label
     names = _labels_of(kind, path)
     n, chunks = read_input(input_path)  # a bad file fails here, in a moment, before the model loads
     m = open_model(kind, path, device, backbone, threads)
-    # ONNX on a CPU: small batches on each core (measured: bench/predict_cpu.py); PyTorch takes 256 at once
-    batch_size = batch_size or (16 if kind == "onnx" else 256)
+    # ONNX on a CPU: small batches on each core, their activations stay in the core's cache (measured:
+    # bench/predict_cpu.py); PyTorch takes 256 at once
+    batch_size = batch_size or (8 if kind == "onnx" else 256)
     out_path = Path(out_path)
     t0 = time.perf_counter()
 

@@ -176,4 +176,24 @@ def test_outlier_channels_leave_int8_with_the_same_function(tiny_backbone):
         before = model(**enc).logits
         assert _split_outliers(model, tok) >= 1
         assert torch.allclose(model(**enc).logits, before, atol=1e-5)
-    assert type(model.bert.encoder.layer[0].output.dense).__name__ == "Split"
+    assert type(model.bert.encoder.layer[0].intermediate).__name__ == "Up"
+    assert type(model.bert.encoder.layer[0].output.dense).__name__ == "Down"
+
+
+def test_last_layer_on_the_first_token_gives_the_same_logits(tiny_backbone):
+    """The ONNX graph runs the last layer for the first token only: same logits on a padded batch."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lorakd.export import _first_token_only, _split_outliers
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_backbone, num_labels=4).eval()
+    model.set_attn_implementation("eager")
+    tok = AutoTokenizer.from_pretrained(tiny_backbone)
+    enc = tok(["election war peace", "goal match season coach league final", "chip"], padding=True,
+              return_tensors="pt")
+    with torch.inference_mode():
+        before = model(**enc).logits
+        assert _first_token_only(model)
+        assert torch.allclose(model(**enc).logits, before, atol=1e-5)
+        _split_outliers(model, tok, ratio=1.5)  # both rewrites together, as the export applies them
+        assert torch.allclose(model(**enc).logits, before, atol=1e-5)
