@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -164,6 +165,17 @@ def _split_outliers(model, tok, ratio=10.0, most=16) -> int:
     return count
 
 
+def _fp32_nodes(names, first_token: bool) -> list[str]:
+    """Products kept out of int8: the outsized channels' ("/fp32/"), the head's (pooler, classifier), and with
+    the first-token last layer all of that layer's but keys and values. Those run on one row per text, so
+    int8 saves nothing there, and a per-tensor scale over a handful of rows is what costs agreement."""
+    layers = [int(m.group(1)) for n in names if (m := re.search(r"/encoder/layer\.(\d+)/", n))]
+    last = f"/encoder/layer.{max(layers)}/" if layers and first_token else None
+    keep = [n for n in names if "/fp32/" in n or "/encoder/" not in n
+            or (last and last in n and not re.search(r"/(key|value)/", n))]
+    return keep + [n + "_MatMul" for n in keep]  # the quantiser's name for a Gemm it turns into MatMul + Add
+
+
 def export_onnx(model, tok, folder: Path, max_length: int, log=print) -> dict:
     """model.onnx (fp32) and model.int8.onnx: matrix-product weights quantised to int8 per output channel,
     activations quantised at run time (onnxruntime's dynamic quantisation). Embedding lookups stay fp32:
@@ -186,7 +198,7 @@ def export_onnx(model, tok, folder: Path, max_length: int, log=print) -> dict:
     channels = _split_outliers(split, tok)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         _to_onnx(split, tok, Path(tmp) / "split.onnx")
-        keep = [n.name for n in onnx.load(Path(tmp) / "split.onnx").graph.node if "/fp32/" in n.name]
+        keep = _fp32_nodes([n.name for n in onnx.load(Path(tmp) / "split.onnx").graph.node], first)
         root, null, level = logging.getLogger(), logging.NullHandler(), logging.getLogger().level
         root.addHandler(null)  # its advice to pre-process goes to the root logger; that step fails on BERT
         root.setLevel(logging.ERROR)

@@ -197,3 +197,16 @@ def test_last_layer_on_the_first_token_gives_the_same_logits(tiny_backbone):
         assert torch.allclose(model(**enc).logits, before, atol=1e-5)
         _split_outliers(model, tok, ratio=1.5)  # both rewrites together, as the export applies them
         assert torch.allclose(model(**enc).logits, before, atol=1e-5)
+
+
+def test_products_on_one_row_per_text_stay_fp32():
+    """With the first-token last layer, its products (but keys and values) and the head's are not quantised."""
+    from lorakd.export import _fp32_nodes
+
+    names = ["/m/bert/encoder/layer.0/attention/self/query/MatMul", "/m/bert/encoder/layer.0/intermediate/fp32/MatMul",
+             "/m/bert/encoder/layer.1/query/MatMul", "/m/bert/encoder/layer.1/key/MatMul",
+             "/m/bert/encoder/layer.1/output/dense/int8/MatMul", "/m/bert/pooler/dense/Gemm"]
+    keep = _fp32_nodes(names, first_token=True)
+    assert [n for n in names if n in keep] == [names[1], names[2], names[4], names[5]]
+    assert "/m/bert/pooler/dense/Gemm_MatMul" in keep
+    assert [n for n in names if n in _fp32_nodes(names, first_token=False)] == [names[1], names[5]]
