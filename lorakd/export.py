@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -14,7 +15,6 @@ import numpy as np
 
 from . import atomic
 from .errors import UserError
-from .model import HEAD_NAMES
 from .predict import merged, onnx_session
 from .runs import load_run, open_trained
 
@@ -68,50 +68,112 @@ def _to_onnx(model, tok, path: Path):
                           opset_version=17, dynamo=False)
 
 
-def _split_outliers(model, tok, ratio=10.0, most=16) -> int:
-    """Route the few input channels of outsized range around int8, in every down-projection (a Linear with more
-    inputs than outputs, the head aside). Dynamic quantisation scales a whole activation tensor by its largest
-    value: one channel of 25 among channels of 1 (BERT's feed-forward outputs have such channels) leaves the
-    others a handful of levels. Those channels are zeroed in the int8 product and added back in fp32; the
-    function is unchanged. Returns how many channels were split out."""
+FIRST_TOKEN_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra")  # BertLayer's structure, head on token 0
+
+
+def _first_token_only(model) -> bool:
+    """Compute the last encoder layer for the first token alone: the classification head reads nothing else, so
+    the logits are the same, and the last layer's query, output, feed-forward and norms run on 1 row of a text's
+    ~50 instead of all (about an eighth of the work of a 6-layer model). Keys and values still see every token.
+    Only for the BERT family's layer structure (FIRST_TOKEN_TYPES); returns whether it was applied."""
     import torch
 
-    class Split(torch.nn.Module):
-        def __init__(self, linear, channels):
+    base = model.base_model
+    if model.config.model_type not in FIRST_TOKEN_TYPES or not hasattr(base, "encoder"):
+        return False
+
+    class FirstToken(torch.nn.Module):
+        def __init__(self, layer):
             super().__init__()
-            keep = torch.ones(linear.in_features)
-            keep[channels] = 0
-            self.register_buffer("keep", keep)
-            self.register_buffer("channels", torch.as_tensor(channels))
-            self.fp32 = torch.nn.Linear(len(channels), linear.out_features, bias=False)  # excluded from int8
-            self.fp32.weight.data = linear.weight.data[:, channels].clone()
-            linear.weight.data[:, channels] = 0
-            self.int8 = linear
+            self.layer = layer
+
+        def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+            att, first = self.layer.attention.self, hidden_states[:, :1]
+            shape = (hidden_states.shape[0], -1, att.num_attention_heads, att.attention_head_size)
+            q, k, v = (lin(x).view(shape).transpose(1, 2) for lin, x in
+                       ((att.query, first), (att.key, hidden_states), (att.value, hidden_states)))
+            scores = torch.matmul(q, k.transpose(2, 3)) * att.scaling  # [batch, heads, 1, sequence]
+            if attention_mask is not None:  # the eager additive mask, [batch, 1, queries, keys]: row 0's keys
+                scores = scores + attention_mask[:, :, :1]
+            context = torch.matmul(scores.softmax(-1), v).transpose(1, 2).reshape(first.shape)
+            out = self.layer.attention.output(context, first)
+            return self.layer.output(self.layer.intermediate(out), out)
+
+    base.encoder.layer[-1] = FirstToken(base.encoder.layer[-1])
+    return True
+
+
+def _split_outliers(model, tok, ratio=10.0, most=16) -> int:
+    """Route the few feed-forward channels of outsized range around int8. Dynamic quantisation scales a whole
+    activation tensor by its largest value: one channel of 25 among channels of 1 (BERT's feed-forward outputs
+    have such channels) leaves the others a handful of levels. Each layer's up-projection is split in two: the
+    ordinary channels (int8, on to the int8 down-projection) and the outsized ones (a small fp32 product through
+    the activation and back down, added to the int8 result). Same function; no pass over the whole activation
+    tensor to take them out. Layers with `intermediate.dense` and `output.dense` (BERT, RoBERTa, DeBERTa, MPNet
+    and kin); returns how many channels were split out."""
+    import torch
+
+    def linear(w, b):
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+        lin.weight.data = w.clone()
+        if b is not None:
+            lin.bias.data = b.clone()
+        return lin
+
+    class Up(torch.nn.Module):  # replaces `intermediate`: (ordinary channels, outsized channels), activated
+        def __init__(self, inter, keep, channels):
+            super().__init__()
+            w, b = inter.dense.weight.data, inter.dense.bias.data
+            self.int8, self.fp32 = linear(w[keep], b[keep]), linear(w[channels], b[channels])
+            self.act = inter.intermediate_act_fn
 
         def forward(self, x):
-            return self.int8(x * self.keep) + self.fp32(x[..., self.channels])
+            return self.act(self.int8(x)), self.act(self.fp32(x))
 
-    downs = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-             and m.in_features > m.out_features and not (n.startswith(HEAD_NAMES) or ".classifier" in n)]
-    peaks = {}  # name -> each input channel's largest |value| on the sample texts
+    class Down(torch.nn.Module):  # replaces `output.dense`: both parts back to the hidden size
+        def __init__(self, dense, keep, channels):
+            super().__init__()
+            self.int8 = linear(dense.weight.data[:, keep], dense.bias.data)
+            self.fp32 = linear(dense.weight.data[:, channels], None)
 
-    def record(name):
-        return lambda mod, inp, out: peaks.__setitem__(name, inp[0].abs().flatten(0, -2).amax(0))
-    hooks = [m.register_forward_hook(record(n)) for n, m in downs]
+        def forward(self, parts):
+            return self.int8(parts[0]) + self.fp32(parts[1])
+
+    layers = [m for m in model.modules() if isinstance(getattr(m, "intermediate", None), torch.nn.Module)
+              and isinstance(getattr(m.intermediate, "dense", None), torch.nn.Linear)
+              and isinstance(getattr(getattr(m, "output", None), "dense", None), torch.nn.Linear)]
+    peaks = {}  # layer -> each feed-forward channel's largest |activation| on the sample texts
+
+    def record(layer):
+        return lambda mod, inp, out: peaks.__setitem__(layer, out.abs().flatten(0, -2).amax(0))
+    hooks = [m.intermediate.register_forward_hook(record(m)) for m in layers]
     with torch.inference_mode():
         model(**tok(SAMPLE, padding=True, return_tensors="pt"))  # outlier channels show on any text
     for h in hooks:
         h.remove()
     count = 0
-    for name, linear in downs:
-        peak = peaks[name]
+    for layer in layers:
+        peak = peaks[layer]
         channels = torch.nonzero(peak > ratio * peak.median()).flatten()
-        channels = channels[peak[channels].argsort(descending=True)][:most].tolist()
-        if channels:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, Split(linear, channels))
+        channels = channels[peak[channels].argsort(descending=True)][:most]
+        if len(channels):
+            keep = torch.ones(len(peak), dtype=torch.bool)
+            keep[channels] = False
+            layer.output.dense = Down(layer.output.dense, keep, channels)
+            layer.intermediate = Up(layer.intermediate, keep, channels)
             count += len(channels)
     return count
+
+
+def _fp32_nodes(names, first_token: bool) -> list[str]:
+    """Products kept out of int8: the outsized channels' ("/fp32/"), the head's (pooler, classifier), and with
+    the first-token last layer all of that layer's but keys and values. Those run on one row per text, so
+    int8 saves nothing there, and a per-tensor scale over a handful of rows is what costs agreement."""
+    layers = [int(m.group(1)) for n in names if (m := re.search(r"/encoder/layer\.(\d+)/", n))]
+    last = f"/encoder/layer.{max(layers)}/" if layers and first_token else None
+    keep = [n for n in names if "/fp32/" in n or "/encoder/" not in n
+            or (last and last in n and not re.search(r"/(key|value)/", n))]
+    return keep + [n + "_MatMul" for n in keep]  # the quantiser's name for a Gemm it turns into MatMul + Add
 
 
 def export_onnx(model, tok, folder: Path, max_length: int, log=print) -> dict:
@@ -128,13 +190,15 @@ def export_onnx(model, tok, folder: Path, max_length: int, log=print) -> dict:
     # eager attention: SDPA paths may drop an all-ones mask, and a trace would keep that choice for good
     model.set_attn_implementation("eager")
     fp32, int8 = folder / "model.onnx", folder / "model.int8.onnx"
-    _to_onnx(model, tok, fp32)
-    diff = _check_onnx(fp32, model, tok, max_length)
-    split = copy.deepcopy(model)
+    fast = copy.deepcopy(model)
+    first = _first_token_only(fast)
+    _to_onnx(fast, tok, fp32)
+    diff = _check_onnx(fp32, model, tok, max_length)  # against the unmodified model: the same function
+    split = copy.deepcopy(fast)
     channels = _split_outliers(split, tok)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         _to_onnx(split, tok, Path(tmp) / "split.onnx")
-        keep = [n.name for n in onnx.load(Path(tmp) / "split.onnx").graph.node if "/fp32/" in n.name]
+        keep = _fp32_nodes([n.name for n in onnx.load(Path(tmp) / "split.onnx").graph.node], first)
         root, null, level = logging.getLogger(), logging.NullHandler(), logging.getLogger().level
         root.addHandler(null)  # its advice to pre-process goes to the root logger; that step fails on BERT
         root.setLevel(logging.ERROR)
@@ -145,8 +209,8 @@ def export_onnx(model, tok, folder: Path, max_length: int, log=print) -> dict:
             root.removeHandler(null)
             root.setLevel(level)
     log(f"ONNX: {fp32.name} (max |logit difference| to PyTorch {diff:.1e}), {int8.name} (int8; {channels} "
-        f"outlier channels of {len(keep)} down-projections kept in fp32)")
-    return {"onnx_max_abs_diff": diff, "int8_fp32_channels": channels}
+        f"outsized feed-forward channels kept in fp32)")
+    return {"onnx_max_abs_diff": diff, "int8_fp32_channels": channels, "last_layer_first_token_only": first}
 
 
 def _table(rows) -> str:

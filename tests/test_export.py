@@ -176,4 +176,37 @@ def test_outlier_channels_leave_int8_with_the_same_function(tiny_backbone):
         before = model(**enc).logits
         assert _split_outliers(model, tok) >= 1
         assert torch.allclose(model(**enc).logits, before, atol=1e-5)
-    assert type(model.bert.encoder.layer[0].output.dense).__name__ == "Split"
+    assert type(model.bert.encoder.layer[0].intermediate).__name__ == "Up"
+    assert type(model.bert.encoder.layer[0].output.dense).__name__ == "Down"
+
+
+def test_last_layer_on_the_first_token_gives_the_same_logits(tiny_backbone):
+    """The ONNX graph runs the last layer for the first token only: same logits on a padded batch."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lorakd.export import _first_token_only, _split_outliers
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_backbone, num_labels=4).eval()
+    model.set_attn_implementation("eager")
+    tok = AutoTokenizer.from_pretrained(tiny_backbone)
+    enc = tok(["election war peace", "goal match season coach league final", "chip"], padding=True,
+              return_tensors="pt")
+    with torch.inference_mode():
+        before = model(**enc).logits
+        assert _first_token_only(model)
+        assert torch.allclose(model(**enc).logits, before, atol=1e-5)
+        _split_outliers(model, tok, ratio=1.5)  # both rewrites together, as the export applies them
+        assert torch.allclose(model(**enc).logits, before, atol=1e-5)
+
+
+def test_products_on_one_row_per_text_stay_fp32():
+    """With the first-token last layer, its products (but keys and values) and the head's are not quantised."""
+    from lorakd.export import _fp32_nodes
+
+    names = ["/m/bert/encoder/layer.0/attention/self/query/MatMul", "/m/bert/encoder/layer.0/intermediate/fp32/MatMul",
+             "/m/bert/encoder/layer.1/query/MatMul", "/m/bert/encoder/layer.1/key/MatMul",
+             "/m/bert/encoder/layer.1/output/dense/int8/MatMul", "/m/bert/pooler/dense/Gemm"]
+    keep = _fp32_nodes(names, first_token=True)
+    assert [n for n in names if n in keep] == [names[1], names[2], names[4], names[5]]
+    assert "/m/bert/pooler/dense/Gemm_MatMul" in keep
+    assert [n for n in names if n in _fp32_nodes(names, first_token=False)] == [names[1], names[5]]
