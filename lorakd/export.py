@@ -179,7 +179,8 @@ def _fp32_nodes(names, first_token: bool) -> list[str]:
 def export_onnx(model, tok, folder: Path, max_length: int, log=print) -> dict:
     """model.onnx (fp32) and model.int8.onnx: matrix-product weights quantised to int8 per output channel,
     activations quantised at run time (onnxruntime's dynamic quantisation). Embedding lookups stay fp32:
-    int8 tables would shrink the file from 59 to 23 MB for MiniLM but cost agreement (99.43% against 99.53%)."""
+    int8 tables would shrink the MiniLM file by about 35 MB but cost agreement (99.43% against 99.53%, measured
+    before the first-token and fp32-head changes)."""
     import copy
 
     try:
