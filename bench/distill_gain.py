@@ -9,7 +9,10 @@ the teacher (a full fine-tune, trained on that regime's labels), then for each s
 and a budget-filling MiniLM under 1,000,000): CE only at the reference recipe, CE with more epochs
 (the best of them on validation is the "tuned" twin), distilled on the labelled rows alone,
 self-training on the teacher's hard labels of the transfer rows, and distilled with the transfer rows.
-Prints a table; writes bench/results/distill-gain-<device>-<date>.json (every run) and
+--teachers K trains K teachers per seed (init seeds differ, the split does not: data.split_seed) and adds the
+ensemble's arms; --round2 adds a teacher that learns from that ensemble over every row (arm kd_r2);
+--variants adds arms of other keys (student lr, say). Arms are compared on each run's last validation
+evaluation (see summarize). Side by side on a 2-GPU host: bench/device_distill.sh. Prints a table; writes bench/results/distill-gain-<device>-<date>.json (every run) and
 bench/results/distill-gain-summary.json (means, sd and gains in points). Results are rewritten after
 every run, so a call stopped at its time limit still returns what it measured.
 """
@@ -144,7 +147,7 @@ def one_seed(args, seed, run, result, raw_path, tmp, quiet, variants, base_stude
             record_teacher(result, seed, regime, f"mpnet-{k}", ts, t0)
         kd = [f"distill.teachers=[{tdirs[0]}]", *args.recipe]
         kd_ens = [f"distill.teachers=[{','.join(map(str, tdirs))}]", *args.recipe]
-        splits, dev_t, tok = None, model_lib.pick_device("auto"), model_lib.load_tokenizer(args.student_backbone)
+        dev_t, tok = model_lib.pick_device("auto"), model_lib.load_tokenizer(args.student_backbone)
 
         def student_cfg(over):
             return config_lib.load(base_student, [f"data.path={args.data}", f"model.backbone={args.student_backbone}",

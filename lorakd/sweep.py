@@ -326,12 +326,12 @@ def _run_parallel(todo, gpus, sweep_dir, record):
                 busy[gpu] = (m, log_path)
                 print(f"sweep member {m['name']}: started on GPU {gpu} ({m['status']}; log {log_path})")
             gpu, line = answers.get()
+            if line is None:  # the worker exited (a crash, a kill): a fresh one takes this GPU's next member
+                rc = workers.pop(gpu).wait()
             if gpu not in busy:
                 continue
             m, log_path = busy.pop(gpu)
-            if line is None:  # the worker died with the member (a crash, a kill): a fresh one takes the next
-                rc = workers.pop(gpu).wait()
-            else:
+            if line is not None:
                 rc = json.loads(line)["rc"]
             idle.append(gpu)
             _finish(m, rc, log_path)
