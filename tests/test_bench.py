@@ -1,0 +1,43 @@
+"""The benches' own arithmetic: what bench/distill_gain.py reports as gains must be what its runs say."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def gain():
+    spec = importlib.util.spec_from_file_location("distill_gain", REPO / "bench" / "distill_gain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(seed, arm, last, best=None, student="s", regime="few"):
+    return {"seed": seed, "regime": regime, "student": student, "arm": arm, "val": best or last, "val_last": last}
+
+
+def test_gains_use_the_last_evaluation_paired_by_seed(gain):
+    """CE for 20 epochs has the best best-of-evals figure, but arms are compared on their last evaluation; the
+    gain is the best KD arm over the best CE arm, paired over the seeds both ran; a student that lost its KD
+    arms to a deadline reports its arms and no gain."""
+    runs = [run(1, "ce", 0.80), run(2, "ce", 0.82),
+            run(1, "ce_e20", 0.84, best=0.90), run(2, "ce_e20", 0.86, best=0.91),
+            run(1, "kd_transfer", 0.86), run(2, "kd_transfer", 0.87),
+            run(1, "kd_lr1e3", 0.88), run(2, "kd_lr1e3", 0.87), run(3, "kd_lr1e3", 0.99),
+            run(1, "self_train", 0.85), run(2, "self_train", 0.85),
+            run(1, "ce", 0.70, student="cut")]
+    result = {"device": "cpu", "date": "d", "seeds": [1, 2, 3], "runs": runs,
+              "teachers": [{"seed": 1, "regime": "few", "teacher": "mpnet-0", "val": 0.9, "val_last": 0.89},
+                           {"seed": 2, "regime": "few", "teacher": "mpnet-0", "val": 0.9, "val_last": 0.91},
+                           {"seed": 1, "regime": "few", "teacher": "ensemble", "val": 0.93, "val_last": 0.93}]}
+    few = gain.summarize(result)["regimes"]["few"]
+    s = few["s"]
+    assert s["best_ce"] == "ce_e20" and s["best_kd"] == "kd_lr1e3"  # 3 seeds, mean 91.33 > 86.5
+    assert s["seeds"] == [1, 2] and s["gain_pt"] == pytest.approx(2.5)  # (4 + 1) / 2, seed 3 has no CE
+    assert s["gain_over_self_train_pt"] == pytest.approx(round(91.33 - 85.0, 2))
+    assert s["best_of_evals"]["arms"]["ce_e20"]["mean"] == pytest.approx(90.5)
+    assert few["cut"]["gain_pt"] is None and list(few["cut"]["arms"]) == ["ce"]
+    assert few["teacher"]["mean"] == pytest.approx(90.0) and few["teachers"]["ensemble"]["mean"] == 93.0
