@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", required=True, help="CSV, JSONL or pickle with a text column")
     pr.add_argument("--out", required=True, help="output CSV")
     pr.add_argument("--labels", default="index", help="index (0..K-1, default), name, or charcnn (1..K)")
-    pr.add_argument("--batch-size", type=int, help="default 256 (PyTorch), 32 (ONNX)")
+    pr.add_argument("--batch-size", type=int, help="default 256 (PyTorch), 8 (ONNX)")
     pr.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's / one per core)")
     pr.add_argument("--device", default="auto", help="auto, cpu, cuda (PyTorch models; ONNX runs on the CPU)")
     pr.add_argument("--backbone", help="a local copy of the run's (or adapter's) base model")

@@ -244,7 +244,7 @@ def open_model(kind, p: Path, device="auto", backbone=None, threads=0):
             model = AutoModelForSequenceClassification.from_pretrained(p)
         tok = AutoTokenizer.from_pretrained(p)
         amp, max_length = model_lib.amp_dtype("auto", dev), _max_length(tok)
-    model = model_lib.graph_safe(merged(model.float()))
+    model = merged(model.float())
     if amp is not None:
         model_lib.freeze_to(model, amp)
     return SimpleNamespace(tok=tok, max_length=max_length, run=_torch_runner(model, dev, amp), workers=1,

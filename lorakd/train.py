@@ -303,11 +303,20 @@ def process_age_s() -> float | None:
 
 class Phases:
     """Wall-clock seconds per phase of a run, as a user waits for them (run.json's summary["phases_s"]).
-    Only perf_counter around whole phases: no device syncs are added (an evaluation syncs by itself)."""
+    Only perf_counter around whole phases: no device syncs are added (an evaluation syncs by itself).
+
+    `start` is process start to train() (interpreter, imports, config) for the process's first run only: a
+    later run in the same process (the pipeline's student, a sweep's next member) waited for none of it."""
+    first_run = True
 
     def __init__(self):
-        self.s = {"start": process_age_s()}  # process start to train(): interpreter, imports, config
+        self.s = {"start": process_age_s() if Phases.first_run else 0.0}
+        Phases.first_run = False
         self.t = time.perf_counter()
+
+    def total(self):
+        """Start to now, as the marks add up (None where /proc could not say when the process started)."""
+        return None if self.s["start"] is None else round(sum(self.s.values()), 3)
 
     def mark(self, name):
         """Add the time since the last mark to `name`."""
@@ -404,8 +413,8 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
         kept = [r for r in read_metrics(run_dir) if resume and r["step"] <= state.step]
         atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
     phases.mark("model")
-    return SimpleNamespace(phases=phases,
-        cfg=cfg, run_dir=run_dir, ckpt_path=ckpt_path, rank=rank, world=world, device=device, log=log, amp=amp,
+    return SimpleNamespace(
+        phases=phases, cfg=cfg, run_dir=run_dir, ckpt_path=ckpt_path, rank=rank, world=world, device=device, log=log, amp=amp,
         splits=splits, stores=stores, counts=counts, model=model, params=params, optimizer=optimizer, acc=acc,
         share=share, step=step, with_kd=teacher_probs is not None, state=state, total=total,
         steps_per_epoch=steps_per_epoch, warmup=math.ceil(tc.warmup_ratio * total),
@@ -546,9 +555,8 @@ def finish(run, plots=False) -> dict:
 
             plot_run(run.run_dir)
             phases.mark("plots")
-        # graph_capture is part of train_loop; total runs from process start (None where /proc is missing)
-        summary["phases_s"] = {**phases.rounded(), "graph_capture": summary["graph_capture_s"],
-                               "total": None if phases.s["start"] is None else round(process_age_s(), 3)}
+        # graph_capture is part of train_loop, so not in the total
+        summary["phases_s"] = {**phases.rounded(), "graph_capture": summary["graph_capture_s"], "total": phases.total()}
         info = json.loads((run.run_dir / "run.json").read_text())
         info.update(status="done", summary=summary, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         atomic.write_json(run.run_dir / "run.json", info)

@@ -2,6 +2,8 @@
 import csv
 import json
 
+import pytest
+
 from lorakd import train as train_lib
 from lorakd.cli import main
 
@@ -41,3 +43,8 @@ def test_run_json_times_the_phases_a_user_waits_for(tiny_config, tmp_path):
     assert phases["train_loop"] >= summary["train_time_s"] * 0.99  # the loop holds the timed steps
     assert sum(phases[k] for k in parts) <= phases["total"] + 0.01  # /proc: this test runs on Linux
     assert {p.name for p in (run / "plots").iterdir()} == {"train_loss.png", "val_loss.png", "val_accuracy.png"}
+    # a second run in the same process (the pipeline's student, a sweep's next member) did not wait for the
+    # process's start: its start is 0 and its total is its own phases, not the process's age
+    again = train_lib.train(tiny_config(**{"train.epochs": 1}), tmp_path / "again", log=lambda *a: None)
+    assert again["phases_s"]["start"] == 0.0
+    assert again["phases_s"]["total"] == pytest.approx(sum(again["phases_s"][k] for k in parts[:-1]), abs=0.01)
