@@ -6,7 +6,8 @@
 #   bash bench/device_distill.sh /tmp/mpnet .device-carry/minilm .device-carry/data "$OUT" 450
 # Every process starts no new run after DEADLINE_S seconds and is stopped at DEADLINE_S + 110; a stopped
 # process keeps the runs it finished (its JSON is rewritten after each). $FEW_ARGS / $ALL_ARGS: extra arguments
-# for one regime's processes only (e.g. ALL_ARGS="--arms ce,kd_ens,ce_e10").
+# for one regime's processes only (e.g. ALL_ARGS="--arms ce,kd_ens,ce_e10"); $SEEDS: the seeds (default 42 43 44 45),
+# one process per seed and regime.
 set -u
 teacher=$1 student=$2 data=$3 out=$4 deadline=${5:-450}
 shift $(( $# < 5 ? $# : 5 )); [ "${1:-}" = "--" ] && shift
@@ -17,7 +18,7 @@ tag=-$(date +%H%M)
 raw=$out/raw$tag  # per-process JSON and logs, packed into one archive at the end (few files come back)
 mkdir -p "$raw"
 i=0
-for seed in 42 43 44 45; do
+for seed in ${SEEDS:-42 43 44 45}; do
   for regime in few all; do
     CUDA_VISIBLE_DEVICES=$((i % gpus)) PYTHONPATH=. timeout $((deadline + 110)) python bench/distill_gain.py \
       --teacher-backbone "$teacher" --student-backbone "$student" --data "$data" --seeds $seed --regimes $regime \

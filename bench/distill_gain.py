@@ -45,7 +45,7 @@ STUDENTS = {  # name: overrides of the reference student (presets/agnews-minilm.
 REGIMES = {  # name: (data overrides, teacher overrides, CE epochs to tune over, transfer-row overrides,
     #              overrides of the round-2 teacher, which trains on the labelled rows + the transfer rows)
     "all": ([], ["train.epochs=2"], [10], ["distill.augment=2"], ["train.epochs=1"]),
-    "few": ([], ["train.epochs=6"], [10, 20], [], ["train.epochs=2"]),  # + data.labelled=--labelled
+    "few": ([], ["train.epochs=6"], [10, 20, 40], [], ["train.epochs=2"]),  # + data.labelled=--labelled
 }
 
 
@@ -63,6 +63,9 @@ def main():
     ap.add_argument("--variants", nargs="*", default=[],
                     help="extra arms, each NAME:key=value,key=value: kd_NAME on top of kd_transfer, or a CE-only "
                          "arm when NAME starts with ce_ (a CE twin tuned otherwise)")
+    ap.add_argument("--kd-set", nargs="*", default=[], metavar="key=value",
+                    help="overrides for every arm that learns from a teacher (kd_*, self_train*), before --variants' "
+                         "own: the student lr that measured best with soft targets, say (CE arms keep theirs)")
     ap.add_argument("--skip-tuned", action="store_true", help="no longer-trained CE arms")
     ap.add_argument("--teachers", type=int, default=1,
                     help="mpnet teachers per seed (seeds s, s+1000, ...): >1 adds the ensemble arms kd_ens, self_train_ens")
@@ -85,7 +88,7 @@ def main():
 
     result = {"device": dev, "date": date.today().isoformat(), "torch": torch.__version__,
               "transformers": transformers.__version__,
-              "seeds": [], "recipe": args.recipe, "runs": [], "teachers": [], "logits": []}
+              "seeds": [], "recipe": args.recipe, "kd_set": args.kd_set, "runs": [], "teachers": [], "logits": []}
     raw_path = out / f"distill-gain-{dev.replace(' ', '_')}-{result['date']}{args.tag}.json"
     quiet = lambda *a, **k: None  # noqa: E731
     variants = [(v.split(":", 1)[0], v.split(":", 1)[1].split(",")) for v in args.variants]
@@ -176,24 +179,27 @@ def one_seed(args, seed, run, result, raw_path, tmp, quiet, variants, base_stude
         result["logits"].append({"seed": seed, "regime": regime, "rows": len(rows), "computed_s": times[0],
                                  "cached_s": times[1]})
         hard = ["distill.transfer_targets=hard", "distill.alpha=1"]
-        for student in args.students.split(","):
-            base = [f"model.backbone={args.student_backbone}", *common, *STUDENTS[student]]
-            transfer = kd + transfer_over
-            arms = [("ce", []), ("kd_transfer", transfer)]  # the key arms first: a deadline cuts the rest
-            if len(tdirs) > 1:
-                arms += [("kd_ens", kd_ens + transfer_over)]
-            if args.round2:
-                arms += [("kd_r2", [f"distill.teachers=[{r2}]", *args.recipe, *transfer_over])]
-            arms += [("self_train", transfer + hard)]
-            if len(tdirs) > 1:
-                arms += [("self_train_ens", kd_ens + transfer_over + hard)]
-            if not args.skip_tuned:
-                arms += [(f"ce_e{e}", [f"train.epochs={e}"]) for e in tune_epochs]
-            arms += [("kd_labelled", kd + ["distill.rest_as_transfer=false"])]
-            arms += [(n, o) if n.startswith("ce_") else (f"kd_{n}", transfer + o) for n, o in variants]
-            if args.arms:
-                arms = [a for a in arms if a[0] in args.arms.split(",")]
-            for arm, over in arms:
+        transfer, taught = kd + transfer_over, args.kd_set  # taught: every arm that learns from a teacher
+        r2_kd = [f"distill.teachers=[{r2}]", *args.recipe, *transfer_over] if args.round2 else []
+        arms = [("ce", []), ("kd_transfer", transfer + taught)]  # the key arms first: a deadline cuts the rest
+        if len(tdirs) > 1:
+            arms += [("kd_ens", kd_ens + transfer_over + taught)]
+        if args.round2:
+            arms += [("kd_r2", r2_kd + taught)]
+        arms += [("self_train", transfer + hard + taught)]
+        if len(tdirs) > 1:
+            arms += [("self_train_ens", kd_ens + transfer_over + hard + taught)]
+        if args.round2:
+            arms += [("self_train_r2", r2_kd + hard + taught)]
+        if not args.skip_tuned:
+            arms += [(f"ce_e{e}", [f"train.epochs={e}"]) for e in tune_epochs]
+        arms += [("kd_labelled", kd + ["distill.rest_as_transfer=false"] + taught)]
+        arms += [(n, o) if n.startswith("ce_") else (f"kd_{n}", transfer + taught + o) for n, o in variants]
+        if args.arms:
+            arms = [a for a in arms if a[0] in args.arms.split(",")]
+        for arm, over in arms:  # each arm for every student before the next arm: a deadline cuts arms, not students
+            for student in args.students.split(","):
+                base = [f"model.backbone={args.student_backbone}", *common, *STUDENTS[student]]
                 name = f"{regime}-{student}-{arm}-{seed}"
                 t0 = time.time()
                 s = run(name, base + over, base_student)
@@ -251,8 +257,11 @@ def gains(vals):
     """vals: {arm: {seed: accuracy}} -> arm means/sd and the best KD arm's gains over the best CE arm and over
     self-training, paired by seed."""
     arms = {arm: mean_sd(list(v.values())) for arm, v in vals.items()}
-    ce_arms = [a for a in arms if a == "ce" or a.startswith("ce_")]
-    kd_arms = [a for a in arms if a.startswith("kd_") and a != "kd_labelled"] or [a for a in arms if a == "kd_labelled"]
+    # the best arms are picked among those run on every seed the reference CE arm ran (each seed runs it first):
+    # a one-seed arm's mean says more about its seed's split than about the arm
+    pool = [a for a in arms if set(vals[a]) >= set(vals.get("ce", {}))]
+    ce_arms = [a for a in pool if a == "ce" or a.startswith("ce_")]
+    kd_arms = [a for a in pool if a.startswith("kd_") and a != "kd_labelled"] or [a for a in pool if a == "kd_labelled"]
     if not ce_arms or not kd_arms:  # a deadline cut this student short: arms only, no gain
         return dict(arms=arms, gain_pt=None)
     best_ce = max(ce_arms, key=lambda a: arms[a]["mean"])
@@ -260,10 +269,11 @@ def gains(vals):
     paired = sorted(set(vals[best_kd]) & set(vals[best_ce]))  # gains over the seeds both arms ran
     diffs = [100 * (vals[best_kd][s] - vals[best_ce][s]) for s in paired]
     out = dict(arms=arms, best_ce=best_ce, best_kd=best_kd, seeds=paired,
+               incomplete_arms=sorted(set(arms) - set(pool)),  # not run on every seed: not picked as best
                gain_pt=round(statistics.mean(diffs), 2) if diffs else None,
                gain_pt_sd=round(statistics.stdev(diffs), 2) if len(diffs) > 1 else None,
                gain_over_reference_ce_pt=round(arms[best_kd]["mean"] - arms["ce"]["mean"], 2) if "ce" in arms else None)
-    self_arms = [a for a in arms if a.startswith("self_train")]
+    self_arms = [a for a in pool if a.startswith("self_train")]
     if self_arms:
         best_self = max(self_arms, key=lambda a: arms[a]["mean"])
         out.update(best_self_train=best_self,

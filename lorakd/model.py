@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -62,6 +63,24 @@ def pick_device(spec: str, local_rank: int = 0) -> torch.device:
     if spec != "cpu":
         raise UserError(f"train.device {spec!r}: expected auto, cpu, cuda or cuda:N")
     return torch.device("cpu")
+
+
+def start_device(device: torch.device):
+    """Create the CUDA context in a background thread, so that it overlaps the imports and the model build on
+    the CPU (the driver call releases the GIL); returns the thread to join before the first use, or None.
+    A failure is left for the main thread's first CUDA call to raise where it is reported properly."""
+    if device.type != "cuda":
+        return None
+
+    def create():
+        try:
+            torch.empty(1, device=device)
+        except Exception:  # noqa: BLE001
+            pass
+
+    thread = threading.Thread(target=create, name="lorakd-cuda-context", daemon=True)
+    thread.start()
+    return thread
 
 
 def amp_dtype(precision: str, device: torch.device):

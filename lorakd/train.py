@@ -335,6 +335,7 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
     phases = phases or Phases()
     rank, world, local_rank = dist.env()
     device = model_lib.pick_device(cfg.train.device, local_rank)
+    context = model_lib.start_device(device)  # overlaps the imports and the model build below
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init(device, world)
@@ -357,7 +358,7 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
     model = model_lib.build(cfg.model, num_labels)  # the same initial weights on every process
     counts = model_lib.summarize_params(model)  # what count_params gives without weights, from the model itself
     model_lib.check_budget(cfg, counts)
-    phases.mark("model")
+    phases.mark("build")
     splits = data_lib.load_splits(cfg.data, tc.seed)
     tok = model_lib.load_tokenizer(cfg.model.backbone)
     train_rows, teacher_probs = distill.student_rows(cfg, splits, device, log, tok)
@@ -386,6 +387,8 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
     amp = model_lib.amp_dtype(tc.precision, device)
     if amp is not None:
         model_lib.freeze_to(model, amp)
+    if context is not None:
+        context.join()
     model.to(device).train()
     if tc.compile:
         # inductor fuses the elementwise kernels around the matmuls. Each padded width compiles once (shapes
@@ -412,7 +415,7 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
     if rank == 0:  # records after the checkpoint are replayed by the resumed run: drop them
         kept = [r for r in read_metrics(run_dir) if resume and r["step"] <= state.step]
         atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-    phases.mark("model")
+    phases.mark("device")
     return SimpleNamespace(
         phases=phases, cfg=cfg, run_dir=run_dir, ckpt_path=ckpt_path, rank=rank, world=world, device=device, log=log, amp=amp,
         splits=splits, stores=stores, counts=counts, model=model, params=params, optimizer=optimizer, acc=acc,

@@ -21,13 +21,15 @@ def run(seed, arm, last, best=None, student="s", regime="few"):
 
 def test_gains_use_the_last_evaluation_paired_by_seed(gain):
     """CE for 20 epochs has the best best-of-evals figure, but arms are compared on their last evaluation; the
-    gain is the best KD arm over the best CE arm, paired over the seeds both ran; a student that lost its KD
+    gain is the best KD arm over the best CE arm, paired over the seeds both ran, the best picked among arms run
+    on every seed the reference CE arm ran; a student that lost its KD
     arms to a deadline reports its arms and no gain."""
     runs = [run(1, "ce", 0.80), run(2, "ce", 0.82),
             run(1, "ce_e20", 0.84, best=0.90), run(2, "ce_e20", 0.86, best=0.91),
             run(1, "kd_transfer", 0.86), run(2, "kd_transfer", 0.87),
             run(1, "kd_lr1e3", 0.88), run(2, "kd_lr1e3", 0.87), run(3, "kd_lr1e3", 0.99),
             run(1, "self_train", 0.85), run(2, "self_train", 0.85),
+            run(1, "kd_one_seed", 0.99), run(1, "ce_one_seed", 0.99),  # not on every seed: never the best
             run(1, "ce", 0.70, student="cut")]
     result = {"device": "cpu", "date": "d", "seeds": [1, 2, 3], "runs": runs,
               "teachers": [{"seed": 1, "regime": "few", "teacher": "mpnet-0", "val": 0.9, "val_last": 0.89},
@@ -36,6 +38,7 @@ def test_gains_use_the_last_evaluation_paired_by_seed(gain):
     few = gain.summarize(result)["regimes"]["few"]
     s = few["s"]
     assert s["best_ce"] == "ce_e20" and s["best_kd"] == "kd_lr1e3"  # 3 seeds, mean 91.33 > 86.5
+    assert s["incomplete_arms"] == ["ce_one_seed", "kd_one_seed"]
     assert s["seeds"] == [1, 2] and s["gain_pt"] == pytest.approx(2.5)  # (4 + 1) / 2, seed 3 has no CE
     assert s["gain_over_self_train_pt"] == pytest.approx(round(91.33 - 85.0, 2))
     assert s["best_of_evals"]["arms"]["ce_e20"]["mean"] == pytest.approx(90.5)

@@ -37,7 +37,7 @@ def test_run_json_times_the_phases_a_user_waits_for(tiny_config, tmp_path):
     summary = train_lib.train(tiny_config(**{"train.epochs": 1}), run, log=lambda *a: None, plots=True)
     phases = json.loads((run / "run.json").read_text())["summary"]["phases_s"]
     assert phases == summary["phases_s"]
-    parts = ("start", "setup", "model", "data", "train_loop", "eval", "files", "plots")
+    parts = ("start", "setup", "build", "data", "device", "train_loop", "eval", "files", "plots")
     assert set(parts) <= set(phases) and phases["graph_capture"] == 0.0  # no graphs on the CPU
     assert all(phases[k] >= 0 for k in parts)
     assert phases["train_loop"] >= summary["train_time_s"] * 0.99  # the loop holds the timed steps
