@@ -68,7 +68,8 @@ def main():
                          "own: the student lr that measured best with soft targets, say (CE arms keep theirs)")
     ap.add_argument("--skip-tuned", action="store_true", help="no longer-trained CE arms")
     ap.add_argument("--teachers", type=int, default=1,
-                    help="mpnet teachers per seed (seeds s, s+1000, ...): >1 adds the ensemble arms kd_ens, self_train_ens")
+                    help="mpnet teachers per seed (seeds s, s+1000, ...): >1 adds the ensemble arms kd_ens, self_train_ens; "
+                         "0 runs the CE arms alone")
     ap.add_argument("--round2", action="store_true",
                     help="also a round-2 teacher, distilled from the ensemble over labelled + transfer rows (arm kd_r2)")
     ap.add_argument("--arms", default="", help="only these student arms (comma-separated; default: all)")
@@ -148,15 +149,18 @@ def one_seed(args, seed, run, result, raw_path, tmp, quiet, variants, base_stude
             ts = run(tdir.name, over, teacher_preset)
             tdirs.append(tdir)
             record_teacher(result, seed, regime, f"mpnet-{k}", ts, t0)
-        kd = [f"distill.teachers=[{tdirs[0]}]", *args.recipe]
-        kd_ens = [f"distill.teachers=[{','.join(map(str, tdirs))}]", *args.recipe]
+        if not tdirs:  # --teachers 0: a CE twin's tuning needs no teacher, only the CE arms run
+            kd = kd_ens = ["distill.teachers=[]"]
+        else:
+            kd = [f"distill.teachers=[{tdirs[0]}]", *args.recipe]
+            kd_ens = [f"distill.teachers=[{','.join(map(str, tdirs))}]", *args.recipe]
         dev_t, tok = model_lib.pick_device("auto"), model_lib.load_tokenizer(args.student_backbone)
 
         def student_cfg(over):
             return config_lib.load(base_student, [f"data.path={args.data}", f"model.backbone={args.student_backbone}",
                                                   *common, *over, *transfer_over, *args.set])
 
-        splits = data_lib.load_splits(student_cfg(kd).data, seed)
+        splits = data_lib.load_splits(student_cfg(kd).data, seed) if tdirs else None
         if len(tdirs) > 1:  # the ensemble's own validation accuracy (averaged probabilities, T = 1)
             cfg = student_cfg(kd_ens + ["distill.temperature=1"])
             probs = distill.soft_targets(cfg, [splits["validation"]], dev_t, quiet)
@@ -172,12 +176,13 @@ def one_seed(args, seed, run, result, raw_path, tmp, quiet, variants, base_stude
             record_teacher(result, seed, regime, "round2", ts, t0)
         # the transfer rows' logits: computed once (timed), then every arm reads the cache
         times = []
-        for _ in range(2):
+        for _ in range(2 if tdirs else 0):
             t0 = time.time()
             rows, _ = distill.student_rows(student_cfg(kd), dict(splits), dev_t, quiet, tok)
             times.append(round(time.time() - t0, 2))
-        result["logits"].append({"seed": seed, "regime": regime, "rows": len(rows), "computed_s": times[0],
-                                 "cached_s": times[1]})
+        if times:
+            result["logits"].append({"seed": seed, "regime": regime, "rows": len(rows), "computed_s": times[0],
+                                     "cached_s": times[1]})
         hard = ["distill.transfer_targets=hard", "distill.alpha=1"]
         transfer, taught = kd + transfer_over, args.kd_set  # taught: every arm that learns from a teacher
         r2_kd = [f"distill.teachers=[{r2}]", *args.recipe, *transfer_over] if args.round2 else []
@@ -197,6 +202,8 @@ def one_seed(args, seed, run, result, raw_path, tmp, quiet, variants, base_stude
         arms += [(n, o) if n.startswith("ce_") else (f"kd_{n}", transfer + taught + o) for n, o in variants]
         if args.arms:
             arms = [a for a in arms if a[0] in args.arms.split(",")]
+        if not tdirs:
+            arms = [a for a in arms if a[0] == "ce" or a[0].startswith("ce_")]
         for arm, over in arms:  # each arm for every student before the next arm: a deadline cuts arms, not students
             for student in args.students.split(","):
                 base = [f"model.backbone={args.student_backbone}", *common, *STUDENTS[student]]
