@@ -2,8 +2,10 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from lorakd import config as config_lib
+from lorakd import model as model_lib
 from lorakd.cli import main
 from lorakd.errors import UserError
 from lorakd.model import backbone_config, backbone_fingerprint, count_params, resolve_backbone
@@ -212,3 +214,15 @@ def test_attention_lever_switches_the_implementation_not_the_result(tiny_backbon
                                                        "model.targets": ["q"], "model.attention": "sdpa"}).model
     with pytest.raises(UserError, match="model.attention sdpa"):
         build(mcfg, 4)
+
+
+def test_start_device_overlaps_only_cuda_and_leaves_errors_to_the_main_thread():
+    """The background CUDA context: nothing to start on a CPU; where CUDA cannot start (here, no GPU) the thread
+    ends quietly and the main thread's first CUDA call is where the error is raised and reported."""
+    assert model_lib.start_device(torch.device("cpu")) is None
+    thread = model_lib.start_device(torch.device("cuda:0"))
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    if not torch.cuda.is_available():
+        with pytest.raises((RuntimeError, AssertionError)):
+            torch.empty(1, device="cuda:0")
