@@ -221,7 +221,8 @@ def _quantize_rows(src: Path, dst: Path, keep) -> int:
         added.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
-    zp, tiny, inv127 = const("rows/zp", np.uint8(128)), const("rows/tiny", np.float32(1e-30)), const("rows/1/127", np.float32(1 / 127))
+    zp, tiny = const("rows/zp", np.uint8(128)), const("rows/tiny", np.float32(1e-30))
+    inv127 = const("rows/1/127", np.float32(1 / 127))
     zero, z128 = const("rows/0.0", np.float32(0)), const("rows/128.0", np.float32(128))
     flat = const("rows/flat", np.array([-1]))
     nodes, quantised, count = [], {}, 0
@@ -277,7 +278,7 @@ def export_onnx(model, tok, folder: Path, max_length: int, log=print) -> dict:
 
     try:
         import onnx
-        import onnxruntime  # noqa: F401
+        import onnxruntime  # noqa: F401 (the export check runs the graphs)
     except ImportError:
         raise UserError('--onnx needs onnx and onnxruntime: pip install "lorakd[onnx]"') from None
     # eager attention: SDPA paths may drop an all-ones mask, and a trace would keep that choice for good
