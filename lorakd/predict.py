@@ -181,10 +181,11 @@ def _torch_runner(model, device, amp):
     return run
 
 
-# onnxruntime's fusion of residual Add + LayerNormalization into SkipLayerNormalization: its CPU kernel (1.32) took
-# 2.4 ms where the plain LayerNormalization took 0.3 ms on the same [896, 384] tensor; without it int8 MiniLM
-# predicts 23% faster (bench/predict_cpu.py, lever table)
-SLOW_FUSIONS = ["SkipLayerNormFusion"]
+# onnxruntime fusions whose CPU kernels (1.32) are slower than the plain ops they replace (bench/predict_cpu.py,
+# lever table): residual Add + LayerNormalization into SkipLayerNormalization (2.4 ms where LayerNormalization
+# took 0.3 ms on the same [896, 384] tensor; int8 MiniLM 23% faster without it); bias Add + Gelu into BiasGelu
+# (about twice the time of Add and Gelu apart; int8 MiniLM about 10% faster without it)
+SLOW_FUSIONS = ["SkipLayerNormFusion", "BiasGeluFusion"]
 
 
 def onnx_session(path, threads=1):

@@ -210,3 +210,56 @@ def test_products_on_one_row_per_text_stay_fp32():
     assert [n for n in names if n in keep] == [names[1], names[2], names[4], names[5]]
     assert "/m/bert/pooler/dense/Gemm_MatMul" in keep
     assert [n for n in names if n in _fp32_nodes(names, first_token=False)] == [names[1], names[5]]
+
+
+def test_key_and_value_biases_fold_away_with_the_same_logits(tiny_backbone):
+    """Key bias dropped (softmax ignores a shift shared by a query's scores), value bias moved into the output
+    projection's bias (softmax rows sum to 1): the same logits on a padded batch, first-token layer included."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lorakd.export import _first_token_only, _fold_attention_biases
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_backbone, num_labels=4).eval()
+    model.set_attn_implementation("eager")
+    tok = AutoTokenizer.from_pretrained(tiny_backbone)
+    for layer in model.bert.encoder.layer:  # random init leaves biases at zero: make them matter
+        for lin in (layer.attention.self.key, layer.attention.self.value):
+            lin.bias.data.normal_(0, 1.0)
+    enc = tok(["election war peace", "goal match season coach league final", "chip"], padding=True,
+              return_tensors="pt")
+    with torch.inference_mode():
+        before = model(**enc).logits
+        _first_token_only(model)
+        assert _fold_attention_biases(model) == 2
+        assert torch.allclose(model(**enc).logits, before, atol=1e-5)
+    assert model.bert.encoder.layer[0].attention.self.key.bias is None
+
+
+def test_int8_products_scale_each_row_alone(tmp_path):
+    """_quantize_rows: one MatMul + bias becomes int8 with a scale per row, computed as numpy computes it; a row
+    gives the same output whatever rows share its batch (dynamic quantisation's one scale per batch would not)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lorakd.export import _quantize_rows
+    from lorakd.predict import onnx_session
+
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(size=(16, 8)).astype(np.float32), rng.normal(size=8).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["t"], name="mm"), helper.make_node("Add", ["t", "b"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "f.onnx")
+    assert _quantize_rows(tmp_path / "f.onnx", tmp_path / "q.onnx", keep=[]) == 1
+    run = onnx_session(tmp_path / "q.onnx").run
+    x = rng.normal(size=(2, 3, 16)).astype(np.float32)
+    x[1] *= 100  # a text of far larger range beside the first
+    got = run(["y"], {"x": x})[0]
+    w_scale = np.abs(w).max(0) / 127
+    row_scale = np.abs(x).max(-1, keepdims=True) / 127
+    want = (np.round(x / row_scale) @ np.round(w / w_scale)) * row_scale * w_scale + b
+    assert np.allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert np.allclose(run(["y"], {"x": x[:1]})[0], got[:1], rtol=1e-6, atol=1e-6)
+    assert np.abs(got - (x @ w + b)).max() < 0.05 * np.abs(x @ w).max()
