@@ -38,9 +38,11 @@ from lorakd import model as model_lib  # noqa: E402
 from lorakd.runs import read_metrics  # noqa: E402
 from lorakd.train import train  # noqa: E402
 
-STUDENTS = {  # name: overrides of the reference student (presets/agnews-minilm.yaml)
+STUDENTS = {  # name: overrides of the reference student (presets/agnews-minilm.yaml); {teacher}: --teacher-backbone
     "minilm-r6-qkv": [],
     "minilm-fill": ["model.r=23", "model.targets=[query,key,value,dense]"],  # 973,060 trainable
+    # the reference design's shape on the teacher's own base-size backbone (925,444 trainable): opt in with --students
+    "mpnet-r6-qkv": ["model.backbone={teacher}", "model.targets=[q,k,v]"],
 }
 REGIMES = {  # name: (data overrides, teacher overrides, CE epochs to tune over, transfer-row overrides,
     #              overrides of the round-2 teacher, which trains on the labelled rows + the transfer rows)
@@ -57,7 +59,7 @@ def main():
     ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[42, 43, 44])
     ap.add_argument("--regimes", default="few,all")
     ap.add_argument("--labelled", type=int, default=1000, help="labelled rows of the few-label regime")
-    ap.add_argument("--students", default=",".join(STUDENTS))
+    ap.add_argument("--students", default="minilm-r6-qkv,minilm-fill", help=f"of {', '.join(STUDENTS)}")
     ap.add_argument("--recipe", nargs="*", default=["distill.alpha=0.5", "distill.temperature=2"],
                     help="distillation keys of the kd arms (the presets' defaults)")
     ap.add_argument("--variants", nargs="*", default=[],
@@ -206,7 +208,8 @@ def one_seed(args, seed, run, result, raw_path, tmp, quiet, variants, base_stude
             arms = [a for a in arms if a[0] == "ce" or a[0].startswith("ce_")]
         for arm, over in arms:  # each arm for every student before the next arm: a deadline cuts arms, not students
             for student in args.students.split(","):
-                base = [f"model.backbone={args.student_backbone}", *common, *STUDENTS[student]]
+                base = [f"model.backbone={args.student_backbone}", *common,
+                        *(o.format(teacher=args.teacher_backbone) for o in STUDENTS[student])]
                 name = f"{regime}-{student}-{arm}-{seed}"
                 t0 = time.time()
                 s = run(name, base + over, base_student)
