@@ -126,9 +126,9 @@ def _fold_attention_biases(model) -> int:
 
 
 def _split_outliers(model, tok, ratio=10.0, most=16) -> int:
-    """Route the few feed-forward channels of outsized range around int8. Dynamic quantisation scales a whole
-    activation tensor by its largest value: one channel of 25 among channels of 1 (BERT's feed-forward outputs
-    have such channels) leaves the others a handful of levels. Each layer's up-projection is split in two: the
+    """Route the few feed-forward channels of outsized range around int8. A run-time activation scale (one per
+    token, _quantize_rows) is set by the token's largest value: one channel of 25 among channels of 1 (BERT's
+    feed-forward outputs have such channels) leaves the others a handful of levels. Each layer's up-projection is split in two: the
     ordinary channels (int8, on to the int8 down-projection) and the outsized ones (a small fp32 product through
     the activation and back down, added to the int8 result). Same function; no pass over the whole activation
     tensor to take them out. Layers with `intermediate.dense` and `output.dense` (BERT, RoBERTa, DeBERTa, MPNet
@@ -374,8 +374,8 @@ def model_card(cfg, info, evals, run_dir, adapter_only, files) -> str:
         ]
         if "model.onnx" in files:
             lines += [
-                "", "ONNX (onnxruntime, CPU): `model.onnx` (fp32) and `model.int8.onnx` (int8 weights, dynamic "
-                "quantisation; the fast one on a CPU). Inputs `input_ids`, `attention_mask` (int64, [batch, "
+                "", "ONNX (onnxruntime, CPU): `model.onnx` (fp32) and `model.int8.onnx` (int8 weights, activations "
+                "quantised per token at run time; the fast one on a CPU). Inputs `input_ids`, `attention_mask` (int64, [batch, "
                 "sequence]); output `logits` [batch, classes]. With lorakd: `lorakd predict DIR/model.int8.onnx "
                 "--input FILE --out predictions.csv`; by hand:", "",
                 "```python", "import onnxruntime, numpy as np", "from transformers import AutoTokenizer",
