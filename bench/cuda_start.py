@@ -33,7 +33,6 @@ if sys.argv[1] == "sequential":
     t_context = time.perf_counter()
     model = model_lib.build(cfg.model, 4)
     t_build = time.perf_counter()
-    thread = None
 else:
     thread = model_lib.start_device(device)
     t_context = time.perf_counter()

@@ -195,7 +195,8 @@ def _fp32_nodes(names, first_token: bool) -> list[str]:
     last = f"/encoder/layer.{max(layers)}/" if layers and first_token else None
     keep = [n for n in names if "/fp32/" in n or "/encoder/" not in n
             or (last and last in n and not re.search(r"/(key|value)/", n))]
-    return keep + [n + "_MatMul" for n in keep]  # the quantiser's name for a Gemm it turns into MatMul + Add
+    # + onnxruntime's quantisers' name for a Gemm they turn into MatMul + Add (bench/static_quant.py uses them)
+    return keep + [n + "_MatMul" for n in keep]
 
 
 def _quantize_rows(src: Path, dst: Path, keep) -> int:
