@@ -7,7 +7,7 @@
 # Every process starts no new run after DEADLINE_S seconds and is stopped at DEADLINE_S + 110; a stopped
 # process keeps the runs it finished (its JSON is rewritten after each). $FEW_ARGS / $ALL_ARGS: extra arguments
 # for one regime's processes only (e.g. ALL_ARGS="--arms ce,kd_ens,ce_e10"); $SEEDS: the seeds (default 42 43 44 45),
-# one process per seed and regime.
+# one process per seed and regime; $REGIMES: the regimes (default few all).
 set -u
 teacher=$1 student=$2 data=$3 out=$4 deadline=${5:-450}
 shift $(( $# < 5 ? $# : 5 )); [ "${1:-}" = "--" ] && shift
@@ -19,7 +19,7 @@ raw=$out/raw$tag  # per-process JSON and logs, packed into one archive at the en
 mkdir -p "$raw"
 i=0
 for seed in ${SEEDS:-42 43 44 45}; do
-  for regime in few all; do
+  for regime in ${REGIMES:-few all}; do
     CUDA_VISIBLE_DEVICES=$((i % gpus)) PYTHONPATH=. timeout $((deadline + 110)) python bench/distill_gain.py \
       --teacher-backbone "$teacher" --student-backbone "$student" --data "$data" --seeds $seed --regimes $regime \
       --deadline-s "$deadline" --tag="$tag-$regime-s$seed" --out "$raw" "$@" $( [ $regime = few ] && echo "${FEW_ARGS:-}" || echo "${ALL_ARGS:-}" ) > "$raw/distill$tag-$regime-s$seed.log" 2>&1 &
