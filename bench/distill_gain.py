@@ -11,7 +11,9 @@ and a budget-filling MiniLM under 1,000,000): CE only at the reference recipe, C
 self-training on the teacher's hard labels of the transfer rows, and distilled with the transfer rows.
 --teachers K trains K teachers per seed (init seeds differ, the split does not: data.split_seed) and adds the
 ensemble's arms; --round2 adds a teacher that learns from that ensemble over every row (arm kd_r2);
---variants adds arms of other keys (student lr, say). Arms are compared on each run's last validation
+--chain adds an assistant teacher (the mpnet-r6-qkv LoRA student,
+distilled from the teacher over every row) that teaches arms kd_chain / self_train_chain; --variants adds arms of
+other keys (student lr, say). Arms are compared on each run's last validation
 evaluation (see summarize). Side by side on a 2-GPU host: bench/device_distill.sh. Prints a table; writes bench/results/distill-gain-<device>-<date>.json (every run) and
 bench/results/distill-gain-summary.json (means, sd and gains in points). Results are rewritten after
 every run, so a call stopped at its time limit still returns what it measured.
@@ -74,6 +76,11 @@ def main():
                          "0 runs the CE arms alone")
     ap.add_argument("--round2", action="store_true",
                     help="also a round-2 teacher, distilled from the ensemble over labelled + transfer rows (arm kd_r2)")
+    ap.add_argument("--chain", action="store_true",
+                    help="also an assistant teacher: the mpnet-r6-qkv LoRA student distilled from the teacher(s) over "
+                         "every row (it can beat its teacher with few labels), teaching arms kd_chain, self_train_chain")
+    ap.add_argument("--chain-set", nargs="*", default=["train.lr=5e-4"], metavar="key=value",
+                    help="the assistant's overrides (default: the lr that measured best for that student)")
     ap.add_argument("--arms", default="", help="only these student arms (comma-separated; default: all)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--deadline-s", type=float, default=0, help="start no new run after this many seconds")
@@ -176,6 +183,12 @@ def one_seed(args, seed, run, result, raw_path, tmp, quiet, variants, base_stude
             ts = run(r2.name, [f"model.backbone={args.teacher_backbone}", *common, *teacher_over, *kd_ens,
                                *transfer_over, *round2_over], teacher_preset)
             record_teacher(result, seed, regime, "round2", ts, t0)
+        if args.chain:  # the assistant: a LoRA student of the teacher's backbone, distilled over every row
+            t0 = time.time()
+            chain = tmp / f"assistant-{regime}-{seed}"
+            ts = run(chain.name, [*(o.format(teacher=args.teacher_backbone) for o in STUDENTS["mpnet-r6-qkv"]),
+                                  *common, *kd_ens, *transfer_over, *args.chain_set], base_student)
+            record_teacher(result, seed, regime, "chain", ts, t0)
         # the transfer rows' logits: computed once (timed), then every arm reads the cache
         times = []
         for _ in range(2 if tdirs else 0):
@@ -188,16 +201,21 @@ def one_seed(args, seed, run, result, raw_path, tmp, quiet, variants, base_stude
         hard = ["distill.transfer_targets=hard", "distill.alpha=1"]
         transfer, taught = kd + transfer_over, args.kd_set  # taught: every arm that learns from a teacher
         r2_kd = [f"distill.teachers=[{r2}]", *args.recipe, *transfer_over] if args.round2 else []
+        chain_kd = [f"distill.teachers=[{chain}]", *args.recipe, *transfer_over] if args.chain else []
         arms = [("ce", []), ("kd_transfer", transfer + taught)]  # the key arms first: a deadline cuts the rest
         if len(tdirs) > 1:
             arms += [("kd_ens", kd_ens + transfer_over + taught)]
         if args.round2:
             arms += [("kd_r2", r2_kd + taught)]
+        if args.chain:
+            arms += [("kd_chain", chain_kd + taught)]
         arms += [("self_train", transfer + hard + taught)]
         if len(tdirs) > 1:
             arms += [("self_train_ens", kd_ens + transfer_over + hard + taught)]
         if args.round2:
             arms += [("self_train_r2", r2_kd + hard + taught)]
+        if args.chain:
+            arms += [("self_train_chain", chain_kd + hard + taught)]
         if not args.skip_tuned:
             arms += [(f"ce_e{e}", [f"train.epochs={e}"]) for e in tune_epochs]
         arms += [("kd_labelled", kd + ["distill.rest_as_transfer=false"] + taught)]
