@@ -115,8 +115,16 @@ def cmd_export(args):
 def cmd_params(args):
     from .model import count_params
 
+    teacher = None
     if args.preset or args.config:
-        cfg = config_lib.load(preset_path(args.preset or args.config), args.overrides)
+        path = preset_path(args.preset or args.config)
+        raw = config_lib.read_yaml(path)
+        if "teacher" in raw:  # a pipeline config: count its student, and say what its teacher trains
+            from .pipeline import split_configs
+
+            teacher, cfg = split_configs(raw, args.overrides)
+        else:
+            cfg = config_lib.load(path, args.overrides)
     else:
         cfg = config_lib.load(None, args.overrides)
     m = {}
@@ -143,6 +151,10 @@ def cmd_params(args):
     if cfg.role == "student" and mc.budget and not mc.full_finetune:
         ok = counts["trainable"] <= mc.budget
         print(f"budget {mc.budget:,}: {'within' if ok else 'OVER'} ({mc.budget - counts['trainable']:+,} left)")
+    if teacher is not None:
+        t = count_params(teacher.model, len(teacher.data.label_names))
+        how = "full fine-tune" if teacher.model.full_finetune else f"LoRA r={teacher.model.r}"
+        print(f"teacher (pipeline): {teacher.model.backbone}, {how}: trainable {t['trainable']:,} of {t['total']:,}")
 
 
 def cmd_pipeline(args):

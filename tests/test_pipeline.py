@@ -34,3 +34,15 @@ def test_pipeline_runs_then_skips(tiny_config, tmp_path):
     s2 = run_pipeline(cfg_path, out=out, predict_input=inp, log=lambda *a: None)
     assert s2["stages"] == {"teacher": "skipped", "logits": "cached", "student": "skipped", "predict": "skipped"}
     assert json.loads((out / "pipeline.json").read_text())["stages"]["student"] == "skipped"
+
+
+def test_params_counts_a_pipeline_presets_student_and_names_its_teacher(capsys):
+    """`lorakd params --preset pipeline-minilm`: the student's exact count (the reference shape on MiniLM) and the
+    teacher's, instead of refusing the `teacher:` section."""
+    from lorakd.cli import main
+
+    main(["params", "--preset", "pipeline-minilm"])
+    out = capsys.readouterr().out
+    assert "trainable 84,484 of 22,799,240" in out
+    assert "budget 1,000,000: within" in out
+    assert "teacher (pipeline): embedded:minilm, full fine-tune: trainable 22,714,756 of 22,714,756" in out
