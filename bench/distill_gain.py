@@ -21,6 +21,7 @@ every run, so a call stopped at its time limit still returns what it measured.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import tempfile
@@ -101,7 +102,7 @@ def main():
               "seeds": [], "recipe": args.recipe, "kd_set": args.kd_set, "runs": [], "teachers": [], "logits": []}
     raw_path = out / f"distill-gain-{dev.replace(' ', '_')}-{result['date']}{args.tag}.json"
     quiet = lambda *a, **k: None  # noqa: E731
-    variants = [(v.split(":", 1)[0], v.split(":", 1)[1].split(",")) for v in args.variants]
+    variants = [parse_variant(v) for v in args.variants]
     base_student = str(config_lib.preset_path("agnews-minilm"))
 
     def run(name, over, path):
@@ -125,6 +126,12 @@ def main():
         atomic.write_json(out / "distill-gain-summary.json", summary)
     print_summary(summary)
     print(f"wrote {raw_path} in {time.time() - t_start:.0f}s")
+
+
+def parse_variant(text):
+    """NAME:key=value,key=value -> (NAME, [key=value, ...]); a comma inside [...] belongs to a list value."""
+    name, _, keys = text.partition(":")
+    return name, re.split(r",(?![^\[]*\])", keys)
 
 
 def merge(paths, out):

@@ -44,3 +44,10 @@ def test_gains_use_the_last_evaluation_paired_by_seed(gain):
     assert s["best_of_evals"]["arms"]["ce_e20"]["mean"] == pytest.approx(90.5)
     assert few["cut"]["gain_pt"] is None and list(few["cut"]["arms"]) == ["ce"]
     assert few["teacher"]["mean"] == pytest.approx(90.0) and few["teachers"]["ensemble"]["mean"] == 93.0
+
+
+def test_a_variants_list_value_keeps_its_commas(gain):
+    """--variants NAME:k=v,k=v splits on the commas between keys, not those inside a list value."""
+    assert gain.parse_variant("mix4:distill.augment_ops=[delete,swap,mix],distill.augment=4") == (
+        "mix4", ["distill.augment_ops=[delete,swap,mix]", "distill.augment=4"])
+    assert gain.parse_variant("ce_lr:train.lr=5e-4,train.epochs=20") == ("ce_lr", ["train.lr=5e-4", "train.epochs=20"])
