@@ -1,0 +1,60 @@
+"""What a user's `lorakd train` costs, command to exit, with and without a bytecode cache.
+
+The lent GPU machine sets PYTHONDONTWRITEBYTECODE=1, so every fresh process compiles transformers', torch's and
+peft's sources again; a user's machine keeps the compiled files after the first run. This runs fresh
+`lorakd train --config presets/agnews-minilm.yaml` processes (bench.cli_run) as that machine does, then with
+bytecode written to a private cache (PYTHONPYCACHEPREFIX; the first of those compiles and writes, the next ones
+read it), prints a table and writes JSON:
+    python bench/cli_bytecode.py --backbone .device-carry/minilm --data .device-carry/data --out "$OUT"
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (bench.cli_run: one fresh process, its wall time and phases)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backbone", default="embedded:minilm")
+    ap.add_argument("--data", default="../shared/data/ag_news")
+    ap.add_argument("--runs", type=int, default=3, help="fresh processes per arm")
+    ap.add_argument("--out", default=str(bench.REPO / "bench" / "results"))
+    args = ap.parse_args()
+    import torch
+
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    tmp = Path(tempfile.mkdtemp(prefix="lorakd-cli-"))
+    res = {"device": dev, "date": date.today().isoformat(), "torch": torch.__version__,
+           "machine_sets_PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"), "arms": {}}
+    saved = dict(os.environ)
+    for arm in ("as the machine is (no bytecode written)", "bytecode cache (PYTHONPYCACHEPREFIX)"):
+        os.environ.clear()
+        os.environ.update(saved)
+        if arm.startswith("bytecode"):
+            os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+            os.environ["PYTHONPYCACHEPREFIX"] = str(tmp / "pycache")
+        runs = [bench.cli_run(args.backbone, args.data, tmp, f"{len(res['arms'])}-{i}") for i in range(args.runs)]
+        res["arms"][arm] = runs
+        print(f"{arm}: wall " + " / ".join(f"{r['wall_s']:.1f}" for r in runs) + " s; start+build "
+              + " / ".join(f"{r['phases_s']['start'] + r['phases_s']['build']:.1f}" for r in runs), flush=True)
+    os.environ.clear()
+    os.environ.update(saved)
+    warm = [r["wall_s"] for r in res["arms"]["bytecode cache (PYTHONPYCACHEPREFIX)"][1:]]
+    res["wall_s_with_bytecode_cache"] = {"mean": round(statistics.mean(warm), 2), "runs": warm} if warm else None
+    out = Path(args.out) / f"cli-bytecode-{dev.replace(' ', '_')}-{res['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
