@@ -10,11 +10,10 @@ and a budget-filling MiniLM under 1,000,000): CE only at the reference recipe, C
 (the best of them on validation is the "tuned" twin), distilled on the labelled rows alone,
 self-training on the teacher's hard labels of the transfer rows, and distilled with the transfer rows.
 --teachers K trains K teachers per seed (init seeds differ, the split does not: data.split_seed) and adds the
-ensemble's arms; --round2 adds a teacher that learns from that ensemble over every row (arm kd_r2);
---chain adds an assistant teacher (the mpnet-r6-qkv LoRA student,
-distilled from the teacher over every row) that teaches arms kd_chain / self_train_chain; --variants adds arms of
-other keys (student lr, say). Arms are compared on each run's last validation
-evaluation (see summarize). Side by side on a 2-GPU host: bench/device_distill.sh. Prints a table; writes bench/results/distill-gain-<device>-<date>.json (every run) and
+ensemble's arms; --round2 adds a teacher that learns from that ensemble over every row (arm kd_r2); --chain adds
+an assistant teacher (the mpnet-r6-qkv LoRA student, distilled from the teacher over every row) that teaches arms
+kd_chain / self_train_chain; --variants adds arms of other keys (student lr, say). Arms are compared on each run's
+last validation evaluation (see summarize). Side by side on a 2-GPU host: bench/device_distill.sh. Prints a table; writes bench/results/distill-gain-<device>-<date>.json (every run) and
 bench/results/distill-gain-summary.json (means, sd and gains in points). Results are rewritten after
 every run, so a call stopped at its time limit still returns what it measured.
 """
