@@ -27,6 +27,8 @@ def main():
     ap.add_argument("--backbone", default="embedded:minilm")
     ap.add_argument("--data", default="../shared/data/ag_news")
     ap.add_argument("--runs", type=int, default=3, help="fresh processes per arm")
+    ap.add_argument("--cache-only", action="store_true", help="only the bytecode-cache arm")
+    ap.add_argument("--tag", default="", help="suffix of the JSON's name")
     ap.add_argument("--out", default=str(bench.REPO / "bench" / "results"))
     args = ap.parse_args()
     import torch
@@ -36,7 +38,8 @@ def main():
     res = {"device": dev, "date": date.today().isoformat(), "torch": torch.__version__,
            "machine_sets_PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"), "arms": {}}
     saved = dict(os.environ)
-    for arm in ("as the machine is (no bytecode written)", "bytecode cache (PYTHONPYCACHEPREFIX)"):
+    arms = ["as the machine is (no bytecode written)", "bytecode cache (PYTHONPYCACHEPREFIX)"]
+    for arm in arms[args.cache_only:]:
         os.environ.clear()
         os.environ.update(saved)
         if arm.startswith("bytecode"):
@@ -50,7 +53,7 @@ def main():
     os.environ.update(saved)
     warm = [r["wall_s"] for r in res["arms"]["bytecode cache (PYTHONPYCACHEPREFIX)"][1:]]
     res["wall_s_with_bytecode_cache"] = {"mean": round(statistics.mean(warm), 2), "runs": warm} if warm else None
-    out = Path(args.out) / f"cli-bytecode-{dev.replace(' ', '_')}-{res['date']}.json"
+    out = Path(args.out) / f"cli-bytecode-{dev.replace(' ', '_')}-{res['date']}{args.tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     print(f"wrote {out}")
