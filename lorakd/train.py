@@ -102,10 +102,7 @@ class GraphedStep:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                # two runs before the first capture (lazy state: optimizer moments, cuBLAS workspaces); later
-                # shapes find that state made and need one run for their own kernels' set-up: capture is
-                # mostly these eager runs, so each saved one is ~1/3 of a shape's capture time
-                for _ in range(2 if not self.graphs else 1):
+                for _ in range(2):
                     self.step(static_idx, width)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
