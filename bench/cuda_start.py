@@ -28,16 +28,15 @@ from lorakd import config as config_lib, model as model_lib
 t_import = time.perf_counter()
 device = torch.device("cuda:0")
 cfg = config_lib.load(config_lib.preset_path("agnews-minilm"), [f"model.backbone={sys.argv[2]}"])
+thread = None
 if sys.argv[1] == "sequential":
     torch.empty(1, device=device)
-    t_context = time.perf_counter()
-    model = model_lib.build(cfg.model, 4)
-    t_build = time.perf_counter()
 else:
     thread = model_lib.start_device(device)
-    t_context = time.perf_counter()
-    model = model_lib.build(cfg.model, 4)
-    t_build = time.perf_counter()
+t_context = time.perf_counter()
+model = model_lib.build(cfg.model, 4)
+t_build = time.perf_counter()
+if thread is not None:
     thread.join()
 model.to(device)
 torch.cuda.synchronize()

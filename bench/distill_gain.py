@@ -206,22 +206,17 @@ def one_seed(args, seed, run, result, raw_path, tmp, quiet, variants, base_stude
                                      "cached_s": times[1]})
         hard = ["distill.transfer_targets=hard", "distill.alpha=1"]
         transfer, taught = kd + transfer_over, args.kd_set  # taught: every arm that learns from a teacher
-        r2_kd = [f"distill.teachers=[{r2}]", *args.recipe, *transfer_over] if args.round2 else []
-        chain_kd = [f"distill.teachers=[{chain}]", *args.recipe, *transfer_over] if args.chain else []
+        others = []  # (name, distillation keys) of the other teachers; each teaches a kd_ and a self_train_ arm
+        if len(tdirs) > 1:
+            others += [("ens", kd_ens + transfer_over)]
+        if args.round2:
+            others += [("r2", [f"distill.teachers=[{r2}]", *args.recipe, *transfer_over])]
+        if args.chain:
+            others += [("chain", [f"distill.teachers=[{chain}]", *args.recipe, *transfer_over])]
         arms = [("ce", []), ("kd_transfer", transfer + taught)]  # the key arms first: a deadline cuts the rest
-        if len(tdirs) > 1:
-            arms += [("kd_ens", kd_ens + transfer_over + taught)]
-        if args.round2:
-            arms += [("kd_r2", r2_kd + taught)]
-        if args.chain:
-            arms += [("kd_chain", chain_kd + taught)]
+        arms += [(f"kd_{name}", over + taught) for name, over in others]
         arms += [("self_train", transfer + hard + taught)]
-        if len(tdirs) > 1:
-            arms += [("self_train_ens", kd_ens + transfer_over + hard + taught)]
-        if args.round2:
-            arms += [("self_train_r2", r2_kd + hard + taught)]
-        if args.chain:
-            arms += [("self_train_chain", chain_kd + hard + taught)]
+        arms += [(f"self_train_{name}", over + hard + taught) for name, over in others]
         if not args.skip_tuned:
             arms += [(f"ce_e{e}", [f"train.epochs={e}"]) for e in tune_epochs]
         arms += [("kd_labelled", kd + ["distill.rest_as_transfer=false"] + taught)]

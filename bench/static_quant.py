@@ -1,6 +1,6 @@
 """Static (calibrated) against dynamic int8 for `lorakd predict`'s ONNX path (issue 16's lever table).
     python bench/static_quant.py --run /tmp/minilm-student [--variants dynamic qdq-minmax ...]
-Builds the graph `lorakd export --onnx` quantises (first-token last layer, outsized channels split off), then
+Builds the graph `lorakd export --onnx` quantises (first-token last layer, export._int8_source), then
 quantises it each way asked: dynamic as the export does, or static with activation ranges calibrated on
 --calib texts of the run's TRAIN split (never its validation rows), with the export's fp32 exceptions. Each
 model predicts every text of --data through lorakd's own batching (batches of 8, one per core); texts/s is
@@ -11,7 +11,6 @@ with the PyTorch student's labels (computed once, cached in --work). Prints one 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -82,9 +81,8 @@ def build(run, work: Path, calib_n: int, variants):
     model = merged(model)
     model.set_attn_implementation("eager")
     split_path = work / "split.onnx"
-    fast = copy.deepcopy(model)
-    first = ex._first_token_only(fast)
-    ex._split_outliers(fast, tok)
+    first = ex._first_token_only(model)  # the model is this function's own: rewritten in place
+    fast, _ = ex._int8_source(model, tok)
     if not split_path.exists():
         ex._to_onnx(fast, tok, split_path)
     keep = ex._fp32_nodes([n.name for n in onnx.load(split_path).graph.node], first)

@@ -140,9 +140,7 @@ def cmd_params(args):
     cfg = config_lib.override(cfg, **m) if m else cfg
     counts = count_params(cfg.model, len(cfg.data.label_names))
     mc = cfg.model
-    what = "full fine-tune" if mc.full_finetune else (
-        f"LoRA r={mc.r} alpha={mc.alpha:g} on {','.join(mc.targets)}, layers {','.join(map(str, mc.layers)) or 'all'}")
-    print(f"{mc.backbone}: {what}, {len(cfg.data.label_names)} labels")
+    print(f"{mc.backbone}: {_design(mc)}, {len(cfg.data.label_names)} labels")
     print(f"{'module':<34} {'layers':>6} {'params':>12}")
     for row in counts["breakdown"]:
         print(f"{row['module']:<34} {row['layers'] if row['layers'] is not None else '':>6} {row['params']:>12,}")
@@ -153,8 +151,15 @@ def cmd_params(args):
         print(f"budget {mc.budget:,}: {'within' if ok else 'OVER'} ({mc.budget - counts['trainable']:+,} left)")
     if teacher is not None:
         t = count_params(teacher.model, len(teacher.data.label_names))
-        how = "full fine-tune" if teacher.model.full_finetune else f"LoRA r={teacher.model.r}"
-        print(f"teacher (pipeline): {teacher.model.backbone}, {how}: trainable {t['trainable']:,} of {t['total']:,}")
+        print(f"teacher (pipeline): {teacher.model.backbone}, {_design(teacher.model)}: "
+              f"trainable {t['trainable']:,} of {t['total']:,}")
+
+
+def _design(mc) -> str:
+    """What a model config trains, in words."""
+    if mc.full_finetune:
+        return "full fine-tune"
+    return f"LoRA r={mc.r} alpha={mc.alpha:g} on {','.join(mc.targets)}, layers {','.join(map(str, mc.layers)) or 'all'}"
 
 
 def cmd_pipeline(args):

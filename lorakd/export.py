@@ -192,6 +192,16 @@ def _split_outliers(model, tok, ratio=10.0, most=16, align=16) -> int:
     return count
 
 
+def _int8_source(model, tok):
+    """A copy of the (first-token) model rewritten for int8, same function: attention biases folded, outsized
+    feed-forward channels split off. Returns (copy, channels split off)."""
+    import copy
+
+    split = copy.deepcopy(model)
+    _fold_attention_biases(split)
+    return split, _split_outliers(split, tok)
+
+
 def _fp32_nodes(names, first_token: bool) -> list[str]:
     """Products kept out of int8: the outsized channels' ("/fp32/"), the head's (pooler, classifier), and with
     the first-token last layer all of that layer's but keys and values. Those run on one row per text, so
@@ -294,9 +304,7 @@ def export_onnx(model, tok, folder: Path, max_length: int, log=print) -> dict:
     first = _first_token_only(fast)
     _to_onnx(fast, tok, fp32)
     diff = _check_onnx(fp32, model, tok, max_length)  # against the unmodified model: the same function
-    split = copy.deepcopy(fast)
-    _fold_attention_biases(split)
-    channels = _split_outliers(split, tok)
+    split, channels = _int8_source(fast, tok)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         _to_onnx(split, tok, Path(tmp) / "split.onnx")
         keep = _fp32_nodes([n.name for n in onnx.load(Path(tmp) / "split.onnx").graph.node], first)
