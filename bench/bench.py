@@ -327,11 +327,11 @@ def print_table(rows, cols=("name", "samples_per_s", "epoch_120k_s", "peak_gb", 
 
 # ---------------------------------------------------------------- speed: issue 14's figures in one call
 
-def cli_run(backbone, data, tmp, name):
+def cli_run(backbone, data, tmp, name, overrides=()):
     """A fresh `lorakd train --config presets/agnews-minilm.yaml --data DATA` process, command to exit."""
     out = Path(tmp) / name
     cmd = [sys.executable, "-m", "lorakd.cli", "train", "--config", "presets/agnews-minilm.yaml", "--data", data,
-           "--out", str(out)]
+           "--out", str(out), *overrides]
     if backbone != "embedded:minilm":  # the GPU machine gets MiniLM as a folder, not the PyPI wheel
         cmd.append(f"model.backbone={backbone}")
     if TINY:

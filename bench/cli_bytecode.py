@@ -4,8 +4,9 @@ The lent GPU machine sets PYTHONDONTWRITEBYTECODE=1, so every fresh process comp
 peft's sources again; a user's machine keeps the compiled files after the first run. This runs fresh
 `lorakd train --config presets/agnews-minilm.yaml` processes (bench.cli_run) as that machine does, then with
 bytecode written to a private cache (PYTHONPYCACHEPREFIX; the first of those compiles and writes, the next ones
-read it), prints a table and writes JSON:
-    python bench/cli_bytecode.py --backbone .device-carry/minilm --data .device-carry/data --out "$OUT"
+read it), prints a table and writes JSON; --also adds arms with an override each, on the same cache:
+    python bench/cli_bytecode.py --backbone .device-carry/minilm --data .device-carry/data --out "$OUT" \
+        [--cache-only] [--also data.pad_multiple=32]
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def main():
     ap.add_argument("--data", default="../shared/data/ag_news")
     ap.add_argument("--runs", type=int, default=3, help="fresh processes per arm")
     ap.add_argument("--cache-only", action="store_true", help="only the bytecode-cache arm")
+    ap.add_argument("--also", nargs="*", default=[], metavar="key=value",
+                    help="then one more bytecode-cache arm per override (data.pad_multiple=32, say), same cache")
     ap.add_argument("--tag", default="", help="suffix of the JSON's name")
     ap.add_argument("--out", default=str(bench.REPO / "bench" / "results"))
     args = ap.parse_args()
@@ -39,13 +42,15 @@ def main():
            "machine_sets_PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"), "arms": {}}
     saved = dict(os.environ)
     arms = ["as the machine is (no bytecode written)", "bytecode cache (PYTHONPYCACHEPREFIX)"]
-    for arm in arms[args.cache_only:]:
+    for arm in arms[args.cache_only:] + [f"bytecode cache, {o}" for o in args.also]:
         os.environ.clear()
         os.environ.update(saved)
         if arm.startswith("bytecode"):
             os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
             os.environ["PYTHONPYCACHEPREFIX"] = str(tmp / "pycache")
-        runs = [bench.cli_run(args.backbone, args.data, tmp, f"{len(res['arms'])}-{i}") for i in range(args.runs)]
+        over = arm.split(", ")[1:]
+        runs = [bench.cli_run(args.backbone, args.data, tmp, f"{len(res['arms'])}-{i}", over)
+                for i in range(args.runs)]
         res["arms"][arm] = runs
         print(f"{arm}: wall " + " / ".join(f"{r['wall_s']:.1f}" for r in runs) + " s; start+build "
               + " / ".join(f"{r['phases_s']['start'] + r['phases_s']['build']:.1f}" for r in runs), flush=True)

@@ -12,7 +12,7 @@ self-training on the teacher's hard labels of the transfer rows, and distilled w
 --teachers K trains K teachers per seed (init seeds differ, the split does not: data.split_seed) and adds the
 ensemble's arms; --round2 adds a teacher that learns from that ensemble over every row (arm kd_r2); --chain adds
 an assistant teacher (the mpnet-r6-qkv LoRA student, distilled from the teacher over every row) that teaches arms
-kd_chain / self_train_chain; --variants adds arms of other keys (student lr, say). Arms are compared on each run's
+kd_chain / self_train_chain; --variants adds arms of other keys (student lr, say; --variants-teacher: whose). Arms are compared on each run's
 last validation evaluation (see summarize). Side by side on a 2-GPU host: bench/device_distill.sh. Prints a table; writes bench/results/distill-gain-<device>-<date>.json (every run) and
 bench/results/distill-gain-summary.json (means, sd and gains in points). Results are rewritten after
 every run, so a call stopped at its time limit still returns what it measured.
@@ -65,8 +65,11 @@ def main():
     ap.add_argument("--recipe", nargs="*", default=["distill.alpha=0.5", "distill.temperature=2"],
                     help="distillation keys of the kd arms (the presets' defaults)")
     ap.add_argument("--variants", nargs="*", default=[],
-                    help="extra arms, each NAME:key=value,key=value: kd_NAME on top of kd_transfer, or a CE-only "
-                         "arm when NAME starts with ce_ (a CE twin tuned otherwise)")
+                    help="extra arms, each NAME:key=value,key=value: kd_NAME on top of kd_transfer, a CE-only "
+                         "arm when NAME starts with ce_ (a CE twin tuned otherwise), or a self-training arm when "
+                         "it starts with self_train")
+    ap.add_argument("--variants-teacher", default="teacher", choices=["teacher", "ens", "r2", "chain"],
+                    help="which teacher the kd_/self_train variants learn from (chain needs --chain, ...)")
     ap.add_argument("--kd-set", nargs="*", default=[], metavar="key=value",
                     help="overrides for every arm that learns from a teacher (kd_*, self_train*), before --variants' "
                          "own: the student lr that measured best with soft targets, say (CE arms keep theirs)")
@@ -220,7 +223,11 @@ def one_seed(args, seed, run, result, raw_path, tmp, quiet, variants, base_stude
         if not args.skip_tuned:
             arms += [(f"ce_e{e}", [f"train.epochs={e}"]) for e in tune_epochs]
         arms += [("kd_labelled", kd + ["distill.rest_as_transfer=false"] + taught)]
-        arms += [(n, o) if n.startswith("ce_") else (f"kd_{n}", transfer + taught + o) for n, o in variants]
+        if args.variants_teacher != "teacher" and args.variants_teacher not in dict(others):
+            raise SystemExit(f"--variants-teacher {args.variants_teacher}: that teacher is not trained in this run")
+        teach = dict(others).get(args.variants_teacher, transfer)
+        arms += [(n, o) if n.startswith("ce_") else (n, teach + hard + taught + o) if n.startswith("self_train")
+                 else (f"kd_{n}", teach + taught + o) for n, o in variants]
         if args.arms:
             arms = [a for a in arms if a[0] in args.arms.split(",")]
         if not tdirs:

@@ -25,6 +25,7 @@ class DataConfig:
     repeat: int = 1  # repeat the training split N times (full-scale timing on the sample)
     label_names: tuple[str, ...] = AG_NEWS_LABELS
     group_by_length: bool = True  # batches of similar lengths: less padding, few shapes
+    pad_multiple: int = 16  # batches pad to a multiple of this: fewer shapes (CUDA graphs) against more padding
     labelled: int = 0  # keep N stratified labelled train rows (0 = all); the rest become transfer rows
     split_seed: int = -1  # seed of the validation carve and data.labelled; -1 = train.seed (fix it to vary only the init)
 
@@ -76,6 +77,7 @@ class DistillConfig:
     unlabeled: str = ""  # texts without labels (any format predict reads): transfer rows the teachers label
     augment: int = 0  # N seeded augmented copies of each labelled text, added as transfer rows
     augment_ops: tuple[str, ...] = ("delete", "swap")  # delete | swap | mask | mix (data.augment says how)
+    augment_scope: str = "labelled"  # labelled: copies of the labelled texts | all: of the transfer texts too
     transfer_targets: str = "soft"  # soft: KD on transfer rows | hard: CE on the teachers' argmax (self-training)
     max_transfer: int = 0  # at most N transfer rows (0 = all), a seeded sample
 
@@ -97,6 +99,7 @@ CHOICES = {
     "train.cuda_graphs": ("auto", "on", "off"),
     "model.attention": ("auto", "eager", "sdpa"),
     "distill.transfer_targets": ("soft", "hard"),
+    "distill.augment_scope": ("labelled", "all"),
 }
 AUGMENT_OPS = ("delete", "swap", "mask", "mix")
 
@@ -296,6 +299,8 @@ def validate(cfg: Config):
         (t.eval_batch_size >= 1, "train.eval_batch_size", "must be at least 1"),
         (0 <= d.val_fraction < 1, "data.val_fraction", "must be in [0, 1)"),
         (d.max_length >= 8, "data.max_length", "must be at least 8"),
+        (d.pad_multiple >= 1 and d.max_length % d.pad_multiple == 0, "data.pad_multiple",
+         "must divide data.max_length (a padded batch never exceeds it)"),
         (d.repeat >= 1, "data.repeat", "must be at least 1"),
         (d.max_train_samples >= 0, "data.max_train_samples", "must be >= 0"),
         (d.labelled >= 0, "data.labelled", "must be >= 0 (0 = every row)"),

@@ -467,7 +467,7 @@ class TokenStore:
         return len(self.lengths_np)
 
     def width(self, idx) -> int:
-        """Padded length for a batch: a multiple of 16, so few distinct shapes occur."""
+        """Padded length for a batch: a multiple of `multiple` (data.pad_multiple), so few distinct shapes occur."""
         return min(pad_length(int(self.lengths_np[idx].max()), self.multiple), self.width_max)
 
     def batch(self, idx_t, width):

@@ -50,7 +50,8 @@ def soften(teacher_logits: list[torch.Tensor], weights, temperature: float) -> t
 
 def transfer_rows(cfg, splits, tokenizer=None) -> data_lib.Split | None:
     """Texts without labels for the teachers to label: the train rows data.labelled left out, the
-    distill.unlabeled file, and distill.augment copies of each labelled text; at most distill.max_transfer."""
+    distill.unlabeled file, and distill.augment copies of each labelled text (of every text with augment_scope
+    all); at most distill.max_transfer."""
     dc = cfg.distill
     rest = dc.rest_as_transfer and "unlabelled" in splits
     if not (dc.unlabeled or dc.augment or rest):
@@ -64,9 +65,10 @@ def transfer_rows(cfg, splits, tokenizer=None) -> data_lib.Split | None:
         parts.append(splits["unlabelled"].texts)
     if dc.unlabeled:
         parts.append(data_lib.read_unlabelled(dc.unlabeled, cfg.data.label_names).texts)
-    if dc.augment:
+    if dc.augment:  # with few labels the unlabelled texts are most of the text there is: scope all copies them too
         mask = getattr(tokenizer, "mask_token", None) or "[MASK]"
-        parts.append(data_lib.augment(splits["train"].texts, dc.augment, dc.augment_ops, cfg.train.seed, mask))
+        source = splits["train"].texts + ([t for p in parts for t in p] if dc.augment_scope == "all" else [])
+        parts.append(data_lib.augment(source, dc.augment, dc.augment_ops, cfg.train.seed, mask))
     texts = [t for p in parts for t in p]
     if dc.max_transfer and len(texts) > dc.max_transfer:
         keep = np.sort(np.random.default_rng([cfg.train.seed, 3]).permutation(len(texts))[: dc.max_transfer])

@@ -44,6 +44,12 @@ PLOTS = (("train_loss", "train", "loss", "train loss"),
          ("val_accuracy", "validation", "accuracy", "validation accuracy"))
 
 
+def import_plotting():
+    """What plot_run imports (train imports it in a thread while the GPU trains)."""
+    from matplotlib.backends import backend_agg  # noqa: F401
+    from matplotlib.figure import Figure  # noqa: F401
+
+
 def plot_run(run_dir):
     """plots/train_loss.png, val_loss.png, val_accuracy.png against steps.
 

@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -101,8 +102,8 @@ class GraphedStep:
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
+            with torch.cuda.stream(side):  # lazy state needs two runs once; a later shape only its own workspaces
+                for _ in range(1 if self.graphs else 2):
                     self.step(static_idx, width)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
@@ -364,7 +365,8 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
     train_rows, teacher_probs = distill.student_rows(cfg, splits, device, log, tok)
     splits["train"] = train_rows
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    stores = {name: data_lib.TokenStore(data_lib.encode(tok, s.texts, cfg.data.max_length), s.labels, pad_id, device)
+    stores = {name: data_lib.TokenStore(data_lib.encode(tok, s.texts, cfg.data.max_length), s.labels, pad_id, device,
+                                        cfg.data.pad_multiple)
               for name, s in splits.items() if len(s) and name != "unlabelled"}
     phases.mark("data")
     hf_config = model_lib.backbone_config(cfg.model.backbone, num_labels)  # the fingerprint load_run checks
@@ -450,6 +452,8 @@ def train(cfg, run_dir, resume=False, log=print, plots=False) -> dict:
     run = setup(cfg, run_dir, resume, log, phases)
     tc, st, store = cfg.train, run.state, run.stores["train"]
     runlog = RunLog(run_dir, run.rank, run.world, run.total, st.step, run.steps_per_epoch, run.with_kd, tc.tensorboard)
+    if plots and run.rank == 0:  # matplotlib imports while the GPU trains (the host mostly waits), not after
+        threading.Thread(target=_import_plotting, daemon=True).start()
     batches, batches_epoch, lr = None, None, tc.lr
     with StopOnSigterm(run.rank == 0 or run.world == 1) as stop:
         try:
@@ -488,6 +492,14 @@ def train(cfg, run_dir, resume=False, log=print, plots=False) -> dict:
             runlog.close()
     phases.mark("train_loop")
     return finish(run, plots)
+
+
+def _import_plotting():
+    try:
+        from .report import import_plotting
+        import_plotting()
+    except Exception:  # noqa: BLE001  plot_run imports again and reports a real failure
+        pass
 
 
 def evaluate_and_keep_best(run, runlog):

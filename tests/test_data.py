@@ -91,6 +91,18 @@ def test_token_store_pads_to_multiples_of_16(store):
     assert all(store.width(np.array([i])) % 16 == 0 for i in range(4))
 
 
+def test_token_store_pads_to_data_pad_multiple():
+    from lorakd import config
+    from lorakd.errors import UserError
+
+    encoded = [np.arange(1, n + 1, dtype=np.int32) for n in (3, 17, 5, 33)]
+    wide = data.TokenStore(encoded, None, pad_id=0, device="cpu", multiple=32)
+    assert wide.width_max == 64 and [wide.width(np.array([i])) for i in range(4)] == [32, 32, 32, 64]
+    assert config.load(None, ["data.pad_multiple=32"]).data.pad_multiple == 32
+    with pytest.raises(UserError, match="data.pad_multiple.*must divide data.max_length"):
+        config.load(None, ["data.pad_multiple=48"])
+
+
 def test_token_store_batch_mask_matches_lengths(store):
     import torch
 

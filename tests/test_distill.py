@@ -139,6 +139,11 @@ def test_transfer_set_from_labelled_rest_unlabeled_file_and_augmentation(tiny_co
     assert torch.equal(torch.as_tensor(rows.labels[40:]), probs[40:].argmax(-1))  # self-training labels
     capped = tiny_config(**{"data.labelled": 40, "distill.teachers": [str(teacher)], "distill.max_transfer": 50})
     assert len(student_rows(capped, splits, torch.device("cpu"), lambda *a: None)[0]) == 90
+    every = tiny_config(**{"data.labelled": 40, "distill.teachers": [str(teacher)], "distill.unlabeled": str(extra),
+                           "distill.augment": 2, "distill.augment_scope": "all"})
+    rows, _ = student_rows(every, splits, torch.device("cpu"), lambda *a: None)
+    assert len(rows) == 40 + 320 + 2 + 2 * (40 + 320 + 2)  # copies of the unlabelled texts too
+    assert rows.texts[362:] == data.augment(rows.texts[:362], 2, ("delete", "swap"), every.train.seed, "[MASK]")
 
 
 def test_student_trains_on_transfer_rows(tiny_config, tmp_path):
