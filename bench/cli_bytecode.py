@@ -4,7 +4,8 @@ The lent GPU machine sets PYTHONDONTWRITEBYTECODE=1, so every fresh process comp
 peft's sources again; a user's machine keeps the compiled files after the first run. This runs fresh
 `lorakd train --config presets/agnews-minilm.yaml` processes (bench.cli_run) as that machine does, then with
 bytecode written to a private cache (PYTHONPYCACHEPREFIX; the first of those compiles and writes, the next ones
-read it), prints a table and writes JSON; --also adds arms with an override each, on the same cache:
+read it), prints a table and writes JSON. --also adds arms with an override each on the same cache: one process
+fills the cache, then the cache arms take turns, run by run:
     python bench/cli_bytecode.py --backbone .device-carry/minilm --data .device-carry/data --out "$OUT" \
         [--cache-only] [--also data.pad_multiple=32]
 """
@@ -42,21 +43,34 @@ def main():
            "machine_sets_PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"), "arms": {}}
     saved = dict(os.environ)
     arms = ["as the machine is (no bytecode written)", "bytecode cache (PYTHONPYCACHEPREFIX)"]
-    for arm in arms[args.cache_only:] + [f"bytecode cache, {o}" for o in args.also]:
+
+    def env_for(arm):
         os.environ.clear()
         os.environ.update(saved)
         if arm.startswith("bytecode"):
             os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
             os.environ["PYTHONPYCACHEPREFIX"] = str(tmp / "pycache")
-        over = arm.split(", ")[1:]
-        runs = [bench.cli_run(args.backbone, args.data, tmp, f"{len(res['arms'])}-{i}", over)
-                for i in range(args.runs)]
-        res["arms"][arm] = runs
+        return arm.split(", ")[1:]  # the arm's overrides
+
+    def run(arm, i):
+        return bench.cli_run(args.backbone, args.data, tmp, f"{arms.index(arm)}-{i}", env_for(arm))
+
+    if not args.cache_only:
+        res["arms"][arms[0]] = [run(arms[0], i) for i in range(args.runs)]
+    cache_arms = arms[1:] + [f"bytecode cache, {o}" for o in args.also]
+    arms += cache_arms[1:]
+    if args.also:  # arms side by side: one process fills the cache, then they take turns (drift hits all alike)
+        res["cold_process"] = run(cache_arms[0], "cold")
+    for i in range(args.runs):
+        for arm in cache_arms:
+            res["arms"].setdefault(arm, []).append(run(arm, i))
+    for arm, runs in res["arms"].items():
         print(f"{arm}: wall " + " / ".join(f"{r['wall_s']:.1f}" for r in runs) + " s; start+build "
-              + " / ".join(f"{r['phases_s']['start'] + r['phases_s']['build']:.1f}" for r in runs), flush=True)
+              + " / ".join(f"{r['phases_s']['start'] + r['phases_s']['build']:.1f}" for r in runs) + "; train loop "
+              + " / ".join(f"{r['phases_s']['train_loop']:.1f}" for r in runs), flush=True)
     os.environ.clear()
     os.environ.update(saved)
-    warm = [r["wall_s"] for r in res["arms"]["bytecode cache (PYTHONPYCACHEPREFIX)"][1:]]
+    warm = [r["wall_s"] for r in res["arms"][arms[1]][0 if args.also else 1:]]
     res["wall_s_with_bytecode_cache"] = {"mean": round(statistics.mean(warm), 2), "runs": warm} if warm else None
     out = Path(args.out) / f"cli-bytecode-{dev.replace(' ', '_')}-{res['date']}{args.tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

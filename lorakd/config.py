@@ -25,7 +25,7 @@ class DataConfig:
     repeat: int = 1  # repeat the training split N times (full-scale timing on the sample)
     label_names: tuple[str, ...] = AG_NEWS_LABELS
     group_by_length: bool = True  # batches of similar lengths: less padding, few shapes
-    pad_multiple: int = 16  # batches pad to a multiple of this: fewer shapes (CUDA graphs) against more padding
+    pad_multiple: int = 0  # batches pad to a multiple of N: fewer shapes (CUDA graphs) against more padding; 0 = auto
     labelled: int = 0  # keep N stratified labelled train rows (0 = all); the rest become transfer rows
     split_seed: int = -1  # seed of the validation carve and data.labelled; -1 = train.seed (fix it to vary only the init)
 
@@ -299,8 +299,8 @@ def validate(cfg: Config):
         (t.eval_batch_size >= 1, "train.eval_batch_size", "must be at least 1"),
         (0 <= d.val_fraction < 1, "data.val_fraction", "must be in [0, 1)"),
         (d.max_length >= 8, "data.max_length", "must be at least 8"),
-        (d.pad_multiple >= 1 and d.max_length % d.pad_multiple == 0, "data.pad_multiple",
-         "must divide data.max_length (a padded batch never exceeds it)"),
+        (d.pad_multiple == 0 or (d.pad_multiple >= 1 and d.max_length % d.pad_multiple == 0), "data.pad_multiple",
+         "must be 0 (auto) or divide data.max_length (a padded batch never exceeds it)"),
         (d.repeat >= 1, "data.repeat", "must be at least 1"),
         (d.max_train_samples >= 0, "data.max_train_samples", "must be >= 0"),
         (d.labelled >= 0, "data.labelled", "must be >= 0 (0 = every row)"),

@@ -365,8 +365,9 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
     train_rows, teacher_probs = distill.student_rows(cfg, splits, device, log, tok)
     splits["train"] = train_rows
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    multiple = data_lib.pad_multiple(cfg.data.pad_multiple, cfg.data.max_length, device.type, tc.batch_size)
     stores = {name: data_lib.TokenStore(data_lib.encode(tok, s.texts, cfg.data.max_length), s.labels, pad_id, device,
-                                        cfg.data.pad_multiple)
+                                        multiple)
               for name, s in splits.items() if len(s) and name != "unlabelled"}
     phases.mark("data")
     hf_config = model_lib.backbone_config(cfg.model.backbone, num_labels)  # the fingerprint load_run checks

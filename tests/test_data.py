@@ -99,8 +99,11 @@ def test_token_store_pads_to_data_pad_multiple():
     wide = data.TokenStore(encoded, None, pad_id=0, device="cpu", multiple=32)
     assert wide.width_max == 64 and [wide.width(np.array([i])) for i in range(4)] == [32, 32, 32, 64]
     assert config.load(None, ["data.pad_multiple=32"]).data.pad_multiple == 32
-    with pytest.raises(UserError, match="data.pad_multiple.*must divide data.max_length"):
+    with pytest.raises(UserError, match="data.pad_multiple.*or divide data.max_length"):
         config.load(None, ["data.pad_multiple=48"])
+    assert data.pad_multiple(0, 128, "cuda", 24) == 32 and data.pad_multiple(0, 128, "cpu", 24) == 16  # auto
+    assert data.pad_multiple(0, 128, "cuda", 256) == 16 and data.pad_multiple(0, 48, "cuda", 24) == 16
+    assert data.pad_multiple(0, 20, "cpu", 24) == 4 and data.pad_multiple(24, 48, "cuda", 24) == 24
 
 
 def test_token_store_batch_mask_matches_lengths(store):
