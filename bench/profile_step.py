@@ -30,6 +30,7 @@ from lorakd import config as config_lib  # noqa: E402
 from lorakd import train as train_lib  # noqa: E402
 
 KINDS = [  # (kind, pattern over kernel or operator names), first match wins
+    ("fused by inductor (train.compile)", r"^triton_"),
     ("attention", r"flash|fmha|attention|sdpa|softmax"),
     ("matrix products", r"gemm|cutlass|nvjet|xmma|cublas|aten::(mm|addmm|bmm|matmul|linear)"),
     ("normalisation", r"layer_?norm"),
