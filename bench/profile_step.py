@@ -73,8 +73,8 @@ def profile_plain(run, batches, steps: int) -> dict:
             "ms_per_step_by_kind": {k: round(v, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}}
 
 
-def time_steps(run, batches, steps: int) -> float:
-    """ms per step over `steps` steps, after every shape has been run (captured) once."""
+def time_steps(run, batches, steps: int) -> tuple[float, float]:
+    """(ms per step, tokens per step) over `steps` steps, after every shape has been run (captured) once."""
     store = run.stores["train"]
     seen = set()
     for idx, rows in batches:  # capture (or warm) each shape first
@@ -88,7 +88,8 @@ def time_steps(run, batches, steps: int) -> float:
     for idx, rows in todo:
         run.step(idx, store.width(rows), (len(rows), store.width(rows)))
     sync(run.device)
-    return 1000 * (time.perf_counter() - t0) / len(todo)
+    tokens = sum(int(store.lengths_np[rows].sum()) for _, rows in todo) / len(todo)
+    return 1000 * (time.perf_counter() - t0) / len(todo), tokens
 
 
 def sync(device):
@@ -130,14 +131,17 @@ def main():
                 tokens = sum(int(store.lengths_np[rows].sum()) for _, rows in picked) / len(picked)
                 row["tokens_per_step"] = round(tokens, 1)
             elif run.device.type == "cuda":
-                row["graphed_ms_per_step"] = round(time_steps(run, batches, 5 * args.steps), 3)
+                ms, tokens = time_steps(run, batches, 5 * args.steps)
+                row["graphed_ms_per_step"], row["graphed_tokens_per_step"] = round(ms, 3), round(tokens, 1)
             del run
-        fps = bench.flops_per_sample(folder, row["tokens_per_step"] / batch)
-        row["flops_per_step"] = fps * batch
-        step_ms = row.get("graphed_ms_per_step") or row["plain"]["wall_ms_per_step"]
-        row["mfu"] = round(row["flops_per_step"] / (step_ms / 1000) / peak, 4) if peak else None
-        mm = row["plain"]["ms_per_step_by_kind"].get("matrix products")
-        row["matrix_product_tflops"] = round(row["flops_per_step"] / (mm / 1000) / 1e12, 1) if mm else None
+        flops = {k: bench.flops_per_sample(folder, row[k] / batch) * batch
+                 for k in ("tokens_per_step", "graphed_tokens_per_step") if k in row}
+        # MFU of the step a run uses (graphed on a GPU), over the batches it was timed on
+        step_ms, step_flops = ((row["graphed_ms_per_step"], flops["graphed_tokens_per_step"]) if "graphed_ms_per_step" in row
+                               else (row["plain"]["wall_ms_per_step"], flops["tokens_per_step"]))
+        row["mfu"] = round(step_flops / (step_ms / 1000) / peak, 4) if peak else None
+        mm = row["plain"]["ms_per_step_by_kind"].get("matrix products")  # over the profiled batches
+        row["matrix_product_tflops"] = round(flops["tokens_per_step"] / (mm / 1000) / 1e12, 1) if mm else None
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
     for row in res["rows"]:
