@@ -12,7 +12,6 @@ fills the cache, then the cache arms take turns, run by run:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (bench.cli_run: one fresh process, its wall time and phases)
+
+from lorakd import atomic  # noqa: E402
 
 
 def main():
@@ -73,8 +74,7 @@ def main():
     warm = [r["wall_s"] for r in res["arms"][arms[1]][0 if args.also else 1:]]
     res["wall_s_with_bytecode_cache"] = {"mean": round(statistics.mean(warm), 2), "runs": warm} if warm else None
     out = Path(args.out) / f"cli-bytecode-{dev.replace(' ', '_')}-{res['date']}{args.tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
+    atomic.write_json(out, res)
     print(f"wrote {out}")
 
 

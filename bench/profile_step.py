@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (reference recipe, random roberta-base shapes, FLOPs per sample, peak FLOP/s)
 
+from lorakd import atomic  # noqa: E402
 from lorakd import config as config_lib  # noqa: E402
 from lorakd import train as train_lib  # noqa: E402
 
@@ -152,8 +153,7 @@ def main():
         for kind, ms in p["ms_per_step_by_kind"].items():
             print(f"  {kind:<30} {ms:9.3f} ms  {100 * ms / p['busy_ms_per_step']:5.1f}%")
     out = Path(args.out) / f"profile-step-{dev.replace(' ', '_')}-{res['date']}{args.tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
+    atomic.write_json(out, res)
     print(f"wrote {out}")
 
 
