@@ -285,9 +285,115 @@ def _quantize_rows(src: Path, dst: Path, keep) -> int:
     return count
 
 
-def export_onnx(model, tok, folder: Path, max_length: int, log=print) -> dict:
+def _calibration_batches(tok, texts, max_length, batch=8) -> list[dict]:
+    """Texts sorted by length in batches of `batch`, each padded to its longest, as `lorakd predict` batches them."""
+    from . import data as data_lib
+
+    enc = sorted(data_lib.encode(tok, texts, max_length), key=len)
+    out = []
+    for i in range(0, len(enc), batch):
+        part = enc[i:i + batch]
+        ids = np.full((len(part), len(part[-1])), tok.pad_token_id or 0, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for r, e in enumerate(part):
+            ids[r, :len(e)], mask[r, :len(e)] = e, 1
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def _smooth(src: Path, dst: Path, keep, batches, alpha=0.5, atol=1e-3) -> int:
+    """SmoothQuant-style smoothing of the graph before one-scale-per-batch dynamic int8, same function. A product
+    X W is computed as (X / s) (s W) with s_j = max|X_j|^alpha / max|W_j|^(1-alpha) per input channel (max |X_j|
+    over the calibration `batches`): the few channels of outsized range in X, which set the batch's one scale and
+    leave the others a handful of levels, are moved into the int8-per-channel weights. Query/key/value (one
+    shared Mul) and the feed-forward up-projection (its int8 part) get a Mul by 1/s on their input (in a post-LN
+    layer that input is also the residual, so the LayerNorm cannot take 1/s); the attention output projection's
+    1/s goes into the value product's output columns (attention is linear in V per head and softmax rows sum
+    to 1), no extra node. The feed-forward down-projection's input (after GELU) keeps its outsized channels split
+    off (_split_outliers). Checked: the smoothed graph's logits on the batches within `atol` of src's.
+    Returns the number of products smoothed."""
+    import re
+
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper as h
+    from onnx import numpy_helper
+
+    m = onnx.load(src)
+    g, keep = m.graph, set(keep)
+    weights = {i.name: i for i in g.initializer}
+    mm = {n.name: n for n in g.node if n.op_type == "MatMul" and n.name not in keep and n.input[1] in weights}
+    groups = {}  # input -> products smoothed by one Mul on it
+    for n in mm.values():
+        if re.search(r"/(query|key|value|intermediate/int8|intermediate/dense)/MatMul$", n.name):
+            groups.setdefault(n.input[0], []).append(n.name)
+    outs = [n for n in mm.values() if re.search(r"/attention/output/dense/MatMul$", n.name)
+            and n.name.replace("/attention/output/dense/", "/attention/self/value/") in mm]
+    # per-channel max |input| over the calibration batches (fp32, unoptimised graph; inputs as extra outputs)
+    probe = onnx.load(src)
+    names = sorted(set(groups) | {n.input[0] for n in outs})
+    probe.graph.output.extend(h.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None) for x in names)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    peak, want = {}, []
+    for b in batches:
+        got = sess.run(["logits"] + names, b)
+        want.append(got[0])
+        for x, v in zip(names, got[1:]):
+            peak[x] = np.maximum(peak.get(x, 0), np.abs(v.reshape(-1, v.shape[-1])).max(0))
+    w = {n.input[1]: numpy_helper.to_array(weights[n.input[1]]).astype(np.float32) for n in mm.values()}
+
+    def factors(x, products):
+        wmax = np.max([np.abs(w[mm[p].input[1]]).max(1) for p in products], 0)
+        s = np.maximum(peak[x], 1e-5) ** alpha / np.maximum(wmax, 1e-5) ** (1 - alpha)
+        return np.clip(s, 1e-2, 1e2).astype(np.float32)
+
+    muls, count = {}, 0
+    for x, products in groups.items():
+        s = factors(x, products)
+        for p in products:
+            w[mm[p].input[1]] *= s[:, None]
+            mm[p].input[0] = x + "/smooth"
+        m.graph.initializer.append(numpy_helper.from_array(1 / s, x + "/smooth/inv"))
+        muls[x] = h.make_node("Mul", [x, x + "/smooth/inv"], [x + "/smooth"], name=x + "/smooth")
+        count += len(products)
+    for n in outs:
+        value = mm[n.name.replace("/attention/output/dense/", "/attention/self/value/")]
+        s = factors(n.input[0], [n.name])
+        w[n.input[1]] *= s[:, None]
+        w[value.input[1]] /= s[None, :]
+        for c in g.node:  # a value bias, where one is left: scaled with its columns
+            if c.op_type == "Add" and value.output[0] in c.input:
+                b = next((i for i in c.input if i in weights), None)
+                if b is not None:
+                    weights[b].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weights[b]) / s, b))
+        count += 1
+    for k, v in w.items():
+        weights[k].CopyFrom(numpy_helper.from_array(v, k))
+    nodes = []
+    for n in g.node:  # each Mul right before the first product reading it
+        x = next((x for x in muls if x + "/smooth" in n.input), None)
+        if x is not None:
+            nodes.append(muls.pop(x))
+        nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.save(m, dst)
+    sess = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    diff = max(float(np.abs(sess.run(["logits"], b)[0] - v).max()) for b, v in zip(batches, want))
+    if diff > atol:
+        raise UserError(f"smoothing changed the logits by {diff:.2e} (over {atol}); not exported")
+    return count
+
+
+def export_onnx(model, tok, folder: Path, max_length: int, log=print, calib=None) -> dict:
     """model.onnx (fp32) and model.int8.onnx: matrix-product weights int8 per output channel, activations
-    quantised at run time per row (_quantize_rows). Embedding lookups stay fp32:
+    quantised at run time with one scale per batch (onnxruntime's quantize_dynamic) after smoothing (_smooth,
+    on the `calib` texts: up to 256 of the run's training texts; SAMPLE without them). Agreement with PyTorch
+    99.70-99.73% at batches of 4, 8 and 16 against 99.45-99.52% unsmoothed, and about 1.12x the speed of the
+    per-row graph (_quantize_rows, 99.64%; interleaved A/B on the MiniLM student, 2026-12-01). Embedding
+    lookups stay fp32:
     int8 tables would shrink the MiniLM file by about 35 MB but cost agreement (99.43% against 99.53%, measured
     before the first-token and fp32-head changes)."""
     import copy
@@ -308,10 +414,31 @@ def export_onnx(model, tok, folder: Path, max_length: int, log=print) -> dict:
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         _to_onnx(split, tok, Path(tmp) / "split.onnx")
         keep = _fp32_nodes([n.name for n in onnx.load(Path(tmp) / "split.onnx").graph.node], first)
-        _quantize_rows(Path(tmp) / "split.onnx", int8, keep)
+        _smooth(Path(tmp) / "split.onnx", Path(tmp) / "smooth.onnx", keep,
+                _calibration_batches(tok, list(calib or SAMPLE)[:256], max_length))
+        _quantize_dynamic(Path(tmp) / "smooth.onnx", int8, keep)
     log(f"ONNX: {fp32.name} (max |logit difference| to PyTorch {diff:.1e}), {int8.name} (int8; {channels} "
         f"outsized feed-forward channels kept in fp32)")
     return {"onnx_max_abs_diff": diff, "int8_fp32_channels": channels, "last_layer_first_token_only": first}
+
+
+def _quantize_dynamic(src: Path, dst: Path, keep):
+    """onnxruntime's dynamic quantisation: int8 weights per output channel, MatMul only, `keep` left fp32; the
+    session fuses each product, its batch's activation scale and its bias (DynamicQuantizeMatMul)."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root, null = logging.getLogger(), logging.NullHandler()
+    level = root.level
+    root.addHandler(null)  # its advice to pre-process goes to the root logger; that step fails on BERT
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
+                         nodes_to_exclude=keep)
+    finally:
+        root.removeHandler(null)
+        root.setLevel(level)
 
 
 def _table(rows) -> str:
@@ -389,7 +516,7 @@ def model_card(cfg, info, evals, run_dir, adapter_only, files) -> str:
         if "model.onnx" in files:
             lines += [
                 "", "ONNX (onnxruntime, CPU): `model.onnx` (fp32) and `model.int8.onnx` (int8 weights, activations "
-                "quantised per token at run time; the fast one on a CPU). Inputs `input_ids`, `attention_mask` (int64, [batch, "
+                "smoothed and quantised per batch at run time; the fast one on a CPU). Inputs `input_ids`, `attention_mask` (int64, [batch, "
                 "sequence]); output `logits` [batch, classes]. With lorakd: `lorakd predict DIR/model.int8.onnx "
                 "--input FILE --out predictions.csv`; by hand:", "",
                 "```python", "import onnxruntime, numpy as np", "from transformers import AutoTokenizer",
@@ -400,6 +527,19 @@ def model_card(cfg, info, evals, run_dir, adapter_only, files) -> str:
                 "                               'attention_mask': enc['attention_mask'].astype(np.int64)})[0]", "```",
             ]
     return "\n".join(lines) + "\n"
+
+
+def _calibration_texts(cfg, log=print, n=256) -> list[str]:
+    """Up to n stratified texts of the run's training split (never validation or test) for _smooth's ranges; none
+    (SAMPLE is used) when the data cannot be read here."""
+    from . import data as data_lib
+
+    try:
+        train = data_lib.load_splits(cfg.data, cfg.train.seed)["train"]
+    except (UserError, OSError) as e:
+        log(f"ONNX int8: the training data cannot be read ({e}); smoothing calibrated on {len(SAMPLE)} sample texts")
+        return []
+    return [train.texts[i] for i in data_lib.stratified_take(train.labels, min(n, len(train.texts)), 0)]
 
 
 def _replace_folder(tmp: Path, out: Path):
@@ -450,7 +590,7 @@ def export(run_dir, out_dir=None, adapter_only=False, onnx=False, backbone=None,
                 model.save_pretrained(tmp)  # config.json + model.safetensors
         tok.save_pretrained(tmp)
         if onnx:
-            result.update(export_onnx(model, tok, tmp, cfg.data.max_length, log))
+            result.update(export_onnx(model, tok, tmp, cfg.data.max_length, log, _calibration_texts(cfg, log)))
         atomic.write_json(tmp / "lorakd.json", {
             "format": 1, "kind": result["kind"], "run": str(run_dir.resolve()), "base_model": portable_base(
                 cfg.model.backbone), "max_length": cfg.data.max_length,

@@ -266,3 +266,35 @@ def test_int8_products_scale_each_row_alone(tmp_path):
     assert np.allclose(got, want, rtol=1e-4, atol=1e-4)
     assert np.allclose(run(["y"], {"x": x[:1]})[0], got[:1], rtol=1e-6, atol=1e-6)
     assert np.abs(got - (x @ w + b)).max() < 0.05 * np.abs(x @ w).max()
+
+
+def test_smoothing_moves_outsized_input_channels_into_the_weights_with_the_same_logits(tiny_backbone, tmp_path):
+    """_smooth: the products fed by a LayerNorm (query/key/value, up-projection) read their input divided per
+    channel, and the attention output projection's factors go into the value columns; fp32 logits are unchanged
+    (it checks them itself) and an outsized input channel comes out no larger than the others."""
+    import onnx
+    import onnxruntime as ort
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lorakd.export import (_calibration_batches, _first_token_only, _fp32_nodes, _int8_source, _smooth,
+                               _to_onnx)
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_backbone, num_labels=4).eval()
+    model.set_attn_implementation("eager")
+    tok = AutoTokenizer.from_pretrained(tiny_backbone)
+    model.bert.embeddings.LayerNorm.weight.data[5] = 40.0  # an outsized channel into layer 0's query/key/value
+    first = _first_token_only(model)
+    split, _ = _int8_source(model, tok)
+    _to_onnx(split, tok, tmp_path / "split.onnx")
+    keep = _fp32_nodes([n.name for n in onnx.load(tmp_path / "split.onnx").graph.node], first)
+    batches = _calibration_batches(tok, ["election war peace", "goal match season coach league final", "chip"], 32)
+    assert _smooth(tmp_path / "split.onnx", tmp_path / "smooth.onnx", keep, batches) >= 7
+    m = onnx.load(tmp_path / "smooth.onnx")
+    mul = next(n for n in m.graph.node if n.op_type == "Mul" and n.name.endswith("/smooth")
+               and "embeddings/LayerNorm" in n.input[0])
+    probe = onnx.load(tmp_path / "smooth.onnx")
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(v, onnx.TensorProto.FLOAT, None) for v in
+                              (mul.input[0], mul.output[0]))
+    ratio = [float(p[5] / np.median(p)) for p in (np.abs(v).reshape(-1, v.shape[-1]).max(0) for v in ort.InferenceSession(
+        probe.SerializeToString(), providers=["CPUExecutionProvider"]).run([mul.input[0], mul.output[0]], batches[0]))]
+    assert ratio[0] > 30 and ratio[1] < ratio[0] / 4  # about the square root with alpha 0.5
