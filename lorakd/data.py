@@ -130,6 +130,27 @@ def _rows_to_split(rows, columns, names, where, need_labels=True):
     return Split(texts, np.asarray(labels, dtype=np.int64) if need_labels else None, ids)
 
 
+def headerless_columns(first_row, where) -> list[str]:
+    """Columns of headerless unlabelled CSV rows, from the first row: one text per row, or the CharCNN layout
+    (class,title,description or class,text; its class is not used). Anything else needs a header: taking the
+    first of several columns would predict on the wrong text without a word."""
+    if len(first_row) == 1:
+        return ["text"]
+    if len(first_row) in (2, 3) and first_row[0].strip().isdigit():
+        return ["class", "title", "description"][: len(first_row)]
+    raise UserError(f"{where}: {len(first_row)} columns and no header; give one text per row, the CharCNN layout "
+                    "(class,title,description), or a header naming the text column")
+
+
+def headerless_record(cols, row, where):
+    """(where, record) of a headerless row; in a one-text-per-row file an unquoted comma stays in the text."""
+    if cols == ["text"]:
+        return where, {"text": ",".join(row)}
+    if len(row) != len(cols):
+        raise UserError(f"{where}: {len(row)} columns, the first row has {len(cols)} (CharCNN layout)")
+    return where, dict(zip(cols, row))
+
+
 def _read_csv(path: Path, names, need_labels=True) -> Split:
     reader = csv.reader(io.StringIO(_decode(path), newline=""), strict=True)
     try:
@@ -148,9 +169,10 @@ def _read_csv(path: Path, names, need_labels=True) -> Split:
                 raise UserError(f"{path}: row {line}: {len(r)} columns, the header has {len(cols)}")
             recs.append((f"{path}: row {line}", dict(zip(cols, r))))
         return _rows_to_split(recs, cols, names, str(path), need_labels)
-    if not need_labels:  # headerless unlabelled input: one text per row
-        return Split([_text(r[0], None, f"{path}: row {i}") for i, r in numbered], None,
-                     [str(n) for n in range(len(numbered))])
+    if not need_labels:  # headerless unlabelled input: one text per row, or the CharCNN layout
+        cols = headerless_columns(numbered[0][1], f"{path}: row {numbered[0][0]}")
+        recs = [headerless_record(cols, r, f"{path}: row {line}") for line, r in numbered]
+        return _rows_to_split(recs, cols, names, str(path), need_labels=False)
     texts, labels = [], []
     for line, r in numbered:  # CharCNN layout: "class","title","description", classes 1..K
         where = f"{path}: row {line}"

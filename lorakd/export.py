@@ -301,6 +301,14 @@ def _calibration_batches(tok, texts, max_length, batch=8) -> list[dict]:
     return out
 
 
+def _smoothable(names) -> bool:
+    """Whether _smooth knows these layer names: BERT's (BERT, RoBERTa, XLM-R, ELECTRA), query/key/value in every
+    encoder layer. Other encoders (MPNet, DistilBERT, ...) keep per-row scales, which need no names."""
+    layers = {m.group(1) for n in names if (m := re.search(r"/encoder/layer\.(\d+)/", n))}
+    return bool(layers) and all(any(re.search(rf"/layer\.{i}/(.*/)?(query|key|value)/MatMul$", n) for n in names)
+                                for i in layers)
+
+
 def _smooth(src: Path, dst: Path, keep, batches, alpha=0.5, atol=1e-3) -> int:
     """SmoothQuant-style smoothing of the graph before one-scale-per-batch dynamic int8, same function. A product
     X W is computed as (X / s) (s W) with s_j = max|X_j|^alpha / max|W_j|^(1-alpha) per input channel (max |X_j|
@@ -312,8 +320,6 @@ def _smooth(src: Path, dst: Path, keep, batches, alpha=0.5, atol=1e-3) -> int:
     to 1), no extra node. The feed-forward down-projection's input (after GELU) keeps its outsized channels split
     off (_split_outliers). Checked: the smoothed graph's logits on the batches within `atol` of src's.
     Returns the number of products smoothed."""
-    import re
-
     import onnx
     import onnxruntime as ort
     from onnx import helper as h
@@ -391,9 +397,10 @@ def export_onnx(model, tok, folder: Path, max_length: int, log=print, calib=None
     """model.onnx (fp32) and model.int8.onnx: matrix-product weights int8 per output channel, activations
     quantised at run time with one scale per batch (onnxruntime's quantize_dynamic) after smoothing (_smooth,
     on the `calib` texts: up to 256 of the run's training texts; SAMPLE without them). Agreement with PyTorch
-    99.70-99.73% at batches of 4, 8 and 16 against 99.45-99.52% unsmoothed, and about 1.12x the speed of the
-    per-row graph (_quantize_rows, 99.64%; interleaved A/B on the MiniLM student, 2026-12-01). Embedding
-    lookups stay fp32:
+    99.70-99.73% at batches of 4, 8 and 16 against 99.45-99.52% unsmoothed, and about 1.1x the speed of the
+    per-row graph (interleaved A/B on the MiniLM student, 2026-12-01). Layer names _smooth does not know
+    (MPNet, DistilBERT, ...) get per-row scales instead (_quantize_rows: 99.64% there, batch-independent).
+    Embedding lookups stay fp32:
     int8 tables would shrink the MiniLM file by about 35 MB but cost agreement (99.43% against 99.53%, measured
     before the first-token and fp32-head changes)."""
     import copy
@@ -413,13 +420,19 @@ def export_onnx(model, tok, folder: Path, max_length: int, log=print, calib=None
     split, channels = _int8_source(fast, tok)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         _to_onnx(split, tok, Path(tmp) / "split.onnx")
-        keep = _fp32_nodes([n.name for n in onnx.load(Path(tmp) / "split.onnx").graph.node], first)
-        _smooth(Path(tmp) / "split.onnx", Path(tmp) / "smooth.onnx", keep,
-                _calibration_batches(tok, list(calib or SAMPLE)[:256], max_length))
-        _quantize_dynamic(Path(tmp) / "smooth.onnx", int8, keep)
-    log(f"ONNX: {fp32.name} (max |logit difference| to PyTorch {diff:.1e}), {int8.name} (int8; {channels} "
-        f"outsized feed-forward channels kept in fp32)")
-    return {"onnx_max_abs_diff": diff, "int8_fp32_channels": channels, "last_layer_first_token_only": first}
+        names = [n.name for n in onnx.load(Path(tmp) / "split.onnx").graph.node]
+        keep = _fp32_nodes(names, first)
+        scales = "per batch, smoothed" if _smoothable(names) else "per row"
+        if scales != "per row":
+            _smooth(Path(tmp) / "split.onnx", Path(tmp) / "smooth.onnx", keep,
+                    _calibration_batches(tok, list(calib or SAMPLE)[:256], max_length))
+            _quantize_dynamic(Path(tmp) / "smooth.onnx", int8, keep)
+        else:
+            _quantize_rows(Path(tmp) / "split.onnx", int8, keep)
+    log(f"ONNX: {fp32.name} (max |logit difference| to PyTorch {diff:.1e}), {int8.name} (int8, activation scales "
+        f"{scales}; {channels} outsized feed-forward channels kept in fp32)")
+    return {"onnx_max_abs_diff": diff, "int8_fp32_channels": channels, "last_layer_first_token_only": first,
+            "int8_activation_scales": scales}
 
 
 def _quantize_dynamic(src: Path, dst: Path, keep):
@@ -445,7 +458,7 @@ def _table(rows) -> str:
     return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in [rows[0], ["---"] * len(rows[0])] + rows[1:])
 
 
-def model_card(cfg, info, evals, run_dir, adapter_only, files) -> str:
+def model_card(cfg, info, evals, run_dir, adapter_only, files, scales="per row") -> str:
     """README.md of the exported folder: the data, the recipe, the counts, the measured figures, how to load it."""
     m, t, d, kd = cfg.model, cfg.train, cfg.data, cfg.distill
     names = list(d.label_names)
@@ -516,7 +529,7 @@ def model_card(cfg, info, evals, run_dir, adapter_only, files) -> str:
         if "model.onnx" in files:
             lines += [
                 "", "ONNX (onnxruntime, CPU): `model.onnx` (fp32) and `model.int8.onnx` (int8 weights, activations "
-                "smoothed and quantised per batch at run time; the fast one on a CPU). Inputs `input_ids`, `attention_mask` (int64, [batch, "
+                f"quantised at run time, scales {scales}; the fast one on a CPU). Inputs `input_ids`, `attention_mask` (int64, [batch, "
                 "sequence]); output `logits` [batch, classes]. With lorakd: `lorakd predict DIR/model.int8.onnx "
                 "--input FILE --out predictions.csv`; by hand:", "",
                 "```python", "import onnxruntime, numpy as np", "from transformers import AutoTokenizer",
@@ -596,7 +609,8 @@ def export(run_dir, out_dir=None, adapter_only=False, onnx=False, backbone=None,
                 cfg.model.backbone), "max_length": cfg.data.max_length,
             "id2label": {str(i): n for i, n in id2label.items()}, "label2id": label2id})
         files = sorted(f.name for f in tmp.iterdir()) + ["README.md"]
-        atomic.write_text(tmp / "README.md", model_card(cfg, info, evals, run_dir, adapter_only, sorted(set(files))))
+        atomic.write_text(tmp / "README.md", model_card(cfg, info, evals, run_dir, adapter_only, sorted(set(files)),
+                                                               result.get("int8_activation_scales", "")))
         result["files"] = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
         umask = os.umask(0)
         os.umask(umask)

@@ -80,7 +80,9 @@ def _csv_records(path: Path):
                     raise UserError(f"{path}: row {n}: {len(r)} columns, the header has {len(cols)}")
                 yield f"{path}: row {n}", dict(zip(cols, r))
         return cols, records()
-    return ["text"], ((f"{path}: row {n}", {"text": r[0]}) for n, r in itertools.chain([first], it))
+    cols = data_lib.headerless_columns(first[1], f"{path}: row {first[0]}")  # one text per row, or CharCNN
+
+    return cols, (data_lib.headerless_record(cols, r, f"{path}: row {n}") for n, r in itertools.chain([first], it))
 
 
 def _jsonl_records(path: Path):

@@ -298,3 +298,15 @@ def test_smoothing_moves_outsized_input_channels_into_the_weights_with_the_same_
     ratio = [float(p[5] / np.median(p)) for p in (np.abs(v).reshape(-1, v.shape[-1]).max(0) for v in ort.InferenceSession(
         probe.SerializeToString(), providers=["CPUExecutionProvider"]).run([mul.input[0], mul.output[0]], batches[0]))]
     assert ratio[0] > 30 and ratio[1] < ratio[0] / 4  # about the square root with alpha 0.5
+
+
+def test_only_bert_layer_names_are_smoothed_other_encoders_keep_per_row_scales():
+    """_smoothable: BERT's names (the first-token last layer's too) take the smoothed per-batch graph; MPNet's
+    q/k/v and DistilBERT's layers, which _smooth would not find, keep per-row scales."""
+    from lorakd.export import _smoothable
+
+    bert = [f"/m/bert/encoder/layer.{i}/attention/self/{p}/MatMul" for i in (0, 1) for p in ("query", "key", "value")]
+    assert _smoothable(bert + ["/m/bert/encoder/layer.2/query/MatMul", "/m/bert/encoder/layer.2/output/dense/MatMul"])
+    assert not _smoothable(bert + ["/m/bert/encoder/layer.2/output/dense/MatMul"])  # a layer without them
+    assert not _smoothable([f"/m/mpnet/encoder/layer.{i}/attention/attn/{p}/MatMul" for i in (0, 1) for p in "qkv"])
+    assert not _smoothable(["/m/distilbert/transformer/layer.0/attention/q_lin/MatMul"])

@@ -111,10 +111,19 @@ def test_input_matches_the_whole_file_reader(tmp_path):
     """The streamed reader builds what data.read_unlabelled builds: texts, IDs, title + description."""
     cases = {"a.csv": "\ufeffid,title,description\r\n7,Big,deal\r\n\r\n8,Small,\r\n",
              "b.jsonl": '{"id": "x", "text": "one"}\n\n{"id": "y", "text": "two\\u2028lines"}\n',
-             "c.csv": "just a text\nanother, with a comma\n"}
+             "c.csv": "just a text\nanother, with a comma\n",
+             "d.csv": '"3","Wall St. Bears","Short-sellers are back."\n"4","Chip news",""\n'}  # CharCNN layout
     for name, content in cases.items():
         (tmp_path / name).write_text(content, encoding="utf-8")
         n, chunks = predict_lib.read_input(tmp_path / name)
         got = [(i, t) for s in chunks() for i, t in zip(s.ids, s.texts)]
         whole = data_lib.read_unlabelled(tmp_path / name, [])
         assert got == list(zip(whole.ids, whole.texts)) and n == len(whole), name
+    assert whole.texts == ["Wall St. Bears Short-sellers are back.", "Chip news"]  # the class is not the text
+    assert data_lib.read_unlabelled(tmp_path / "c.csv", []).texts == ["just a text", "another, with a comma"]
+    for bad, why in [('"1","a","b","c"\n', "4 columns and no header"),
+                     ('"1","a","b"\n"2","c"\n', "row 2: 2 columns, the first row has 3")]:
+        (tmp_path / "bad.csv").write_text(bad)
+        for read in (lambda p: predict_lib.read_input(p), lambda p: data_lib.read_unlabelled(p, [])):
+            with pytest.raises(UserError, match=why):
+                read(tmp_path / "bad.csv")
