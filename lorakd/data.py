@@ -471,6 +471,17 @@ def pad_multiple(setting: int, max_length: int, device_type: str, batch_size: in
     return next(m for m in (32, 16, 8, 4, 2, 1) if max_length % m == 0 and (m < 32 or wide))
 
 
+def pad_rows(encoded, pad_id) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) int64 [rows, longest] of token-id rows, padded only to the longest."""
+    width = max(len(e) for e in encoded)
+    ids = np.full((len(encoded), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(encoded), width), dtype=np.int64)
+    for row, e in enumerate(encoded):
+        ids[row, : len(e)] = e
+        mask[row, : len(e)] = 1
+    return ids, mask
+
+
 def pad_length(n, multiple=16, max_length=None):
     m = -(-n // multiple) * multiple
     return min(m, max_length) if max_length else m

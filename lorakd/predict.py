@@ -81,7 +81,6 @@ def _csv_records(path: Path):
                 yield f"{path}: row {n}", dict(zip(cols, r))
         return cols, records()
     cols = data_lib.headerless_columns(first[1], f"{path}: row {first[0]}")  # one text per row, or CharCNN
-
     return cols, (data_lib.headerless_record(cols, r, f"{path}: row {n}") for n, r in itertools.chain([first], it))
 
 
@@ -262,13 +261,7 @@ def logits_of(m, texts, batch_size) -> np.ndarray:
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
     def run(idx):
-        width = len(encoded[idx[0]])
-        ids = np.full((len(idx), width), pad_id, dtype=np.int64)
-        mask = np.zeros((len(idx), width), dtype=np.int64)
-        for row, i in enumerate(idx):
-            ids[row, : len(encoded[i])] = encoded[i]
-            mask[row, : len(encoded[i])] = 1
-        return m.run(ids, mask)
+        return m.run(*data_lib.pad_rows([encoded[i] for i in idx], pad_id))
 
     if m.workers > 1:  # onnxruntime releases the GIL: threads run batches side by side
         with ThreadPoolExecutor(m.workers) as pool:
