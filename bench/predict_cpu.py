@@ -1,11 +1,12 @@
-"""CPU prediction: PyTorch fp32 (a run folder, `lorakd predict`'s path) against ONNX fp32 and ONNX int8.
+"""CPU prediction: PyTorch fp32 (a run folder, `lorakd predict`'s path) against ONNX fp32, ONNX int8, OpenVINO.
 Trains nothing; give it a finished student run (the CPU demo's is enough):
     lorakd train --config presets/agnews-minilm.yaml --data ../shared/data/ag_news train.max_steps=150 \
         train.lr=1e-3 train.eval_every=50 --out /tmp/minilm-student
     python bench/predict_cpu.py --run /tmp/minilm-student
 Exports the run (lorakd export --onnx), predicts every text of --data with each model through lorakd's own
-predict (in this process, after a warm-up; the fastest of --repeat runs, as the machine may be shared), then
-once more for PyTorch and int8 as a fresh `lorakd predict` process. Agreement is with the PyTorch labels,
+predict (in this process, after a warm-up; the models take turns for --repeat rounds and each keeps its fastest,
+as the machine may be shared), then once more as a fresh `lorakd predict` process (all but ONNX fp32). With
+OpenVINO installed, `--runtime openvino` on the export is a row too. Agreement is with the PyTorch labels,
 accuracy against the file's labels. Prints a table and writes bench/results/predict-cpu-<date>.json.
 """
 from __future__ import annotations
@@ -37,12 +38,12 @@ def labels(path) -> np.ndarray:
     return np.asarray([int(r[1]) for r in list(csv.reader(open(path)))[1:]])
 
 
-def fresh_cli(model, inp, out) -> float:
+def fresh_cli(model, inp, out, runtime="onnxruntime") -> float:
     """Wall seconds of `lorakd predict` in a new process: imports, model load, prediction, output."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "lorakd.cli", "predict", str(model), "--input", str(inp), "--out", str(out)],
-                   env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "lorakd.cli", "predict", str(model), "--input", str(inp), "--out", str(out),
+                    "--runtime", runtime], env=env, check=True, capture_output=True)
     return time.perf_counter() - t0
 
 
@@ -78,24 +79,34 @@ def main():
               "ONNX int8": folder / "model.int8.onnx"}
     size = {"PyTorch fp32 (run folder)": (folder / "model.safetensors").stat().st_size,
             "ONNX fp32": models["ONNX fp32"].stat().st_size, "ONNX int8": models["ONNX int8"].stat().st_size}
+    runtime = {name: "onnxruntime" for name in models}
+    try:  # `lorakd predict --runtime openvino`: the fp32 graph, bf16 where the CPU has AMX
+        import openvino
+        models["OpenVINO (model.onnx)"], runtime["OpenVINO (model.onnx)"] = folder, "openvino"
+        size["OpenVINO (model.onnx)"] = size["ONNX fp32"]
+    except ImportError:
+        openvino = None
     quiet = lambda *a: None  # noqa: E731
     rows, ref = [], None
+    for name, model in models.items():  # warm-up: lazy imports, allocators, compiled graphs
+        predict(model, warm, tmp / "w.csv", progress=False, log=quiet, runtime=runtime[name])
+    # the machine is shared and drifts: the models take turns, --repeat rounds, each keeps its fastest run
+    tries = {name: [] for name in models}
+    for r in range(args.repeat):
+        for i, (name, model) in enumerate(models.items()):
+            load, out = os.getloadavg()[0], tmp / f"{i}-{r}.csv"
+            tries[name].append((predict(model, inp, out, progress=False, log=quiet, runtime=runtime[name]), load, out))
     for name, model in models.items():
-        predict(model, warm, tmp / "w.csv", progress=False, log=quiet)  # warm-up: lazy imports, allocator
-        tries = []  # the machine is shared: the best of --repeat runs, each with the load average before it
-        for _ in range(args.repeat):
-            load = os.getloadavg()[0]
-            tries.append((predict(model, inp, tmp / "p.csv", progress=False, log=quiet), load))
-        stats, load = max(tries, key=lambda t: t[0]["texts_per_s"])
-        pred = labels(tmp / "p.csv")
+        stats, load, out = max(tries[name], key=lambda t: t[0]["texts_per_s"])
+        pred = labels(out)
         ref = pred if ref is None else ref
         row = {"model": name, "texts_per_s": round(stats["texts_per_s"], 1), "seconds": round(stats["seconds"], 2),
                "agreement": round(float((pred == ref).mean()), 5),
                "accuracy": round(float((pred == split.labels).mean()), 5), "mb": round(size[name] / 1e6, 1),
                "load_avg_before": round(load, 2), "runtime": stats["device"],
-               "all_texts_per_s": [round(t[0]["texts_per_s"], 1) for t in tries]}
+               "all_texts_per_s": [round(t[0]["texts_per_s"], 1) for t in tries[name]]}
         if not args.no_fresh and name != "ONNX fp32":
-            row["fresh_cli_s"] = round(fresh_cli(model, inp, tmp / "fresh.csv"), 1)
+            row["fresh_cli_s"] = round(fresh_cli(model, inp, tmp / "fresh.csv", runtime[name]), 1)
             assert (labels(tmp / "fresh.csv") == pred).all()
         rows.append(row)
         print(row, flush=True)
@@ -107,6 +118,7 @@ def main():
                platform.machine())
     result = {"date": date.today().isoformat(), "cpu": cpu,
               "cpu_threads": os.cpu_count(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+              "openvino": openvino.__version__ if openvino else None,
               "transformers": transformers.__version__, "texts": len(split), "data": args.data, "run": str(args.run),
               "adapter_mb": round(sum(f.stat().st_size for f in (Path(args.run) / "adapter").iterdir()) / 1e6, 2),
               "note": "texts/s: reading, tokenising, predicting and writing all texts in one process, model "

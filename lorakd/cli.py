@@ -103,7 +103,7 @@ def cmd_predict(args):
     from .predict import predict
 
     predict(args.run, args.input, args.out, device=args.device, batch_size=args.batch_size,
-            label_format=args.labels, backbone=args.backbone, threads=args.threads)
+            label_format=args.labels, backbone=args.backbone, threads=args.threads, runtime=args.runtime)
 
 
 def cmd_export(args):
@@ -225,7 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", required=True, help="CSV, JSONL or pickle with a text column")
     pr.add_argument("--out", required=True, help="output CSV")
     pr.add_argument("--labels", default="index", help="index (0..K-1, default), name, or charcnn (1..K)")
-    pr.add_argument("--batch-size", type=int, help="default 256 (PyTorch), 8 (ONNX)")
+    pr.add_argument("--batch-size", type=int, help="default 256 (PyTorch), 8 (onnxruntime), 64 (OpenVINO)")
+    pr.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino"],
+                    help="where an ONNX model runs: onnxruntime (default; an export folder's int8 model) or "
+                         "OpenVINO (its fp32 model.onnx, bf16 on a CPU with AMX; lorakd[openvino])")
     pr.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's / one per core)")
     pr.add_argument("--device", default="auto", help="auto, cpu, cuda (PyTorch models; ONNX runs on the CPU)")
     pr.add_argument("--backbone", help="a local copy of the run's (or adapter's) base model")

@@ -471,9 +471,10 @@ def pad_multiple(setting: int, max_length: int, device_type: str, batch_size: in
     return next(m for m in (32, 16, 8, 4, 2, 1) if max_length % m == 0 and (m < 32 or wide))
 
 
-def pad_rows(encoded, pad_id) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, attention_mask) int64 [rows, longest] of token-id rows, padded only to the longest."""
-    width = max(len(e) for e in encoded)
+def pad_rows(encoded, pad_id, multiple=1) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) int64 [rows, width] of token-id rows, padded to the longest (rounded up to
+    a multiple of `multiple`)."""
+    width = pad_length(max(len(e) for e in encoded), multiple)
     ids = np.full((len(encoded), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(encoded), width), dtype=np.int64)
     for row, e in enumerate(encoded):

@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import os
+import queue
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,8 @@ LABEL_FORMATS = ("index", "name", "charcnn")  # 0..K-1 | class name | 1..K
 CHUNK = 2048  # texts read, tokenised, predicted and written at a time: memory stays bounded for any input
 STREAMED = (".csv", ".jsonl", ".json")  # read lazily; pickles and parquet are one object in memory anyway
 ONNX_NAMES = ("model.int8.onnx", "model.onnx")  # a folder with no PyTorch weights runs the first one found
+# where an ONNX model runs: onnxruntime (int8 export by default), or OpenVINO (the fp32 export; bf16 on AMX CPUs)
+RUNTIMES = ("onnxruntime", "openvino")
 
 
 def merged(model):
@@ -129,8 +132,11 @@ def read_input(path, size=None):
 
 # ---------------------------------------------------------------- models: run, exported folder, ONNX
 
-def model_kind(path) -> tuple[str, Path]:
-    """What a model path holds: a run folder, an exported HF or adapter folder, or an ONNX file."""
+def model_kind(path, runtime="onnxruntime") -> tuple[str, Path]:
+    """What a model path holds: a run folder, an exported HF or adapter folder, or an ONNX file. With
+    runtime openvino an export folder gives its fp32 model.onnx, the graph OpenVINO reads and speeds up itself."""
+    if runtime not in RUNTIMES:
+        raise UserError(f"--runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
     p = Path(path)
     if p.is_file() and p.suffix == ".onnx":
         return "onnx", p
@@ -141,6 +147,8 @@ def model_kind(path) -> tuple[str, Path]:
             return "run", p
         if (p / "adapter_config.json").exists():
             return "adapter", p
+        if runtime == "openvino" and (p / "model.onnx").exists():
+            return "onnx", p / "model.onnx"
         if (p / "config.json").exists() and (p / "model.safetensors").exists():
             return "hf", p
         for name in ONNX_NAMES:
@@ -199,7 +207,42 @@ def onnx_session(path, threads=1):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=SLOW_FUSIONS)
 
 
-def open_model(kind, p: Path, device="auto", backbone=None, threads=0):
+def openvino_runner(path, workers, precision=None):
+    """(run(ids, mask) -> logits, the precision used) of an ONNX file compiled by OpenVINO for the CPU: `workers`
+    streams of one thread each, one infer request per stream, taken by whichever thread runs a batch (infer
+    releases the GIL). OpenVINO computes in bf16 on a CPU with AMX (its default there; `precision` overrides,
+    e.g. "f32"): 1.2-1.3x onnxruntime's int8 export on this machine's AMX cores, and closer to PyTorch's labels
+    (bench/predict_cpu.py). Without AMX it computes in fp32: onnxruntime's int8 export is then the faster one."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise UserError('--runtime openvino needs OpenVINO: pip install "lorakd[openvino]"') from None
+    config = {"NUM_STREAMS": str(workers), "INFERENCE_NUM_THREADS": str(workers)}
+    if precision:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    try:  # compiled, then one small batch: a graph OpenVINO reads but cannot run fails here, before any output
+        compiled = ov.Core().compile_model(str(path), "CPU", config)
+        logits = compiled.output(0)
+        probe = np.zeros((1, 8), dtype=np.int64)
+        compiled.create_infer_request().infer({"input_ids": probe, "attention_mask": probe + 1})
+    except RuntimeError as e:  # e.g. the per-row int8 graph's onnxruntime-only operators
+        why = " ".join(str(e).split())[-300:] or type(e).__name__
+        raise UserError(f"{path}: OpenVINO cannot run this graph (...{why}); give it the fp32 model.onnx "
+                        f"of a `lorakd export --onnx` folder") from None
+    requests = queue.SimpleQueue()
+    for _ in range(workers):
+        requests.put(compiled.create_infer_request())
+
+    def run(ids, mask):
+        request = requests.get()
+        try:
+            return request.infer({"input_ids": ids, "attention_mask": mask})[logits].copy()
+        finally:
+            requests.put(request)
+    return run, compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+
+
+def open_model(kind, p: Path, device="auto", backbone=None, threads=0, runtime="onnxruntime"):
     """The model behind a path: tokenizer, max_length and run(ids, mask) -> logits (numpy), loaded once."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -207,20 +250,28 @@ def open_model(kind, p: Path, device="auto", backbone=None, threads=0):
 
     if backbone and kind not in ("run", "adapter"):
         raise UserError("--backbone applies to run folders and adapter folders only")
+    if runtime == "openvino" and kind != "onnx":
+        raise UserError(f"{p}: --runtime openvino runs an ONNX model: export it first (lorakd export RUN --onnx) "
+                        f"and give the export folder or its model.onnx")
     if kind == "onnx":
         for need in ("config.json", "tokenizer_config.json"):
             if not (p.parent / need).exists():
                 raise UserError(f"{p}: no {need} beside it; predict on a folder written by lorakd export --onnx")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = threads or cores
+        tok = AutoTokenizer.from_pretrained(p.parent)
+        if runtime == "openvino":  # padded to a multiple of 16 tokens: fewer shapes for OpenVINO to prepare
+            run, precision = openvino_runner(p, workers)
+            return SimpleNamespace(tok=tok, max_length=_max_length(tok), run=run, workers=workers, pad_multiple=16,
+                                   device=f"cpu, OpenVINO {p.name} ({precision})")
         try:
             # small batches on one thread each, one batch per core at a time: on a CPU this beats
             # splitting each batch's matrix products across cores (measured: bench/predict_cpu.py)
             sess = onnx_session(p, 1)
         except ImportError:
             raise UserError('running an ONNX model needs onnxruntime: pip install "lorakd[onnx]"') from None
-        tok = AutoTokenizer.from_pretrained(p.parent)
         run = lambda ids, mask: sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]  # noqa: E731
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return SimpleNamespace(tok=tok, max_length=_max_length(tok), run=run, workers=threads or cores,
+        return SimpleNamespace(tok=tok, max_length=_max_length(tok), run=run, workers=workers,
                                device=f"cpu, onnxruntime {p.name}")
     import torch
 
@@ -260,8 +311,10 @@ def logits_of(m, texts, batch_size) -> np.ndarray:
     order = np.argsort([-len(e) for e in encoded], kind="stable")
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
+    multiple = getattr(m, "pad_multiple", 1)
+
     def run(idx):
-        return m.run(*data_lib.pad_rows([encoded[i] for i in idx], pad_id))
+        return m.run(*data_lib.pad_rows([encoded[i] for i in idx], pad_id, multiple))
 
     if m.workers > 1:  # onnxruntime releases the GIL: threads run batches side by side
         with ThreadPoolExecutor(m.workers) as pool:
@@ -277,19 +330,19 @@ def logits_of(m, texts, batch_size) -> np.ndarray:
 # ---------------------------------------------------------------- predict
 
 def predict(run_dir, input_path, out_path, device="auto", batch_size=None, label_format="index",
-            backbone=None, threads=0, progress=None, log=print) -> dict:
+            backbone=None, threads=0, progress=None, log=print, runtime="onnxruntime") -> dict:
     """Predict every text of input_path with the model at run_dir (a run, an export or an .onnx file)."""
     from tqdm import tqdm
 
     if label_format not in LABEL_FORMATS:
         raise UserError(f"--labels {label_format!r}: expected one of {', '.join(LABEL_FORMATS)}")
-    kind, path = model_kind(run_dir)
+    kind, path = model_kind(run_dir, runtime)
     names = _labels_of(kind, path)
     n, chunks = read_input(input_path)  # a bad file fails here, in a moment, before the model loads
-    m = open_model(kind, path, device, backbone, threads)
-    # ONNX on a CPU: small batches on each core, their activations stay in the core's cache (measured:
-    # bench/predict_cpu.py); PyTorch takes 256 at once
-    batch_size = batch_size or (8 if kind == "onnx" else 256)
+    m = open_model(kind, path, device, backbone, threads, runtime)
+    # onnxruntime on a CPU: small batches on each core, their activations stay in the core's cache; OpenVINO's
+    # AMX products want more rows (both measured: bench/predict_cpu.py); PyTorch takes 256 at once
+    batch_size = batch_size or ({"onnxruntime": 8, "openvino": 64}[runtime] if kind == "onnx" else 256)
     out_path = Path(out_path)
     t0 = time.perf_counter()
 

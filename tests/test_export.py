@@ -1,6 +1,7 @@
 """Export: the HF folder, the peft adapter folder, ONNX fp32 and int8 all predict what the run predicts."""
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -96,6 +97,44 @@ def test_onnx_fp32_matches_and_int8_agrees(learned_run, exported, texts, tmp_pat
     assert np.mean([a == b for a, b in zip(int8, want)]) >= 0.95
     assert labels_of(tmp_path / "int8.csv") and [r[0] for r in csv.reader(open(tmp_path / "int8.csv"))][1:4] == \
         ["t0", "t1", "t2"]
+
+
+def test_openvino_runs_the_fp32_export_with_onnxruntimes_logits_and_the_runs_labels(learned_run, exported, texts,
+                                                                                        tmp_path):
+    pytest.importorskip("openvino")
+    from lorakd.predict import onnx_session, openvino_runner
+
+    hf = exported[0]
+    ids = np.array([[0, 5, 9, 11, 2, 1, 1, 1], [0, 7, 3, 2, 1, 1, 1, 1]], dtype=np.int64)
+    mask = (ids != 1).astype(np.int64)
+    want = onnx_session(hf / "model.onnx").run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+    run, precision = openvino_runner(hf / "model.onnx", 2, precision="f32")
+    assert precision == "f32"
+    np.testing.assert_allclose(run(ids, mask), want, atol=1e-4)
+    # the export folder: OpenVINO takes its fp32 graph (bf16 where the CPU has AMX), streams on 2 threads
+    run_labels = lorakd_labels(learned_run, texts[1], tmp_path / "run.csv")
+    ov = lorakd_labels(hf, texts[1], tmp_path / "ov.csv", runtime="openvino", threads=2)
+    assert np.mean([a == b for a, b in zip(ov, run_labels)]) >= 0.98
+    assert [r[0] for r in csv.reader(open(tmp_path / "ov.csv"))][1:4] == ["t0", "t1", "t2"]
+
+
+def test_openvino_refuses_what_it_cannot_run(learned_run, exported, texts, tmp_path, capsys):
+    pytest.importorskip("openvino")
+    with pytest.raises(UserError, match="runs an ONNX model: export it first"):
+        predict(learned_run, texts[1], tmp_path / "p.csv", runtime="openvino", log=lambda *a: None)
+    with pytest.raises(UserError, match="--runtime 'tensorrt'"):
+        predict(exported[0], texts[1], tmp_path / "p.csv", runtime="tensorrt", log=lambda *a: None)
+    broken = tmp_path / "broken"  # a graph OpenVINO cannot read: one line naming it, no output written
+    shutil.copytree(exported[0], broken, ignore=shutil.ignore_patterns("*.onnx", "*.safetensors"))
+    (broken / "model.onnx").write_bytes(b"not an ONNX graph")
+    with pytest.raises(UserError, match="OpenVINO cannot run this graph"):
+        predict(broken / "model.onnx", texts[1], tmp_path / "p.csv", runtime="openvino", log=lambda *a: None)
+    with pytest.raises(SystemExit) as stop:
+        main(["predict", str(learned_run), "--input", str(texts[1]), "--out", str(tmp_path / "p.csv"),
+              "--runtime", "openvino"])
+    assert stop.value.code == 2
+    assert "export it first" in capsys.readouterr().err
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_model_card_states_data_recipe_counts_and_figures(learned_run, exported):
