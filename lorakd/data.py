@@ -436,9 +436,13 @@ def encode(tokenizer, texts, max_length, chunk=4096) -> list[np.ndarray]:
     out = []
     for i in range(0, len(texts), chunk):
         cut = [t[: max_length * 64] for t in texts[i: i + chunk]]
-        enc = tokenizer(cut, truncation=True, max_length=max_length, return_attention_mask=False,
-                        return_token_type_ids=False)  # ids only: masks come from lengths (TokenStore.batch)
-        out.extend(np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"])
+        if hasattr(tokenizer, "encode_batch"):  # a bare `tokenizers` Tokenizer (predict.onnx_tokenizer)
+            tokenizer.enable_truncation(max_length)
+            ids = [e.ids for e in tokenizer.encode_batch(cut)]
+        else:  # ids only: masks come from lengths (TokenStore.batch)
+            ids = tokenizer(cut, truncation=True, max_length=max_length, return_attention_mask=False,
+                            return_token_type_ids=False)["input_ids"]
+        out.extend(np.asarray(i, dtype=np.int32) for i in ids)
     return out
 
 

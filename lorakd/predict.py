@@ -19,7 +19,6 @@ import numpy as np
 from . import atomic
 from . import data as data_lib
 from .errors import UserError
-from .runs import load_run, open_trained
 
 LABEL_FORMATS = ("index", "name", "charcnn")  # 0..K-1 | class name | 1..K
 CHUNK = 2048  # texts read, tokenised, predicted and written at a time: memory stays bounded for any input
@@ -161,6 +160,8 @@ def model_kind(path, runtime="onnxruntime") -> tuple[str, Path]:
 def _labels_of(kind, p: Path) -> list[str]:
     """Class names without loading a model: the run's config, else id2label of the exported folder."""
     if kind == "run":
+        from .runs import load_run
+
         return list(load_run(p)[0].data.label_names)
     folder = p.parent if kind == "onnx" else p
     src = folder / ("lorakd.json" if kind == "adapter" else "config.json")
@@ -242,12 +243,30 @@ def openvino_runner(path, workers, precision=None):
     return run, compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
 
 
+def onnx_tokenizer(folder: Path):
+    """The tokenizer beside an ONNX model: its tokenizer.json through the `tokenizers` library, the same
+    tokenizer transformers' fast tokenizers run, without importing transformers and torch (about 5 s of a fresh
+    `lorakd predict` on this 2-core CPU). Same ids as AutoTokenizer: tests/test_export.py. A folder without
+    tokenizer.json (a slow tokenizer only) gets AutoTokenizer."""
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    if not (folder / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.no_padding()  # batches pad themselves (data.pad_rows)
+    pad = config.get("pad_token")
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    tok.pad_token_id = (tok.token_to_id(pad) if pad else None) or 0
+    tok.model_max_length = config.get("model_max_length") or 512
+    return tok
+
+
 def open_model(kind, p: Path, device="auto", backbone=None, threads=0, runtime="onnxruntime"):
-    """The model behind a path: tokenizer, max_length and run(ids, mask) -> logits (numpy), loaded once."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from . import model as model_lib
-
+    """The model behind a path: tokenizer, max_length and run(ids, mask) -> logits (numpy), loaded once.
+    ONNX models load without transformers and torch, which a fresh process would spend seconds importing."""
     if backbone and kind not in ("run", "adapter"):
         raise UserError("--backbone applies to run folders and adapter folders only")
     if runtime == "openvino" and kind != "onnx":
@@ -259,7 +278,7 @@ def open_model(kind, p: Path, device="auto", backbone=None, threads=0, runtime="
                 raise UserError(f"{p}: no {need} beside it; predict on a folder written by lorakd export --onnx")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         workers = threads or cores
-        tok = AutoTokenizer.from_pretrained(p.parent)
+        tok = onnx_tokenizer(p.parent)
         if runtime == "openvino":  # padded to a multiple of 16 tokens: fewer shapes for OpenVINO to prepare
             run, precision = openvino_runner(p, workers)
             return SimpleNamespace(tok=tok, max_length=_max_length(tok), run=run, workers=workers, pad_multiple=16,
@@ -274,6 +293,10 @@ def open_model(kind, p: Path, device="auto", backbone=None, threads=0, runtime="
         return SimpleNamespace(tok=tok, max_length=_max_length(tok), run=run, workers=workers,
                                device=f"cpu, onnxruntime {p.name}")
     import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from . import model as model_lib
+    from .runs import open_trained
 
     if threads:
         torch.set_num_threads(threads)

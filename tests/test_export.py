@@ -2,6 +2,8 @@
 import csv
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -97,6 +99,26 @@ def test_onnx_fp32_matches_and_int8_agrees(learned_run, exported, texts, tmp_pat
     assert np.mean([a == b for a, b in zip(int8, want)]) >= 0.95
     assert labels_of(tmp_path / "int8.csv") and [r[0] for r in csv.reader(open(tmp_path / "int8.csv"))][1:4] == \
         ["t0", "t1", "t2"]
+
+
+def test_onnx_prediction_tokenises_like_autotokenizer_without_importing_torch(exported, texts, tmp_path):
+    from transformers import AutoTokenizer
+
+    from lorakd import data as data_lib
+    from lorakd.predict import onnx_tokenizer
+
+    hf = exported[0]
+    want, tok = AutoTokenizer.from_pretrained(hf), onnx_tokenizer(hf)
+    assert (tok.pad_token_id, tok.model_max_length) == (want.pad_token_id, want.model_max_length)
+    some = texts[0] + ["", "  x  ", "word " * 400]  # empty, blank, and cut at max_length
+    assert [list(e) for e in data_lib.encode(tok, some, 32)] == [list(e) for e in data_lib.encode(want, some, 32)]
+    # a fresh process: the ONNX path loads no torch and no transformers (seconds of imports)
+    code = ("import sys; from lorakd.predict import predict; "
+            f"predict({str(hf / 'model.onnx')!r}, {str(texts[1])!r}, {str(tmp_path / 'p.csv')!r}, label_format='name', log=print); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+    assert labels_of(tmp_path / "p.csv") == lorakd_labels(hf / "model.onnx", texts[1], tmp_path / "again.csv")
 
 
 def test_openvino_runs_the_fp32_export_with_onnxruntimes_logits_and_the_runs_labels(learned_run, exported, texts,

@@ -42,7 +42,7 @@ def no_model(monkeypatch):
     """Loading the model fails the test: bad input must be refused before the backbone loads."""
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the input was checked")
-    monkeypatch.setattr(predict_lib, "open_trained", refuse)
+    monkeypatch.setattr(predict_lib, "open_model", refuse)
 
 
 def test_bad_label_format_fails_fast_and_writes_nothing(learned_run, tmp_path, no_model):
