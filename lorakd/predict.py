@@ -337,9 +337,9 @@ def logits_of(m, texts, batch_size) -> np.ndarray:
     multiple = getattr(m, "pad_multiple", 1)
 
     def run(idx):
-        return m.run(*data_lib.pad_rows([encoded[i] for i in idx], pad_id, multiple))
+        return m.run(*data_lib.pad_rows([encoded[i] for i in idx], pad_id, multiple, m.max_length))
 
-    if m.workers > 1:  # onnxruntime releases the GIL: threads run batches side by side
+    if m.workers > 1:  # onnxruntime and OpenVINO release the GIL: threads run batches side by side
         with ThreadPoolExecutor(m.workers) as pool:
             outs = list(pool.map(run, batches))
     else:

@@ -122,6 +122,15 @@ def test_pad_length():
     assert data.pad_length(100, max_length=64) == 64
 
 
+def test_pad_rows_pads_to_the_longest_or_a_multiple_never_past_max_length():
+    rows = [np.array([5, 6, 7]), np.array([8])]
+    ids, mask = data.pad_rows(rows, pad_id=1)
+    assert ids.tolist() == [[5, 6, 7], [8, 1, 1]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = data.pad_rows(rows, pad_id=1, multiple=4)
+    assert ids.shape == (2, 4) and mask.sum() == 4
+    assert data.pad_rows([np.arange(99)], 0, multiple=16, max_length=100)[0].shape == (1, 100)
+
+
 # ---------------------------------------------------------------- fingerprint
 
 def test_fingerprint_follows_texts_labels_and_extra():
