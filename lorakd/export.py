@@ -526,7 +526,9 @@ def model_card(cfg, info, evals, run_dir, adapter_only, files, scales="") -> str
                 "", "ONNX (onnxruntime, CPU): `model.onnx` (fp32) and `model.int8.onnx` (int8 weights, activations "
                 f"quantised at run time, scales {scales}; the fast one on a CPU). Inputs `input_ids`, `attention_mask` (int64, [batch, "
                 "sequence]); output `logits` [batch, classes]. With lorakd: `lorakd predict DIR/model.int8.onnx "
-                "--input FILE --out predictions.csv`; by hand:", "",
+                "--input FILE --out predictions.csv`, or on a CPU with AMX `lorakd predict DIR --runtime openvino "
+                "--input FILE --out predictions.csv` (`model.onnx` on OpenVINO, in bf16: faster there, and closer to "
+                "the fp32 labels); by hand:", "",
                 "```python", "import onnxruntime, numpy as np", "from transformers import AutoTokenizer",
                 "tok = AutoTokenizer.from_pretrained(DIR)",
                 "sess = onnxruntime.InferenceSession(f'{DIR}/model.int8.onnx', providers=['CPUExecutionProvider'])",

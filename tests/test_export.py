@@ -165,7 +165,7 @@ def test_model_card_states_data_recipe_counts_and_figures(learned_run, exported)
     evals = json.loads((learned_run / "eval.json").read_text())
     for fragment in ["World", "Sci/Tech", "r=4", "lr 0.01", "batch 8", f"{info['params']['trainable']:,}",
                      f"{evals['validation']['accuracy']:.4f}", f"{evals['test']['accuracy']:.4f}", "pipeline(",
-                     "model.int8.onnx", "Distillation: none"]:
+                     "model.int8.onnx", "--runtime openvino", "Distillation: none"]:
         assert fragment in card, fragment
     adapter_card = (exported[1] / "README.md").read_text()
     assert "AutoPeftModelForSequenceClassification" in adapter_card and "id2label" in adapter_card
