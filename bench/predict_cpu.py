@@ -75,38 +75,36 @@ def main():
         t0 = time.perf_counter()
         export(args.run, folder, onnx=True)
         print(f"export: {time.perf_counter() - t0:.1f}s")
-    models = {"PyTorch fp32 (run folder)": Path(args.run), "ONNX fp32": folder / "model.onnx",
-              "ONNX int8": folder / "model.int8.onnx"}
-    size = {"PyTorch fp32 (run folder)": (folder / "model.safetensors").stat().st_size,
-            "ONNX fp32": models["ONNX fp32"].stat().st_size, "ONNX int8": models["ONNX int8"].stat().st_size}
-    runtime = {name: "onnxruntime" for name in models}
+    # name: (what `lorakd predict` is given, runtime, the file whose size is reported)
+    models = {"PyTorch fp32 (run folder)": (Path(args.run), "onnxruntime", folder / "model.safetensors"),
+              "ONNX fp32": (folder / "model.onnx", "onnxruntime", folder / "model.onnx"),
+              "ONNX int8": (folder / "model.int8.onnx", "onnxruntime", folder / "model.int8.onnx")}
     try:  # `lorakd predict --runtime openvino`: the fp32 graph, bf16 where the CPU has AMX
         import openvino
-        models["OpenVINO (model.onnx)"], runtime["OpenVINO (model.onnx)"] = folder, "openvino"
-        size["OpenVINO (model.onnx)"] = size["ONNX fp32"]
+        models["OpenVINO (model.onnx)"] = (folder, "openvino", folder / "model.onnx")
     except ImportError:
         openvino = None
     quiet = lambda *a: None  # noqa: E731
     rows, ref = [], None
-    for name, model in models.items():  # warm-up: lazy imports, allocators, compiled graphs
-        predict(model, warm, tmp / "w.csv", progress=False, log=quiet, runtime=runtime[name])
+    for model, runtime, _ in models.values():  # warm-up: lazy imports, allocators, compiled graphs
+        predict(model, warm, tmp / "w.csv", progress=False, log=quiet, runtime=runtime)
     # the machine is shared and drifts: the models take turns, --repeat rounds, each keeps its fastest run
     tries = {name: [] for name in models}
     for r in range(args.repeat):
-        for i, (name, model) in enumerate(models.items()):
+        for i, (name, (model, runtime, _)) in enumerate(models.items()):
             load, out = os.getloadavg()[0], tmp / f"{i}-{r}.csv"
-            tries[name].append((predict(model, inp, out, progress=False, log=quiet, runtime=runtime[name]), load, out))
-    for name, model in models.items():
+            tries[name].append((predict(model, inp, out, progress=False, log=quiet, runtime=runtime), load, out))
+    for name, (model, runtime, file) in models.items():
         stats, load, out = max(tries[name], key=lambda t: t[0]["texts_per_s"])
         pred = labels(out)
         ref = pred if ref is None else ref
         row = {"model": name, "texts_per_s": round(stats["texts_per_s"], 1), "seconds": round(stats["seconds"], 2),
                "agreement": round(float((pred == ref).mean()), 5),
-               "accuracy": round(float((pred == split.labels).mean()), 5), "mb": round(size[name] / 1e6, 1),
+               "accuracy": round(float((pred == split.labels).mean()), 5), "mb": round(file.stat().st_size / 1e6, 1),
                "load_avg_before": round(load, 2), "runtime": stats["device"],
                "all_texts_per_s": [round(t[0]["texts_per_s"], 1) for t in tries[name]]}
         if not args.no_fresh and name != "ONNX fp32":
-            row["fresh_cli_s"] = round(fresh_cli(model, inp, tmp / "fresh.csv", runtime[name]), 1)
+            row["fresh_cli_s"] = round(fresh_cli(model, inp, tmp / "fresh.csv", runtime), 1)
             assert (labels(tmp / "fresh.csv") == pred).all()
         rows.append(row)
         print(row, flush=True)

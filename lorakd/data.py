@@ -478,7 +478,8 @@ def pad_multiple(setting: int, max_length: int, device_type: str, batch_size: in
 def pad_rows(encoded, pad_id, multiple=1, max_length=None) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids, attention_mask) int64 [rows, width] of token-id rows, padded to the longest (rounded up to
     a multiple of `multiple`, never past max_length)."""
-    width = max(pad_length(max(len(e) for e in encoded), multiple, max_length), max(len(e) for e in encoded))
+    longest = max(len(e) for e in encoded)
+    width = max(pad_length(longest, multiple, max_length), longest)
     ids = np.full((len(encoded), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(encoded), width), dtype=np.int64)
     for row, e in enumerate(encoded):

@@ -223,16 +223,16 @@ def openvino_runner(path, workers, precision=None):
         config["INFERENCE_PRECISION_HINT"] = precision
     try:  # compiled, then one small batch: a graph OpenVINO reads but cannot run fails here, before any output
         compiled = ov.Core().compile_model(str(path), "CPU", config)
-        logits = compiled.output(0)
+        logits, pool = compiled.output(0), [compiled.create_infer_request() for _ in range(workers)]
         probe = np.zeros((1, 8), dtype=np.int64)
-        compiled.create_infer_request().infer({"input_ids": probe, "attention_mask": probe + 1})
+        pool[0].infer({"input_ids": probe, "attention_mask": probe + 1})
     except RuntimeError as e:  # e.g. the per-row int8 graph's onnxruntime-only operators
         why = " ".join(str(e).split())[-300:] or type(e).__name__
         raise UserError(f"{path}: OpenVINO cannot run this graph (...{why}); give it the fp32 model.onnx "
                         f"of a `lorakd export --onnx` folder") from None
     requests = queue.SimpleQueue()
-    for _ in range(workers):
-        requests.put(compiled.create_infer_request())
+    for request in pool:
+        requests.put(request)
 
     def run(ids, mask):
         request = requests.get()
