@@ -336,14 +336,37 @@ def _position_bias_on_device(self, x, position_ids=None, num_buckets=32):
     return values.expand((bsz, -1, qlen, qlen)).contiguous()
 
 
+def _relative_positions_kept(self, hidden_states, query_states=None, relative_pos=None):
+    """DebertaV2Encoder.get_rel_pos computed once per (query length, key length, device) and kept.
+
+    The relative positions depend on the lengths alone, but transformers builds them on every forward, and
+    5.17's TorchScript bucketing makes a CPU tensor and copies it to the GPU (`torch.tensor(mid - 1).type_as`):
+    CUDA graph capture refuses that copy, so DeBERTa-v2 fell back to the plain step. Kept, they are made in
+    the warm-up step before capture, and the captured graph reads the kept tensor. transformers' own
+    get_rel_pos computes them, so the values are its own."""
+    compute = type(self).get_rel_pos
+    if relative_pos is not None or not getattr(self, "relative_attention", False):
+        return compute(self, hidden_states, query_states, relative_pos)
+    query = hidden_states if query_states is None else query_states
+    # kept apart under inference mode: a tensor made there can never be saved for a training step's backward
+    key = (query.shape[-2], hidden_states.shape[-2], hidden_states.device, torch.is_inference_mode_enabled())
+    kept = self.__dict__.setdefault("_kept_relative_positions", {})
+    if key not in kept:
+        kept[key] = compute(self, hidden_states, query_states, None)
+    return kept[key]
+
+
 def graph_safe(model):
-    """Make a built model's forward capturable as a CUDA graph where a transformers release is not:
-    MPNet encoders get the position bias above (bound on the instance, so nothing global changes)."""
+    """Make a built model's forward capturable as a CUDA graph where a transformers release is not (each
+    bound on the instance, so nothing global changes): MPNet encoders get the position bias above, DeBERTa-v2
+    encoders keep their relative positions."""
     import types
 
     for module in model.modules():
         if type(module).__name__ == "MPNetEncoder" and hasattr(module, "relative_attention_bias"):
             module.compute_position_bias = types.MethodType(_position_bias_on_device, module)
+        if type(module).__name__ == "DebertaV2Encoder" and hasattr(module, "get_rel_pos"):
+            module.get_rel_pos = types.MethodType(_relative_positions_kept, module)
     return model
 
 

@@ -186,6 +186,50 @@ def test_mpnet_position_bias_on_the_device_matches_transformers(tmp_path):
     assert enc.compute_position_bias.__func__ is not type(enc).compute_position_bias
 
 
+def test_deberta_relative_positions_kept_match_transformers(tmp_path):
+    """graph_safe's DeBERTa-v2 encoder computes its relative positions once per length (in the warm-up step
+    before a CUDA graph captures; transformers' bucketing copies a CPU tensor to the GPU, which capture
+    refuses): the same positions and logits as transformers' own, the kept tensor reused, and a training step
+    after an evaluation (inference mode) of the same length still backpropagates."""
+    import torch
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    from lorakd.model import build, graph_safe
+
+    torch.manual_seed(0)
+    cfg = DebertaV2Config(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64, max_position_embeddings=128, relative_attention=True,
+                          pos_att_type=["p2c", "c2p"], position_buckets=16, num_labels=4, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0)
+    model = DebertaV2ForSequenceClassification(cfg).eval()
+    ids = torch.randint(3, 50, (3, 40))  # past position_buckets: the log-spaced buckets are used too
+    mask = torch.ones_like(ids)
+    mask[1, 25:] = 0
+    encoder = model.deberta.encoder
+    x = torch.randn(3, 40, 32)
+    before = encoder.get_rel_pos(x)
+    with torch.no_grad():
+        logits_before = model(input_ids=ids, attention_mask=mask).logits
+    graph_safe(model)
+    assert encoder.get_rel_pos.__func__ is not type(encoder).get_rel_pos  # patched here
+    kept = encoder.get_rel_pos(x)
+    assert torch.equal(kept, before) and encoder.get_rel_pos(torch.randn(5, 40, 32)) is kept  # lengths alone
+    assert torch.equal(encoder.get_rel_pos(torch.randn(1, 20, 32)), type(encoder).get_rel_pos(encoder, x[:1, :20]))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, logits_before)
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, logits_before)
+    model.train()  # after an inference-mode forward of the same length, a training step still backpropagates
+    model(input_ids=ids, attention_mask=mask).logits.sum().backward()
+    assert model.classifier.weight.grad is not None
+
+    model.deberta.save_pretrained(tmp_path / "deberta")
+    mcfg = config_lib.override(config_lib.Config(), **{"model.backbone": str(tmp_path / "deberta"),
+                                                       "model.targets": ["query_proj", "key_proj", "value_proj"]}).model
+    enc = build(mcfg, 4).get_base_model().deberta.encoder
+    assert enc.get_rel_pos.__func__ is not type(enc).get_rel_pos
+
+
 def test_attention_lever_switches_the_implementation_not_the_result(tiny_backbone, tmp_path):
     """model.attention picks transformers' attention code (a speed lever): eager and sdpa give the same
     logits on the tiny BERT; an architecture without sdpa (MPNet) is a one-line error naming the key."""
