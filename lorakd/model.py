@@ -336,6 +336,12 @@ def _position_bias_on_device(self, x, position_ids=None, num_buckets=32):
     return values.expand((bsz, -1, qlen, qlen)).contiguous()
 
 
+def _tracing() -> bool:
+    """An ONNX export or torch.compile records the forward: a kept tensor would be recorded as a constant of
+    one length, so they get the computation itself."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+
+
 def _relative_positions_kept(self, hidden_states, query_states=None, relative_pos=None):
     """DebertaV2Encoder.get_rel_pos computed once per (query length, key length, device) and kept.
 
@@ -345,7 +351,7 @@ def _relative_positions_kept(self, hidden_states, query_states=None, relative_po
     the warm-up step before capture, and the captured graph reads the kept tensor. transformers' own
     get_rel_pos computes them, so the values are its own."""
     compute = type(self).get_rel_pos
-    if relative_pos is not None or not getattr(self, "relative_attention", False):
+    if relative_pos is not None or not getattr(self, "relative_attention", False) or _tracing():
         return compute(self, hidden_states, query_states, relative_pos)
     query = hidden_states if query_states is None else query_states
     # kept apart under inference mode: a tensor made there can never be saved for a training step's backward

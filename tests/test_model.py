@@ -1,4 +1,5 @@
 """Model: exact parameter counts without weights, placement errors, backbone identity."""
+import warnings
 from pathlib import Path
 
 import pytest
@@ -219,6 +220,10 @@ def test_deberta_relative_positions_kept_match_transformers(tmp_path):
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, logits_before)
     with torch.inference_mode():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, logits_before)
+    with warnings.catch_warnings():  # the tracer's notes on shapes read as numbers
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(lambda h: encoder.get_rel_pos(h), x, check_trace=False)  # as lorakd export traces
+    assert torch.equal(traced(torch.randn(1, 20, 32)), type(encoder).get_rel_pos(encoder, x[:1, :20]))  # any length
     model.train()  # after an inference-mode forward of the same length, a training step still backpropagates
     model(input_ids=ids, attention_mask=mask).logits.sum().backward()
     assert model.classifier.weight.grad is not None
