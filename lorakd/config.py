@@ -65,6 +65,7 @@ class TrainConfig:
     threads: int = 0  # CPU threads; 0 = torch default
     tensorboard: bool = False
     compile: bool = False  # torch.compile (inductor) the model: a lever, off unless measured to win (README)
+    prewarm: bool = True  # GPU: small encoder-shaped steps warm it in the background while imports run (README)
 
 
 @dataclass(frozen=True)

@@ -65,22 +65,92 @@ def pick_device(spec: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def start_device(device: torch.device):
+def start_device(device: torch.device, warm=None):
     """Create the CUDA context in a background thread, so that it overlaps the imports and the model build on
     the CPU (the driver call releases the GIL); returns the thread to join before the first use, or None.
-    A failure is left for the main thread's first CUDA call to raise where it is reported properly."""
+    warm ((hidden, heads, intermediate), batch, widths): then also run one small encoder-shaped step there per
+    padded width (_warm_step), until `thread.stop` is set. A failure is left for the main thread's first CUDA
+    call to raise where it is reported properly."""
     if device.type != "cuda":
         return None
+    stop = threading.Event()
 
     def create():
         try:
             torch.empty(1, device=device)
+            dims, batch, widths = warm or ((), 0, ())
+            for width in widths:
+                if stop.is_set():
+                    break
+                _warm_step(device, *dims, batch=batch, length=width)
         except Exception:  # noqa: BLE001
             pass
 
     thread = threading.Thread(target=create, name="lorakd-cuda-context", daemon=True)
+    thread.stop = stop
     thread.start()
     return thread
+
+
+def _warm_step(device, hidden, heads, inter, batch=24, length=64):
+    """One training step of a one-layer encoder-shaped function in bf16 (a LoRA pair, layer norm, attention
+    with a padding mask, GELU, a head, CE and KL, fused AdamW) at the run's batch shape, while the CPU imports
+    transformers and peft.
+
+    A fresh process pays for its GPU's lazy state at the first step of each shape: cuBLAS and cuBLASLt handles
+    and workspaces (pooled: the main thread takes them over once this thread ends), their choice of kernel for
+    each product shape, each kernel's first load, the autograd engine's device thread. Paid here, on an idle
+    GPU, CUDA-graph capture waits less (README: where the wall time goes). No random numbers: the run's seeded
+    generators stay untouched."""
+    import torch.nn.functional as F
+
+    def param(*shape):
+        return torch.full(shape, 0.02, device=device, requires_grad=True)
+
+    params = [param(hidden, hidden), param(6, hidden), param(hidden, 6), param(hidden), param(hidden),
+              param(inter, hidden), param(hidden, inter), param(4, hidden)]
+    w, a, b, gain, bias, up, down, head = params
+    x = torch.ones(batch, length, hidden, device=device)
+    mask = torch.zeros(batch, 1, 1, length, device=device)
+    mask[:, :, :, length // 2:] = torch.finfo(torch.float32).min
+    with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
+        y = F.layer_norm(x, (hidden,), gain, bias)
+        q = (F.linear(y, w) + F.linear(F.linear(y, a), b)).view(batch, length, heads, -1).transpose(1, 2)
+        z = F.scaled_dot_product_attention(q, q, q, attn_mask=mask.to(q.dtype)).transpose(1, 2).reshape(x.shape)
+        z = F.linear(F.gelu(F.linear(z + y, up)), down) + z
+        logits = F.linear(torch.tanh(z[:, 0]), head).float()
+    soft = torch.full_like(logits, 1 / logits.shape[-1])
+    loss = F.cross_entropy(logits, torch.zeros(batch, dtype=torch.long, device=device)) + F.kl_div(
+        F.log_softmax(logits / 2, -1), soft, reduction="batchmean")
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in params])
+    grads.mul_((1.0 / (grads.norm() + 1e-6)).clamp(max=1.0))
+    cuda = device.type == "cuda"  # as make_optimizer's on a GPU (the CPU runs it in tests)
+    torch.optim.AdamW(params, lr=torch.tensor(1e-4, device=device), fused=cuda, capturable=cuda).step()
+    if cuda:
+        torch.cuda.synchronize(device)
+
+
+def warm_dims(backbone: str):
+    """(hidden, heads, intermediate) of a backbone without importing transformers: the built-in table or a
+    folder's config.json (embedded:minilm's too); None when neither says (a hub id, say)."""
+    facts = KNOWN_BACKBONES.get(backbone)
+    if facts is None:
+        folder = Path(backbone).expanduser()
+        if backbone == EMBEDDED:
+            try:
+                folder = Path(resolve_backbone(backbone))
+            except UserError:
+                return None
+        try:
+            facts = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+    try:
+        dims = (int(facts["hidden_size"]), int(facts["num_attention_heads"]), int(facts["intermediate_size"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return dims if dims[0] % dims[1] == 0 else None
 
 
 def amp_dtype(precision: str, device: torch.device):

@@ -331,12 +331,25 @@ class Phases:
 
 # ---------------------------------------------------------------- set-up
 
+def warm_spec(cfg, device, world):
+    """What train.prewarm warms on a GPU while the imports run (model.start_device): the backbone's widths,
+    this process's batch (at most 64 rows), each padded width the length buckets can give (at most 8, the widest
+    first)."""
+    if not cfg.train.prewarm or device.type != "cuda":
+        return None
+    dims = model_lib.warm_dims(cfg.model.backbone)
+    dc = cfg.data
+    multiple = data_lib.pad_multiple(dc.pad_multiple, dc.max_length, device.type, cfg.train.batch_size)
+    widths = sorted({min(w, dc.max_length) for w in range(multiple, dc.max_length + multiple, multiple)}, reverse=True)
+    return dims and (dims, max(1, min(64, cfg.train.batch_size // world)), widths[:8])
+
+
 def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
     """Everything the loop runs on: processes, run folder, data, model, optimizer, the step, resumed state."""
     phases = phases or Phases()
     rank, world, local_rank = dist.env()
     device = model_lib.pick_device(cfg.train.device, local_rank)
-    context = model_lib.start_device(device)  # overlaps the imports and the model build below
+    context = model_lib.start_device(device, warm_spec(cfg, device, world))  # overlaps the imports and build below
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init(device, world)
@@ -391,6 +404,7 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
     if amp is not None:
         model_lib.freeze_to(model, amp)
     if context is not None:
+        context.stop.set()  # a warm-up still running ends after its current shape
         context.join()
     model.to(device).train()
     if tc.compile:

@@ -113,3 +113,29 @@ def test_compile_switch_compiles_the_model_once(tiny_config, tmp_path, monkeypat
     assert compiled == []
     train(tiny_config(**{"train.max_steps": 2, "train.compile": True}), tmp_path / "on", log=lambda *a: None)
     assert compiled == ["PeftModelForSequenceClassification"]
+
+
+def test_prewarm_warms_each_padded_width_of_the_run(tiny_config, tiny_backbone):
+    """train.prewarm (on by default) hands the background CUDA thread the backbone's widths, this process's
+    batch and every padded width the length buckets give (the widest first, at most 8); off, or on a CPU,
+    nothing is warmed. The warm step itself runs here on the CPU: no random numbers drawn, so a seeded run
+    trains as it would without it."""
+    from lorakd import model as model_lib
+    from lorakd.train import warm_spec
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # warm_spec only reads the device type
+    cfg = tiny_config(**{"data.max_length": 128, "data.pad_multiple": 32, "train.batch_size": 24})
+    assert cfg.train.prewarm
+    assert warm_spec(cfg, cuda, 1) == ((32, 2, 64), 24, [128, 96, 64, 32])  # the tiny BERT's config.json
+    assert warm_spec(cfg, cuda, 2)[1] == 12  # each process warms its shard of the global batch
+    assert warm_spec(cfg, cpu, 1) is None
+    assert warm_spec(tiny_config(**{"train.prewarm": False}), cuda, 1) is None
+    assert warm_spec(tiny_config(**{"data.max_length": 100, "data.pad_multiple": 1}), cuda, 1)[2] == list(range(100, 92, -1))
+    assert warm_spec(tiny_config(**{"model.backbone": "someone/not-here"}), cuda, 1) is None  # a hub id: no config
+    assert model_lib.warm_dims("roberta-base") == (768, 12, 3072)
+    assert model_lib.warm_dims("embedded:minilm") == (384, 12, 1536)
+    assert model_lib.start_device(cpu, ((32, 2, 64), 8, [16])) is None
+
+    before = torch.get_rng_state()
+    model_lib._warm_step(cpu, 32, 2, 64, batch=4, length=16)
+    assert torch.equal(torch.get_rng_state(), before)
