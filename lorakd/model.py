@@ -68,8 +68,8 @@ def pick_device(spec: str, local_rank: int = 0) -> torch.device:
 def start_device(device: torch.device, warm=None):
     """Create the CUDA context in a background thread, so that it overlaps the imports and the model build on
     the CPU (the driver call releases the GIL); returns the thread to join before the first use, or None.
-    warm ((hidden, heads, intermediate), batch, widths): then also run one small encoder-shaped step there per
-    padded width (_warm_step), until `thread.stop` is set. A failure is left for the main thread's first CUDA
+    warm ((hidden, heads, intermediate), batch, widths, bf16): then also run one small encoder-shaped step there
+    per padded width (_warm_step), until `thread.stop` is set. A failure is left for the main thread's first CUDA
     call to raise where it is reported properly."""
     if device.type != "cuda":
         return None
@@ -78,11 +78,11 @@ def start_device(device: torch.device, warm=None):
     def create():
         try:
             torch.empty(1, device=device)
-            dims, batch, widths = warm or ((), 0, ())
+            dims, batch, widths, bf16 = warm or ((), 0, (), False)
             for width in widths:
                 if stop.is_set():
                     break
-                _warm_step(device, *dims, batch=batch, length=width)
+                _warm_step(device, *dims, batch=batch, length=width, bf16=bf16)
         except Exception:  # noqa: BLE001
             pass
 
@@ -92,8 +92,8 @@ def start_device(device: torch.device, warm=None):
     return thread
 
 
-def _warm_step(device, hidden, heads, inter, batch=24, length=64):
-    """One training step of a one-layer encoder-shaped function in bf16 (a LoRA pair, layer norm, attention
+def _warm_step(device, hidden, heads, inter, batch=24, length=64, bf16=True):
+    """One training step of a one-layer encoder-shaped function in the run's precision (a LoRA pair, layer norm, attention
     with a padding mask, GELU, a head, CE and KL, fused AdamW) at the run's batch shape, while the CPU imports
     transformers and peft.
 
@@ -113,7 +113,7 @@ def _warm_step(device, hidden, heads, inter, batch=24, length=64):
     x = torch.ones(batch, length, hidden, device=device)
     mask = torch.zeros(batch, 1, 1, length, device=device)
     mask[:, :, :, length // 2:] = torch.finfo(torch.float32).min
-    with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
         y = F.layer_norm(x, (hidden,), gain, bias)
         q = (F.linear(y, w) + F.linear(F.linear(y, a), b)).view(batch, length, heads, -1).transpose(1, 2)
         z = F.scaled_dot_product_attention(q, q, q, attn_mask=mask.to(q.dtype)).transpose(1, 2).reshape(x.shape)

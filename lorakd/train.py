@@ -334,14 +334,15 @@ class Phases:
 def warm_spec(cfg, device, world):
     """What train.prewarm warms on a GPU while the imports run (model.start_device): the backbone's widths,
     this process's batch (at most 64 rows), each padded width the length buckets can give (at most 8, the widest
-    first)."""
+    first), and the run's precision."""
     if not cfg.train.prewarm or device.type != "cuda":
         return None
     dims = model_lib.warm_dims(cfg.model.backbone)
     dc = cfg.data
     multiple = data_lib.pad_multiple(dc.pad_multiple, dc.max_length, device.type, cfg.train.batch_size)
     widths = sorted({min(w, dc.max_length) for w in range(multiple, dc.max_length + multiple, multiple)}, reverse=True)
-    return dims and (dims, max(1, min(64, cfg.train.batch_size // world)), widths[:8])
+    bf16 = model_lib.amp_dtype(cfg.train.precision, device) is not None
+    return dims and (dims, max(1, min(64, cfg.train.batch_size // world)), widths[:8], bf16)
 
 
 def setup(cfg, run_dir: Path, resume: bool, log, phases=None):

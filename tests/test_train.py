@@ -126,7 +126,8 @@ def test_prewarm_warms_each_padded_width_of_the_run(tiny_config, tiny_backbone):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # warm_spec only reads the device type
     cfg = tiny_config(**{"data.max_length": 128, "data.pad_multiple": 32, "train.batch_size": 24})
     assert cfg.train.prewarm
-    assert warm_spec(cfg, cuda, 1) == ((32, 2, 64), 24, [128, 96, 64, 32])  # the tiny BERT's config.json
+    assert warm_spec(cfg, cuda, 1) == ((32, 2, 64), 24, [128, 96, 64, 32], True)  # the tiny BERT's config.json
+    assert warm_spec(tiny_config(**{"train.precision": "fp32"}), cuda, 1)[3] is False
     assert warm_spec(cfg, cuda, 2)[1] == 12  # each process warms its shard of the global batch
     assert warm_spec(cfg, cpu, 1) is None
     assert warm_spec(tiny_config(**{"train.prewarm": False}), cuda, 1) is None
@@ -134,8 +135,9 @@ def test_prewarm_warms_each_padded_width_of_the_run(tiny_config, tiny_backbone):
     assert warm_spec(tiny_config(**{"model.backbone": "someone/not-here"}), cuda, 1) is None  # a hub id: no config
     assert model_lib.warm_dims("roberta-base") == (768, 12, 3072)
     assert model_lib.warm_dims("embedded:minilm") == (384, 12, 1536)
-    assert model_lib.start_device(cpu, ((32, 2, 64), 8, [16])) is None
+    assert model_lib.start_device(cpu, ((32, 2, 64), 8, [16], True)) is None
 
     before = torch.get_rng_state()
-    model_lib._warm_step(cpu, 32, 2, 64, batch=4, length=16)
+    for bf16 in (True, False):
+        model_lib._warm_step(cpu, 32, 2, 64, batch=4, length=16, bf16=bf16)
     assert torch.equal(torch.get_rng_state(), before)
