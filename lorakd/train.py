@@ -335,8 +335,8 @@ def warm_spec(cfg, device, world):
     """What train.prewarm warms on a GPU while the imports run (model.start_device): the backbone's widths,
     this process's batch (at most 64 rows), each padded width the length buckets can give (at most 8, the widest
     first), and the run's precision."""
-    if not cfg.train.prewarm or device.type != "cuda":
-        return None
+    if not cfg.train.prewarm or device.type != "cuda" or torch.cuda.is_initialized():
+        return None  # a process that has run on its GPU before (a pipeline's student, a sweep's next run) is warm
     dims = model_lib.warm_dims(cfg.model.backbone)
     dc = cfg.data
     multiple = data_lib.pad_multiple(dc.pad_multiple, dc.max_length, device.type, cfg.train.batch_size)
