@@ -115,7 +115,7 @@ def test_compile_switch_compiles_the_model_once(tiny_config, tmp_path, monkeypat
     assert compiled == ["PeftModelForSequenceClassification"]
 
 
-def test_prewarm_warms_each_padded_width_of_the_run(tiny_config, tiny_backbone):
+def test_prewarm_warms_each_padded_width_of_the_run(tiny_config):
     """train.prewarm (on by default) hands the background CUDA thread the backbone's widths, this process's
     batch and every padded width the length buckets give (the widest first, at most 8); off, or on a CPU,
     nothing is warmed. The warm step itself runs here on the CPU: no random numbers drawn, so a seeded run
