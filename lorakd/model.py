@@ -78,11 +78,12 @@ def start_device(device: torch.device, warm=None):
     def create():
         try:
             torch.empty(1, device=device)
-            dims, batch, widths, bf16 = warm or ((), 0, (), False)
-            for width in widths:
-                if stop.is_set():
-                    break
-                _warm_step(device, *dims, batch=batch, length=width, bf16=bf16)
+            if warm:
+                dims, batch, widths, bf16 = warm
+                for width in widths:
+                    if stop.is_set():
+                        break
+                    _warm_step(device, *dims, batch=batch, length=width, bf16=bf16)
         except Exception:  # noqa: BLE001
             pass
 

@@ -340,7 +340,7 @@ def warm_spec(cfg, device, world):
     dims = model_lib.warm_dims(cfg.model.backbone)
     dc = cfg.data
     multiple = data_lib.pad_multiple(dc.pad_multiple, dc.max_length, device.type, cfg.train.batch_size)
-    widths = sorted({min(w, dc.max_length) for w in range(multiple, dc.max_length + multiple, multiple)}, reverse=True)
+    widths = sorted({data_lib.pad_length(n, multiple, dc.max_length) for n in range(1, dc.max_length + 1)}, reverse=True)
     bf16 = model_lib.amp_dtype(cfg.train.precision, device) is not None
     return dims and (dims, max(1, min(64, cfg.train.batch_size // world)), widths[:8], bf16)
 
