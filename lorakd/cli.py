@@ -55,6 +55,11 @@ def hub_demo_data() -> str:
                if os.environ.get(k, "").lower() in ("1", "true", "yes", "on")]
     if offline:
         raise UserError(f"lorakd demo without --data loads AG News from the hub, but {offline[0]} is set: {fix}")
+    from .model import hub_out_of_reach
+
+    if hub_out_of_reach():  # a 2-second check, not half a minute of retries
+        raise UserError(f"lorakd demo without --data loads AG News from the hub, which is out of reach: connect, "
+                        f"or {fix}")
     import datasets
 
     try:  # metadata only: a missing network shows in a second, before anything trains
@@ -71,17 +76,23 @@ def cmd_demo(args):
 
     from . import runs, train
 
+    if args.cpu_steps < 1:
+        raise UserError(f"--cpu-steps {args.cpu_steps}: must be at least 1")
     data = args.data or hub_demo_data()
     over = [f"data.path={data}"]
-    if not torch.cuda.is_available():
+    cpu = not torch.cuda.is_available()
+    if cpu:
         # a few steps learn little at the recipe's lr 2e-4: the CPU demo takes 1e-3 to show a real curve
         over += [f"train.max_steps={args.cpu_steps}", f"train.eval_every={max(1, args.cpu_steps // 3)}",
                  "train.log_every=10", "train.lr=1e-3"]
         if not args.data:  # the full split's 5% is 6,000 rows evaluated 4 times: 1% keeps the CPU demo short
             over += ["data.val_fraction=0.01"]
-        print(f"no GPU: {args.cpu_steps} steps at lr 1e-3 of the reference recipe (a GPU runs all 3 epochs "
-              "in seconds)")
     cfg = config_lib.load(preset_path("agnews-minilm"), over + list(args.overrides), {"name": "demo"})
+    if cpu:  # what will run, key=value overrides included
+        t = cfg.train
+        length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epochs"
+        print(f"no GPU: {length} at lr {t.lr:g} (the reference recipe is 3 epochs at lr 2e-4, which a GPU runs "
+              "in seconds)")
     run_dir = Path(args.out) if args.out else default_run_dir(cfg)
     with runs.run_lock(run_dir):
         summary = train.train(cfg, run_dir, plots=True)
@@ -116,6 +127,13 @@ def cmd_params(args):
     from .model import count_params
 
     teacher = None
+    if args.preset and args.config:
+        raise UserError("give --preset or --config, not both")
+    if args.labels is not None and args.labels < 2:
+        raise UserError(f"--labels {args.labels}: needs at least 2")
+    for key in ("r", "alpha", "targets", "layers"):  # an option and a key=value for the same key: which one?
+        if getattr(args, key) is not None and any(o.startswith(f"model.{key}=") for o in args.overrides):
+            raise UserError(f"model.{key} given twice (--{key} and model.{key}=...): give one")
     if args.preset or args.config:
         path = preset_path(args.preset or args.config)
         raw = config_lib.read_yaml(path)
@@ -135,7 +153,7 @@ def cmd_params(args):
             m[f"model.{key}"] = getattr(args, key)
     if args.full_finetune:
         m["model.full_finetune"] = True
-    if args.labels:
+    if args.labels is not None:
         m["data.label_names"] = [f"class{i}" for i in range(args.labels)]
     cfg = config_lib.override(cfg, **m) if m else cfg
     counts = count_params(cfg.model, len(cfg.data.label_names))
@@ -209,14 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train + evaluate the reference student on the embedded backbone")
     d.add_argument("--data", help="AG News folder or file (default: hub:ag_news, needs lorakd[hub] and the network)")
     d.add_argument("--out", help="run folder (default runs/demo-TIMESTAMP)")
-    d.add_argument("--cpu-steps", type=int, default=150, help="training steps when no GPU is visible")
-    d.add_argument("overrides", nargs="*", metavar="key=value")
+    d.add_argument("--cpu-steps", type=int, default=150,
+                   help="training steps when no GPU is visible (default 150, at lr 1e-3)")
+    d.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=5e-4")
     d.set_defaults(func=cmd_demo)
 
     e = sub.add_parser("eval", help="evaluate a finished run")
     e.add_argument("run")
-    e.add_argument("--split", default="validation", choices=["validation", "test"])
-    e.add_argument("--device", default="auto")
+    e.add_argument("--split", default="validation", choices=["validation", "test"],
+                   help="which split (default validation; test when the data has test.csv)")
+    e.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     e.add_argument("--backbone", help="a local copy of the run's backbone")
     e.set_defaults(func=cmd_eval)
 
@@ -247,18 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="a config file")
     c.add_argument("--model", help="backbone: roberta-base, roberta-large, bert-base-uncased, embedded:minilm, "
                                    "a folder or hub id")
-    c.add_argument("--r", type=int)
-    c.add_argument("--alpha", type=float)
+    c.add_argument("--r", type=int, help="LoRA rank (sets model.r)")
+    c.add_argument("--alpha", type=float, help="LoRA alpha (sets model.alpha; it does not change the count)")
     c.add_argument("--targets", help="comma-separated module names, e.g. query,key,value")
     c.add_argument("--layers", help="comma-separated layer indices (default all)")
     c.add_argument("--labels", type=int, help="number of classes (default: the config's, 4)")
-    c.add_argument("--full-finetune", action="store_true")
-    c.add_argument("overrides", nargs="*", metavar="key=value")
+    c.add_argument("--full-finetune", action="store_true", help="count a full fine-tune (a teacher)")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.layers=[0,5]")
     c.set_defaults(func=cmd_params)
 
     pl = sub.add_parser("pipeline", help="teacher -> logits -> student -> evaluation -> predictions")
-    pl.add_argument("--config", required=True)
-    pl.add_argument("--data")
+    pl.add_argument("--config", required=True, help="pipeline YAML or preset name (a `teacher:` section)")
+    pl.add_argument("--data", help="data folder, file or hub:ag_news (sets data.path)")
     pl.add_argument("--out", help="pipeline folder (default runs/NAME)")
     pl.add_argument("--predict", help="unlabelled input to predict at the end")
     pl.add_argument("overrides", nargs="*", metavar="key=value")
@@ -280,12 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
 
     f = sub.add_parser("fit-budget", help="propose adapter placements that use the budget well")
-    f.add_argument("--budget", type=int, default=1_000_000)
-    f.add_argument("--model", default="embedded:minilm")
-    f.add_argument("--targets", default="query,key,value,dense")
-    f.add_argument("--labels", type=int, default=4)
-    f.add_argument("--top", type=int, default=15)
-    f.add_argument("--min-r", type=int, default=1)
+    f.add_argument("--budget", type=int, default=1_000_000, help="trainable-parameter budget (default 1,000,000)")
+    f.add_argument("--model", default="embedded:minilm", help="backbone (default embedded:minilm)")
+    f.add_argument("--targets", default="query,key,value,dense",
+                   help="module names to place adapters on, every subset tried (default query,key,value,dense; "
+                        "MPNet: q,k,v,o,dense)")
+    f.add_argument("--labels", type=int, default=4, help="number of classes (default 4)")
+    f.add_argument("--top", type=int, default=15, help="how many placements to list (default 15)")
+    f.add_argument("--min-r", type=int, default=1, help="smallest rank to propose (default 1)")
     f.add_argument("--max-r", type=int, help="cap the rank of proposals (default: the largest that fits)")
     f.add_argument("--write", help="write the proposals as a sweep YAML")
     f.set_defaults(func=cmd_fit_budget)
@@ -314,6 +336,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("lorakd: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # the reader stopped early (`lorakd fit-budget | head`): no traceback, as Python's docs do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 def entry():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -213,6 +214,10 @@ def parse_override(text: str):
     if "=" not in text:
         raise UserError(f"override {text!r}: expected key=value, e.g. model.r=8")
     key, value = text.split("=", 1)
+    if not key.strip():
+        raise UserError(f"override {text!r}: no key before '=', e.g. model.r=8")
+    if value.strip().startswith("[") != value.strip().endswith("]"):
+        raise UserError(f"override {text!r}: a list needs both brackets, e.g. model.targets=[query,value]")
     try:
         parsed = yaml.load(value, Loader=_Loader) if value.strip() else ""
     except yaml.YAMLError:
@@ -256,7 +261,24 @@ def read_yaml(path) -> dict:
 def from_dict(raw: dict) -> Config:
     cfg = _build(Config, raw)
     validate(cfg)
-    return cfg
+    return absolute_paths(cfg)
+
+
+def _absolute(value: str) -> str:
+    """A local file or folder as an absolute path; anything else (a hub id, embedded:*, hub:*, a path that
+    does not exist, whose error then names it as typed) unchanged."""
+    if not value or re.match(r"^[A-Za-z][\w.+-]*:", value) or not Path(value).exists():
+        return value
+    return os.path.abspath(value)
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """The config with its local paths absolute, so that a run's config.yaml (eval, resume, export's
+    calibration texts) works from any folder, not only from where it was trained."""
+    return replace(cfg, data=replace(cfg.data, path=_absolute(cfg.data.path)),
+                   model=replace(cfg.model, backbone=_absolute(cfg.model.backbone)),
+                   distill=replace(cfg.distill, unlabeled=_absolute(cfg.distill.unlabeled),
+                                   teachers=tuple(_absolute(t) for t in cfg.distill.teachers)))
 
 
 def load(path=None, overrides=(), extra: dict | None = None) -> Config:
@@ -298,6 +320,7 @@ def validate(cfg: Config):
         (t.eval_every >= 0, "train.eval_every", "must be >= 0"),
         (t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0"),
         (t.eval_batch_size >= 1, "train.eval_batch_size", "must be at least 1"),
+        (t.threads >= 0, "train.threads", "must be >= 0 (0 = torch's default)"),
         (0 <= d.val_fraction < 1, "data.val_fraction", "must be in [0, 1)"),
         (d.max_length >= 8, "data.max_length", "must be at least 8"),
         (d.pad_multiple == 0 or (d.pad_multiple >= 1 and d.max_length % d.pad_multiple == 0), "data.pad_multiple",

@@ -70,9 +70,13 @@ def _label(value, names, one_based, where):
             raise UserError(f"{where}: label {s!r} is neither a class number nor one of {', '.join(names)}") from None
     lo = 1 if one_based else 0
     if not lo <= i < lo + k:
-        base = "1-based (CharCNN layout)" if one_based else "0-based"
+        base = "1-based, the CharCNN layout" if one_based else "0-based"
         raise UserError(f"{where}: label {i} outside the classes {lo}..{lo + k - 1} ({base})")
     return i - lo
+
+
+def _columns(n: int) -> str:
+    return f"{n} column" + ("s" if n != 1 else "")
 
 
 def _text(title, description, where):
@@ -138,7 +142,7 @@ def headerless_columns(first_row, where) -> list[str]:
         return ["text"]
     if len(first_row) in (2, 3) and first_row[0].strip().isdigit():
         return ["class", "title", "description"][: len(first_row)]
-    raise UserError(f"{where}: {len(first_row)} columns and no header; give one text per row, the CharCNN layout "
+    raise UserError(f"{where}: {_columns(len(first_row))} and no header; give one text per row, the CharCNN layout "
                     "(class,title,description), or a header naming the text column")
 
 
@@ -147,7 +151,7 @@ def headerless_record(cols, row, where):
     if cols == ["text"]:
         return where, {"text": ",".join(row)}
     if len(row) != len(cols):
-        raise UserError(f"{where}: {len(row)} columns, the first row has {len(cols)} (CharCNN layout)")
+        raise UserError(f"{where}: {_columns(len(row))}, the first row has {len(cols)} (CharCNN layout)")
     return where, dict(zip(cols, row))
 
 
@@ -166,7 +170,7 @@ def _read_csv(path: Path, names, need_labels=True) -> Split:
         recs = []
         for line, r in numbered[1:]:
             if len(r) != len(cols):
-                raise UserError(f"{path}: row {line}: {len(r)} columns, the header has {len(cols)}")
+                raise UserError(f"{path}: row {line}: {_columns(len(r))}, the header has {len(cols)}")
             recs.append((f"{path}: row {line}", dict(zip(cols, r))))
         return _rows_to_split(recs, cols, names, str(path), need_labels)
     if not need_labels:  # headerless unlabelled input: one text per row, or the CharCNN layout
@@ -177,7 +181,7 @@ def _read_csv(path: Path, names, need_labels=True) -> Split:
     for line, r in numbered:  # CharCNN layout: "class","title","description", classes 1..K
         where = f"{path}: row {line}"
         if len(r) not in (2, 3):
-            raise UserError(f"{where}: {len(r)} columns, expected class,title,description (CharCNN layout)")
+            raise UserError(f"{where}: {_columns(len(r))}, expected class,title,description (CharCNN layout)")
         labels.append(_label(r[0], names, True, where))
         texts.append(_text(r[1], r[2] if len(r) == 3 else None, where))
     return Split(texts, np.asarray(labels, dtype=np.int64), [str(n) for n in range(len(texts))])
@@ -323,6 +327,8 @@ def read_splits(path, names) -> dict[str, Split]:
     out = {}
     for split in ("train", "test"):
         found = [p / f"{split}{ext}" for ext in FORMATS if (p / f"{split}{ext}").exists()]
+        if len(found) > 1:
+            raise UserError(f"{p}: {' and '.join(f.name for f in found)}: more than one {split} file; keep one")
         if found:
             out[split] = read_file(found[0], names)
     if "train" not in out:
@@ -331,13 +337,16 @@ def read_splits(path, names) -> dict[str, Split]:
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int):
-    """(train_idx, val_idx): the same fraction of every class, the same indices for the same seed."""
+    """(train_idx, val_idx): the same fraction of every class, the same indices for the same seed. A class
+    of two rows or more gives at least one validation row when fraction > 0 (a small file still validates)."""
     rng = np.random.default_rng(seed)
     train_idx, val_idx = [], []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         rng.shuffle(idx)
         n_val = int(round(fraction * len(idx)))
+        if fraction > 0 and len(idx) >= 2:
+            n_val = max(n_val, 1)
         val_idx.append(idx[:n_val])
         train_idx.append(idx[n_val:])
     return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))

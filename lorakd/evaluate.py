@@ -83,11 +83,14 @@ def evaluate_run(run_dir, split="validation", device="auto", backbone=None, log=
     from .runs import open_trained
     from .model import amp_dtype, pick_device
 
-    dev = pick_device(device)
+    dev = pick_device(device, key="--device")
     cfg, _, model, tok = open_trained(run_dir, dev, backbone)
     splits = data_lib.load_splits(cfg.data, cfg.train.seed)
     if split not in splits:
         raise UserError(f"--split {split}: this run's data ({cfg.data.path}) has no {split} split")
+    if not len(splits[split]):
+        raise UserError(f"--split {split}: this run's {split} split is empty (data.val_fraction="
+                        f"{cfg.data.val_fraction})")
     s = splits[split]
     store = data_lib.TokenStore(data_lib.encode(tok, s.texts, cfg.data.max_length), s.labels,
                                 tok.pad_token_id or 0, dev)

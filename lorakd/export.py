@@ -617,6 +617,8 @@ def export(run_dir, out_dir=None, adapter_only=False, onnx=False, backbone=None,
         _replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"exported {run_dir} to {out} ({'peft adapter' if adapter_only else 'Hugging Face model, LoRA merged'}"
+    what = "peft adapter" if adapter_only else "Hugging Face model, " + (
+        "full fine-tune" if cfg.model.full_finetune else "LoRA merged")
+    log(f"exported {run_dir} to {out} ({what}"
         f"{', ONNX fp32 + int8' if onnx else ''})")
     return result

@@ -53,15 +53,16 @@ KNOWN_BACKBONES["google-bert/bert-base-uncased"] = KNOWN_BACKBONES["bert-base-un
 HEAD_NAMES = ("classifier", "score")
 
 
-def pick_device(spec: str, local_rank: int = 0) -> torch.device:
+def pick_device(spec: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
+    """auto, cpu, cuda or cuda:N as a torch device; `key` is what an error names (the option the user gave)."""
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UserError(f"train.device {spec}: no CUDA GPU is visible")
+            raise UserError(f"{key} {spec}: no CUDA GPU is visible")
         return torch.device(spec if ":" in spec else f"cuda:{local_rank}")
     if spec != "cpu":
-        raise UserError(f"train.device {spec!r}: expected auto, cpu, cuda or cuda:N")
+        raise UserError(f"{key} {spec!r}: expected auto, cpu, cuda or cuda:N")
     return torch.device("cpu")
 
 
@@ -233,6 +234,45 @@ def resolve_backbone(name: str) -> str:
     return name
 
 
+_HUB_OUT_OF_REACH = None  # checked once per process
+
+
+def hub_out_of_reach(timeout: float = 2.0) -> bool:
+    """True when the Hugging Face hub's host takes no connection within `timeout` s: loads then use the local
+    cache alone, at once, instead of retrying for half a minute. Not checked (False) under HF_HUB_OFFLINE, which
+    the libraries honour themselves, or behind a proxy, which this direct connection would not go through."""
+    global _HUB_OUT_OF_REACH
+    if _HUB_OUT_OF_REACH is None:
+        import socket
+        from urllib.parse import urlparse
+
+        env = {k.lower(): v for k, v in os.environ.items()}
+        if env.get("hf_hub_offline", "").lower() in ("1", "true", "yes", "on") or \
+                any(env.get(k) for k in ("https_proxy", "http_proxy", "all_proxy")):
+            _HUB_OUT_OF_REACH = False
+        else:
+            url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+            try:
+                socket.create_connection((url.hostname, url.port or 443), timeout).close()
+                _HUB_OUT_OF_REACH = False
+            except OSError:
+                _HUB_OUT_OF_REACH = True
+    return _HUB_OUT_OF_REACH
+
+
+def hub_kwargs(src: str) -> dict:
+    """from_pretrained's keywords for src: the local cache only for a hub id while the hub is out of reach."""
+    return {"local_files_only": True} if not Path(src).exists() and hub_out_of_reach() else {}
+
+
+def load_error(key: str, name: str, what: str, e: Exception) -> UserError:
+    """The one-line error for a backbone that did not load; `key` names the option or config key."""
+    if hub_kwargs(resolve_backbone(name)):
+        return UserError(f"{key} {name}: not in the local Hugging Face cache, and the hub is out of reach; "
+                         f"pass a local model folder, or connect")
+    return UserError(f"{key} {name}: cannot load its {what} ({str(e).splitlines()[0][:160]})")
+
+
 def backbone_config(name: str, num_labels: int):
     """The transformers config, from the built-in table, a folder's config.json, or the hub."""
     from transformers import AutoConfig, CONFIG_MAPPING
@@ -243,10 +283,9 @@ def backbone_config(name: str, num_labels: int):
     else:
         src = resolve_backbone(name)
         try:
-            cfg = AutoConfig.from_pretrained(src)
+            cfg = AutoConfig.from_pretrained(src, **hub_kwargs(src))
         except OSError as e:
-            raise UserError(f"model.backbone {name}: cannot load its config offline "
-                            f"({str(e).splitlines()[0][:160]})") from None
+            raise load_error("model.backbone", name, "config", e) from None
     cfg.num_labels = num_labels
     return cfg
 
@@ -354,15 +393,27 @@ def check_budget(cfg, counts):
                         f"layers, or raise model.budget")
 
 
+def max_tokens(tok, hf_config) -> int | None:
+    """The longest input the backbone takes: its tokenizer's model_max_length, else its absolute position
+    table (RoBERTa-style tables start after the padding index), else None (relative positions only)."""
+    if tok.model_max_length < 1_000_000:  # transformers' "unknown" is int(1e30)
+        return int(tok.model_max_length)
+    if getattr(hf_config, "position_biased_input", True) is False:  # DeBERTa-v2/v3
+        return None
+    n = getattr(hf_config, "max_position_embeddings", None)
+    if n and hf_config.model_type in ("roberta", "xlm-roberta", "camembert", "mpnet"):
+        n -= (hf_config.pad_token_id or 0) + 1
+    return n
+
+
 def load_tokenizer(backbone: str):
     from transformers import AutoTokenizer
 
     src = resolve_backbone(backbone)
     try:
-        return AutoTokenizer.from_pretrained(src)
+        return AutoTokenizer.from_pretrained(src, **hub_kwargs(src))
     except OSError as e:
-        raise UserError(f"model.backbone {backbone}: cannot load its tokenizer "
-                        f"({str(e).splitlines()[0][:160]})") from None
+        raise load_error("model.backbone", backbone, "tokenizer", e) from None
 
 
 def build(mcfg, num_labels: int):
@@ -372,15 +423,15 @@ def build(mcfg, num_labels: int):
     _quiet_transformers()
     src = resolve_backbone(mcfg.backbone)
     try:
-        config = AutoConfig.from_pretrained(src, num_labels=num_labels)
+        config = AutoConfig.from_pretrained(src, num_labels=num_labels, **hub_kwargs(src))
         if mcfg.backbone_dropout >= 0:  # BERT/RoBERTa names and DistilBERT's, whichever this config has
             for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
                 if hasattr(config, key):
                     setattr(config, key, mcfg.backbone_dropout)
-        base = AutoModelForSequenceClassification.from_pretrained(src, config=config, **attention(mcfg))
+        base = AutoModelForSequenceClassification.from_pretrained(src, config=config, **attention(mcfg),
+                                                                  **hub_kwargs(src))
     except OSError as e:
-        raise UserError(f"model.backbone {mcfg.backbone}: cannot load its weights "
-                        f"({str(e).splitlines()[0][:160]})") from None
+        raise load_error("model.backbone", mcfg.backbone, "weights", e) from None
     except ValueError as e:  # an attention this architecture lacks (say, sdpa for MPNet)
         if mcfg.attention == "auto":
             raise
@@ -535,8 +586,13 @@ def load_trained(cfg, run_dir: Path, num_labels: int):
     src = run_dir / "adapter"
     if not (src / "adapter_config.json").exists():
         raise UserError(f"{run_dir}: no adapter in adapter/ (did training finish?)")
-    base = graph_safe(AutoModelForSequenceClassification.from_pretrained(resolve_backbone(cfg.model.backbone),
-                                                                         num_labels=num_labels).float())
+    src_base = resolve_backbone(cfg.model.backbone)
+    try:
+        base = AutoModelForSequenceClassification.from_pretrained(src_base, num_labels=num_labels,
+                                                                  **hub_kwargs(src_base))
+    except OSError as e:
+        raise load_error("backbone", cfg.model.backbone, "weights", e) from None
+    base = graph_safe(base.float())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

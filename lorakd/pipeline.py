@@ -34,10 +34,13 @@ def split_configs(raw: dict, overrides=(), data=None):
     student_raw = config_lib.merge(raw, student_over)
     base = {k: v for k, v in student_raw.items() if k != "distill"}
     name = student_raw.get("name", "pipeline")
-    teacher = config_lib.from_dict(config_lib.merge(config_lib.merge(
-        config_lib.merge(base, {"role": "teacher", "name": f"{name}-teacher", "model.full_finetune": True}),
-        teacher_raw), teacher_over))
-    student = config_lib.from_dict(student_raw)
+    student = config_lib.from_dict(student_raw)  # first: an error in the shared keys is the student's
+    try:
+        teacher = config_lib.from_dict(config_lib.merge(config_lib.merge(
+            config_lib.merge(base, {"role": "teacher", "name": f"{name}-teacher", "model.full_finetune": True}),
+            teacher_raw), teacher_over))
+    except UserError as e:  # the key as the user wrote it: teacher.train.lr, not train.lr
+        raise UserError(str(e).replace("config key ", "config key teacher.", 1)) from None
     return teacher, student
 
 
@@ -74,7 +77,11 @@ def pipeline_root(config_path, overrides=(), out=None, data=None) -> Path:
 
 def run_pipeline(config_path, overrides=(), out=None, data=None, predict_input=None, log=print) -> dict:
     teacher_cfg, student_cfg = split_configs(config_lib.read_yaml(config_path), overrides, data)
-    root = Path(out or Path("runs") / student_cfg.name)
+    if predict_input:  # a bad input file fails now, not after the teacher and the student have trained
+        from .predict import read_input
+
+        read_input(predict_input)
+    root = Path(out or Path("runs") / student_cfg.name).absolute()  # the student's config names its teacher by it
     teacher_dir, student_dir = root / "teacher", root / "student"
     teachers = tuple(student_cfg.distill.teachers) + (str(teacher_dir),)
     student_cfg = config_lib.override(student_cfg, **{"distill.teachers": list(teachers)})

@@ -300,7 +300,7 @@ def open_model(kind, p: Path, device="auto", backbone=None, threads=0, runtime="
 
     if threads:
         torch.set_num_threads(threads)
-    dev = model_lib.pick_device(device)
+    dev = model_lib.pick_device(device, key="--device")
     model_lib._quiet_transformers()
     if kind == "run":
         cfg, _, model, tok = open_trained(p, dev, backbone)
@@ -311,8 +311,12 @@ def open_model(kind, p: Path, device="auto", backbone=None, threads=0, runtime="
 
             base = backbone or json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
             id2label = {int(i): n for i, n in json.loads((p / "lorakd.json").read_text())["id2label"].items()}
-            model = AutoModelForSequenceClassification.from_pretrained(
-                model_lib.resolve_backbone(base), id2label=id2label, label2id={n: i for i, n in id2label.items()})
+            src = model_lib.resolve_backbone(base)
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    src, id2label=id2label, label2id={n: i for i, n in id2label.items()}, **model_lib.hub_kwargs(src))
+            except OSError as e:
+                raise model_lib.load_error("base model", base, "weights", e) from None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model = PeftModel.from_pretrained(model, p)
@@ -359,6 +363,10 @@ def predict(run_dir, input_path, out_path, device="auto", batch_size=None, label
 
     if label_format not in LABEL_FORMATS:
         raise UserError(f"--labels {label_format!r}: expected one of {', '.join(LABEL_FORMATS)}")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    if threads < 0:
+        raise UserError(f"--threads {threads}: must be >= 0 (0 = one per core)")
     kind, path = model_kind(run_dir, runtime)
     names = _labels_of(kind, path)
     n, chunks = read_input(input_path)  # a bad file fails here, in a moment, before the model loads

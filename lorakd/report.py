@@ -330,12 +330,18 @@ def report(paths, out_dir="report") -> dict:
     """results.md, results.csv, four PNG plots and report.html in out_dir; prints the Markdown table."""
     if not paths:
         raise UserError("report: give at least one run or sweep folder")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder (--out)")
+    unique = {}  # a folder named twice (or as ./x and x) is one row
+    for p in paths:
+        unique.setdefault(Path(p).resolve(), p)
+    paths = list(unique.values())
     rows = collect(paths)
     keys = differing_keys(rows)
     header, cells = _table(rows, keys)
     md = markdown(header, cells)
     plots = {**curve_plots(rows), "accuracy_vs_params": params_plot(rows)}
-    out = Path(out_dir)
     atomic.write_text(out / "results.md", md)
     atomic.write_text(out / "results.csv", csv_text(rows, keys))
     for name, png in plots.items():

@@ -77,6 +77,8 @@ def run_lock(run_dir):
         yield
         return
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: exists and is not a folder (--out)")
     path = run_dir / ".lock"
     made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     while True:

@@ -168,6 +168,8 @@ def plan(path, data=None, out=None, overrides=()):
             merged = config_lib.merge(config_lib.merge(raw, fixed), point)
             cfg = config_lib.from_dict(config_lib.merge(merged, forced))
         except UserError as e:
+            if any(f"config key {k}" in str(e) for k in forced):  # the command line's key, not the member's
+                raise UserError(f"--set: {e}") from None
             raise UserError(f"{path}: member {i + 1} ({_describe(point)}): {e}") from None
         flat = config_lib.flatten(cfg)
         key = repr(sorted(flat.items()))
@@ -242,10 +244,12 @@ def run_sweep(sweep_path, gpus=1, dry_run=False, data=None, out=None, overrides=
         raise UserError(f"--gpus {gpus}: must be at least 1")
     path = find_sweep(sweep_path)
     spec, sweep_dir, members = plan(path, data=data, out=out, overrides=overrides)
-    print(f"sweep {spec['name']}: {len(members)} members in {sweep_dir}")
+    print(f"sweep {spec['name']}: {len(members)} member{'s' if len(members) != 1 else ''} in {sweep_dir}")
     _print_table(members)
     if dry_run:
         return members
+    if not all(m["cfg"].data.path for m in members):
+        raise UserError(f"{path}: no data.path for the members: pass --data DIR (or set data.path in the sweep)")
     # the sweep's own folder only: each member's folder is locked by whoever trains it (here, or the
     # `lorakd train` child of a parallel sweep)
     with run_lock(sweep_dir):
@@ -304,6 +308,12 @@ def _run_parallel(todo, gpus, sweep_dir, record):
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     answers = queue_lib.Queue()  # (gpu, answer line or None at the worker's end), from one reader thread each
     workers, busy, idle, todo = {}, {}, _gpu_ids(gpus), list(todo)
+    import torch
+
+    where = "GPU" if torch.cuda.is_available() else "CPU worker"
+    if where != "GPU":
+        print(f"sweep: no CUDA GPU is visible: --gpus {gpus} runs {gpus} CPU processes side by side, which share "
+              f"this machine's cores (on a CPU one at a time is faster: leave out --gpus)")
 
     def start(gpu):
         proc = subprocess.Popen(_worker_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -324,7 +334,7 @@ def _run_parallel(todo, gpus, sweep_dir, record):
                 workers[gpu].stdin.write(json.dumps(task) + "\n")
                 workers[gpu].stdin.flush()
                 busy[gpu] = (m, log_path)
-                print(f"sweep member {m['name']}: started on GPU {gpu} ({m['status']}; log {log_path})")
+                print(f"sweep member {m['name']}: started on {where} {gpu} ({m['status']}; log {log_path})")
             gpu, line = answers.get()
             if line is None:  # the worker exited (a crash, a kill): a fresh one takes this GPU's next member
                 rc = workers.pop(gpu).wait()
@@ -449,7 +459,8 @@ def layer_sets(n: int) -> list[tuple[str, tuple]]:
 
 def propose(budget: int, backbone: str, targets, num_labels=4, min_r=1, max_r=None) -> list[dict]:
     """Every placement (target subset x layer set) at the largest rank that fits (capped at max_r when
-    given), most parameters first; among equals, more modules at a lower rank first."""
+    given, and at the smallest wrapped matrix's own rank: beyond it LoRA adds parameters, not capacity),
+    most parameters first; among equals, more modules at a lower rank first."""
     linears, head, n_layers = backbone_shapes(backbone, num_labels)
     for t in targets:
         if not lora_cost(linears, [t])[1]:
@@ -466,7 +477,8 @@ def propose(budget: int, backbone: str, targets, num_labels=4, min_r=1, max_r=No
             if not hit or hit in seen:  # e.g. dense already covers output.dense: same modules, same count
                 continue
             seen.add(hit)
-            r = (budget - head) // per_r if max_r is None else min(max_r, (budget - head) // per_r)
+            r = min((budget - head) // per_r, min(min(linears[n]) for n in hit))
+            r = r if max_r is None else min(r, max_r)
             if r >= min_r:
                 out.append({"r": r, "targets": subset, "layers": layers, "layer_set": label, "modules": len(hit),
                             "trainable": head + r * per_r})

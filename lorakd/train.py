@@ -367,6 +367,8 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
     ckpt_path = run_dir / "checkpoint" / "state.pt"
     if not resume and (run_dir / "run.json").exists():
         raise UserError(f"{run_dir}: a run already exists here; use --resume {run_dir} or another --out")
+    if not resume and run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):
+        raise UserError(f"{run_dir}: a folder with other files in it; give a new or empty folder (--out)")
     phases.mark("setup")
 
     torch.manual_seed(tc.seed)
@@ -376,6 +378,10 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
     phases.mark("build")
     splits = data_lib.load_splits(cfg.data, tc.seed)
     tok = model_lib.load_tokenizer(cfg.model.backbone)
+    hf_config = model_lib.backbone_config(cfg.model.backbone, num_labels)  # the fingerprint load_run checks
+    limit = model_lib.max_tokens(tok, hf_config)
+    if limit and cfg.data.max_length > limit:  # longer inputs would fail inside the model's position table
+        raise UserError(f"data.max_length {cfg.data.max_length}: {cfg.model.backbone} takes at most {limit} tokens")
     train_rows, teacher_probs = distill.student_rows(cfg, splits, device, log, tok)
     splits["train"] = train_rows
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -384,7 +390,6 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
                                         multiple)
               for name, s in splits.items() if len(s) and name != "unlabelled"}
     phases.mark("data")
-    hf_config = model_lib.backbone_config(cfg.model.backbone, num_labels)  # the fingerprint load_run checks
     dist.barrier(world)  # every process has checked the folder before rank 0 writes to it
     if rank == 0 and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -592,5 +597,7 @@ def finish(run, plots=False) -> dict:
         info.update(status="done", summary=summary, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         atomic.write_json(run.run_dir / "run.json", info)
         run.ckpt_path.unlink(missing_ok=True)
+        if run.ckpt_path.parent.is_dir() and not any(run.ckpt_path.parent.iterdir()):
+            run.ckpt_path.parent.rmdir()  # a finished run keeps no empty checkpoint/ folder
     dist.barrier(run.world)
     return summary

@@ -83,7 +83,7 @@ DATA_ERRORS = [
     E("a.csv", '"1","ok","x"\n"2","ab"c","d"\n', "labelled", ["line 2", "malformed CSV"], id="csv-stray-quote"),
     E("a.csv", '"1","ok","x"\n"2","never closed\n', "labelled", ["line 2", "malformed CSV"], id="csv-unclosed-quote"),
     E("a.csv", '"1","a","b","c"\n', "labelled", ["row 1", "4 columns"], id="charcnn-extra-column"),
-    E("a.csv", '"1","a","b"\n"2"\n', "labelled", ["row 2", "1 columns"], id="charcnn-missing-column"),
+    E("a.csv", '"1","a","b"\n"2"\n', "labelled", ["row 2", "1 column,"], id="charcnn-missing-column"),
     E("a.csv", "text,label\nhello,1\nworld,2,oops\n", "labelled", ["row 3", "3 columns, the header has 2"],
       id="header-row-extra-column"),
     E("a.csv", "id,text,label\n1,hello\n", "labelled", ["row 2", "2 columns"], id="header-row-missing-column"),
@@ -229,6 +229,12 @@ def test_ten_megabyte_row_is_read_then_truncated_at_tokenisation(tmp_path, tiny_
     assert [len(i) for i in ids] == [32, 3]
 
 
+def test_two_train_files_in_one_folder(tmp_path):
+    write(tmp_path / "train.csv", GOOD_CSV)
+    write(tmp_path / "train.jsonl", '{"text": "a", "label": 0}\n')
+    assert "train.csv and train.jsonl: more than one train file" in one_line_error(data.read_splits, tmp_path, NAMES)
+
+
 def test_too_few_rows_to_carve_validation(tmp_path):
     write(tmp_path / "train.csv", GOOD_CSV)
     cfg = config.load(None, [f"data.path={tmp_path}", "data.val_fraction=0.6"])
@@ -265,6 +271,8 @@ CONFIG_ERRORS = [
     C("name: x\n", ["name.sub=1"], ["override name.sub", "not a section"], id="override-into-a-value"),
     C("", ["model.rnak=4"], ["unknown config key model.rnak"], id="override-unknown-key"),
     C("", ["model.r=abc"], ["config key model.r"], id="override-wrong-type"),
+    C("", ["=5"], ["override '=5'", "no key before '='"], id="override-without-key"),
+    C("", ["model.targets=[query,value"], ["both brackets"], id="override-unclosed-list"),
 ]
 
 
@@ -327,7 +335,10 @@ def tiny_yaml(tiny_config, tmp_path):
     (["model.targets=[nonexistent]"], ["model.targets", "'nonexistent'"]),
     (["--budget", "10"], ["budget of 10"]),
     (["train.schedule=bogus"], ["train.schedule"]),
-], ids=["wrong-type", "negative-rank", "layer-out-of-range", "unknown-target", "budget-exceeded", "bad-choice"])
+    (["train.threads=-1"], ["train.threads", ">= 0"]),
+    (["data.max_length=100000"], ["data.max_length 100000", "takes at most"]),
+], ids=["wrong-type", "negative-rank", "layer-out-of-range", "unknown-target", "budget-exceeded", "bad-choice",
+        "negative-threads", "longer-than-the-backbone"])
 def test_cli_train_refuses_bad_options_before_training(capsys, tmp_path, tiny_yaml, extra, fragments):
     out = tmp_path / "run"
     line = cli_error(capsys, "train", "--config", tiny_yaml, "--out", out, *extra)
@@ -365,6 +376,17 @@ def test_cli_train_keeps_an_existing_run(capsys, tmp_path, tiny_yaml):
     assert (out / "run.json").read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["run.json"]
 
 
+def test_cli_train_refuses_a_folder_of_other_files(capsys, tmp_path, tiny_yaml):
+    out = tmp_path / "notes"
+    out.mkdir()
+    write(out / "notes.txt", "mine\n")
+    assert "a folder with other files in it" in cli_error(capsys, "train", "--config", tiny_yaml, "--out", out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    write(tmp_path / "file.csv", "x\n")
+    assert "exists and is not a folder (--out)" in cli_error(capsys, "train", "--config", tiny_yaml, "--out",
+                                                             tmp_path / "file.csv")
+
+
 @pytest.fixture(scope="module")
 def trained_run(tiny_backbone, tiny_data, tmp_path_factory):
     """A finished run of two steps: enough for eval and predict to open it."""
@@ -390,6 +412,23 @@ def test_cli_predict_bad_input_keeps_old_output(capsys, tmp_path, trained_run, n
     assert str(inp) in line and all(f in line for f in fragments)
     assert out.read_bytes() == b"ID,Label\n1,2\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["params", "--labels", "0"], "--labels 0: needs at least 2"),
+    (["params", "--preset", "minilm-fill", "--config", "agnews-minilm"], "--preset or --config, not both"),
+    (["params", "--r", "8", "model.r=4"], "model.r given twice"),
+], ids=["params-zero-labels", "params-preset-and-config", "params-option-and-key"])
+def test_cli_params_refuses_ambiguous_options(capsys, argv, fragment):
+    assert fragment in cli_error(capsys, *argv)
+
+
+@pytest.mark.parametrize("option,fragment", [(["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+                                             (["--threads", "-1"], "--threads -1: must be >= 0")])
+def test_cli_predict_bad_numbers(capsys, tmp_path, trained_run, option, fragment):
+    inp = write(tmp_path / "in.csv", "id,text\n1,goal\n")
+    assert fragment in cli_error(capsys, "predict", trained_run, "--input", inp, "--out", tmp_path / "p.csv", *option)
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_cli_predict_bad_label_format(capsys, tmp_path, trained_run):

@@ -122,3 +122,18 @@ def test_every_preset_loads(tmp_path, preset):
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(UserError, match="no such config file or preset .*agnews-minilm"):
         preset_path("no-such-preset")
+
+
+def test_local_paths_are_stored_absolute(tmp_path, monkeypatch):
+    """A run's config.yaml must work from any folder: local paths become absolute, names stay as typed."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "teacher").mkdir()
+    cfg = config.load(None, ["data.path=data", "distill.teachers=[teacher,no-such-run]", "distill.unlabeled=x.csv"])
+    assert cfg.data.path == str(tmp_path / "data")
+    assert cfg.distill.teachers == (str(tmp_path / "teacher"), "no-such-run")  # its error names it as typed
+    assert cfg.distill.unlabeled == "x.csv" and cfg.model.backbone == "embedded:minilm"
+    assert config.load(None, ["data.path=hub:ag_news"]).data.path == "hub:ag_news"
+    (tmp_path / "run.yaml").write_text(config.to_yaml(cfg))
+    monkeypatch.chdir(tmp_path / "data")
+    assert config.load(tmp_path / "run.yaml") == cfg

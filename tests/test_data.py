@@ -30,6 +30,13 @@ def test_stratified_split_takes_the_fraction_of_every_class():
     assert np.bincount(LABELS[train], minlength=4).tolist() == [80, 32, 6, 1]
 
 
+def test_a_small_class_still_gets_a_validation_row():
+    """round(0.05 * 10) is 0: a 40-row file would validate on nothing; every class of 2+ rows gives one."""
+    labels = np.repeat(np.arange(4), 10)
+    assert np.bincount(labels[data.stratified_split(labels, 0.05, seed=0)[1]], minlength=4).tolist() == [1] * 4
+    assert len(data.stratified_split(labels, 0.0, seed=0)[1]) == 0  # val_fraction 0: no validation, as asked
+
+
 def test_stratified_split_is_disjoint_and_covers_all():
     train, val = data.stratified_split(LABELS, 0.3, seed=1)
     assert not set(train) & set(val)
@@ -174,10 +181,9 @@ def test_label_text_columns(tmp_path, suffix):
     assert split.texts == ["goal", "peace", "chip"] and split.labels.tolist() == [1, 0, 3]
 
 
-def test_folder_prefers_csv_and_reads_test(tmp_path):
+def test_folder_reads_train_and_test(tmp_path):  # two train files (csv and jsonl): test_bad_inputs.py
     write_charcnn(tmp_path / "train.csv", make_texts(3, seed=1))
     write_charcnn(tmp_path / "test.csv", make_texts(1, seed=2))
-    (tmp_path / "train.jsonl").write_text("not read\n")
     splits = data.read_splits(str(tmp_path), NAMES)
     assert set(splits) == {"train", "test"} and len(splits["train"]) == 12 and len(splits["test"]) == 4
 

@@ -45,9 +45,15 @@ def test_demo_command(tmp_path, tiny_data, capsys):
     """`lorakd demo` (README set-up command 1): on a CPU, a few steps of the reference preset."""
     run = tmp_path / "demo"
     main(["demo", "--data", str(tiny_data), "--out", str(run), "--cpu-steps", "6", "data.max_length=32",
-          "train.batch_size=8", "train.threads=2"])
+          "train.batch_size=8", "train.threads=2", "train.lr=5e-4"])
     out = capsys.readouterr().out
-    assert "no GPU: 6 steps" in out and f"run folder: {run}" in out
+    assert "no GPU: 6 steps at lr 0.0005" in out and f"run folder: {run}" in out  # what runs, overrides included
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "done" and info["summary"]["steps"] == 6 and info["name"] == "demo"
     assert (run / "eval.json").exists() and (run / "plots" / "val_accuracy.png").exists()
+
+
+def test_demo_refuses_zero_steps(tmp_path, tiny_data, capsys):
+    with pytest.raises(SystemExit) as e:  # 0 would mean "from epochs": the full recipe on a CPU
+        main(["demo", "--data", str(tiny_data), "--out", str(tmp_path / "d"), "--cpu-steps", "0"])
+    assert e.value.code == 2 and "--cpu-steps 0: must be at least 1" in capsys.readouterr().err

@@ -30,6 +30,23 @@ def test_train_eval_predict(tiny_config, tmp_path, tiny_data):
     assert all(r[1] in "0123" for r in rows[1:])
 
 
+def test_a_run_evaluates_from_another_folder(tiny_config, tmp_path, tiny_data, monkeypatch):
+    """data.path given relative to where training ran: eval from elsewhere still finds the data; a run
+    without validation rows (data.val_fraction=0) says so in one line instead of failing in numpy."""
+    from lorakd.errors import UserError
+    from lorakd.evaluate import evaluate_run
+
+    monkeypatch.chdir(tiny_data.parent)
+    train_lib.train(tiny_config(**{"data.path": tiny_data.name, "train.max_steps": 2}), tmp_path / "run",
+                    log=lambda *a: None)
+    monkeypatch.chdir(tmp_path)
+    assert evaluate_run(tmp_path / "run", "validation", log=lambda *a: None)["accuracy"] >= 0
+    train_lib.train(tiny_config(**{"data.val_fraction": 0.0, "train.max_steps": 2}), tmp_path / "noval",
+                    log=lambda *a: None)
+    with pytest.raises(UserError, match="validation split is empty"):
+        evaluate_run(tmp_path / "noval", "validation", log=lambda *a: None)
+
+
 def test_run_json_times_the_phases_a_user_waits_for(tiny_config, tmp_path):
     """summary.phases_s: every phase timed, none negative, the parts within the process's total; plots drawn
     inside train(plots=True) and timed with them."""

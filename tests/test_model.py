@@ -63,6 +63,36 @@ def test_embedded_backbone_resolves_to_the_package_folder():
         resolve_backbone("./nowhere")
 
 
+def test_hub_out_of_reach_means_the_cache_alone_and_one_line(monkeypatch, tiny_backbone):
+    monkeypatch.setattr(model_lib, "_HUB_OUT_OF_REACH", True)
+    assert model_lib.hub_kwargs("some-org/some-model") == {"local_files_only": True}
+    assert model_lib.hub_kwargs(str(tiny_backbone)) == {}  # a local folder needs no hub
+    with pytest.raises(UserError, match="no-such-org/no-such-model: not in the local Hugging Face cache, and the "
+                                        "hub is out of reach"):
+        backbone_config("no-such-org/no-such-model", 4)
+    monkeypatch.setattr(model_lib, "_HUB_OUT_OF_REACH", None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the libraries' own offline mode: no check of ours
+    assert model_lib.hub_out_of_reach() is False
+
+
+def test_max_tokens_reads_the_tokenizer_then_the_position_table():
+    from types import SimpleNamespace as NS
+
+    unknown = NS(model_max_length=int(1e30))
+    assert model_lib.max_tokens(NS(model_max_length=512), backbone_config("roberta-base", 4)) == 512
+    assert model_lib.max_tokens(unknown, backbone_config("roberta-base", 4)) == 512  # 514 less the padding offset
+    assert model_lib.max_tokens(unknown, backbone_config("bert-base-uncased", 4)) == 512
+    assert model_lib.max_tokens(unknown, NS(position_biased_input=False, model_type="deberta-v2")) is None
+
+
+def test_max_length_beyond_the_backbone_is_one_line(tiny_config, tmp_path):
+    from lorakd.train import train
+
+    with pytest.raises(UserError, match="data.max_length 100000: .* takes at most"):
+        train(tiny_config(**{"data.max_length": 100000}), tmp_path / "run", log=lambda *a: None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_fingerprint_tells_architectures_apart():
     assert backbone_fingerprint(backbone_config("roberta-base", 4)) != backbone_fingerprint(
         backbone_config("bert-base-uncased", 4))

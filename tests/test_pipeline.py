@@ -2,9 +2,11 @@
 import csv
 import json
 
+import pytest
 import yaml
 
 from lorakd import config as config_lib
+from lorakd.errors import UserError
 from lorakd.pipeline import run_pipeline
 from lorakd.runs import read_metrics
 
@@ -46,3 +48,14 @@ def test_params_counts_a_pipeline_presets_student_and_names_its_teacher(capsys):
     assert "trainable 84,484 of 22,799,240" in out
     assert "budget 1,000,000: within" in out
     assert "teacher (pipeline): embedded:minilm, full fine-tune: trainable 22,714,756 of 22,714,756" in out
+
+
+def test_a_bad_predict_input_fails_before_anything_trains(tiny_config, tmp_path):
+    cfg_path = tmp_path / "pipe.yaml"
+    cfg_path.write_text(yaml.safe_dump(config_lib.to_dict(tiny_config())))
+    dup = tmp_path / "dup.csv"
+    dup.write_text("id,text\n1,election treaty\n1,nasa linux chip\n")
+    for bad, why in ((tmp_path / "missing.csv", "missing.csv"), (dup, "duplicate ID")):
+        with pytest.raises(UserError, match=why):
+            run_pipeline(cfg_path, out=tmp_path / "pipe", predict_input=bad, log=lambda *a: None)
+    assert not (tmp_path / "pipe").exists()

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lorakd import config, sweep
@@ -84,13 +85,16 @@ for line in sys.stdin:
 """
 
 
-def test_sweep_parallel_scheduling(tiny_config, tmp_path, monkeypatch):
+def test_sweep_parallel_scheduling(tiny_config, tmp_path, monkeypatch, capsys):
     """One worker per GPU trains several members, one at a time, each told its GPU; a failing member is
     recorded and named at the end; a worker that dies takes only its member down, a fresh one goes on."""
     monkeypatch.setattr(sweep, "_worker_command", lambda: [sys.executable, "-c", FAKE_WORKER])
     path = write_sweep(tmp_path, tiny_config, grid={"model.r": [1, 2, 3, 4, 5, 6, 7]}, out=str(tmp_path / "par"))
     with pytest.raises(UserError, match=r"2 sweep member\(s\) failed: r=3, r=5"):
         sweep.run_sweep(path, gpus=2)
+    if not torch.cuda.is_available():  # said, not claimed as GPUs
+        out = capsys.readouterr().out
+        assert "no CUDA GPU is visible: --gpus 2 runs 2 CPU processes" in out and "started on CPU worker 0" in out
     spans = [(tmp_path / "par" / "logs" / f"r={r}.log").read_text().split() for r in (1, 2, 4, 6, 7)]
     assert {gpu for gpu, *_ in spans} == {"0", "1"}
     assert len({pid for _, pid, *_ in spans}) <= 3  # 5 members, 2 workers (+1 after the crash), not 5 processes
@@ -188,6 +192,13 @@ def test_fit_budget_exact(tmp_path, capsys):
         sweep.fit_budget(budget=1000, backbone="roberta-base")
 
 
+def test_proposals_stay_within_each_matrix_rank():
+    """MiniLM's matrices are 384 wide: one module at r 650 would fill the budget and add no capacity."""
+    props = sweep.propose(1_000_000, "embedded:minilm", ["query", "key", "value", "dense"])
+    assert props and max(p["r"] for p in props) == 384
+    assert all(p["trainable"] <= 1_000_000 for p in props)
+
+
 def test_fit_budget_max_r_caps_proposals(capsys):
     from lorakd.cli import main
 
@@ -230,3 +241,12 @@ def _no_gpu_env(monkeypatch):
     # children of the parallel test must not see a GPU list from the machine running the tests
     if "CUDA_VISIBLE_DEVICES" in os.environ:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+
+
+def test_sweep_without_data_says_so_before_training(tiny_config, tmp_path):
+    path = write_sweep(tmp_path, tiny_config, set={"data.path": ""}, grid={"model.r": [2, 3]},
+                       out=str(tmp_path / "out"))
+    assert len(sweep.run_sweep(path, dry_run=True)) == 2  # a dry run needs no data
+    with pytest.raises(UserError, match="no data.path for the members: pass --data DIR"):
+        sweep.run_sweep(path)
+    assert not (tmp_path / "out" / "r=2").exists()
