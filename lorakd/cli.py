@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     e = sub.add_parser("eval", help="evaluate a finished run")
-    e.add_argument("run")
+    e.add_argument("run", help="a run folder")
     e.add_argument("--split", default="validation", choices=["validation", "test"],
                    help="which split (default validation; test when the data has test.csv)")
     e.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_predict)
 
     x = sub.add_parser("export", help="a finished run as a Hugging Face folder, a peft adapter, or ONNX")
-    x.add_argument("run")
+    x.add_argument("run", help="a finished run folder")
     x.add_argument("--out", help="output folder (default RUN/export, RUN/export-adapter)")
     x.add_argument("--adapter-only", action="store_true", help="a peft adapter folder instead of merged weights")
     x.add_argument("--onnx", action="store_true", help="also model.onnx (fp32) and model.int8.onnx")
@@ -281,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--data", help="data folder, file or hub:ag_news (sets data.path)")
     pl.add_argument("--out", help="pipeline folder (default runs/NAME)")
     pl.add_argument("--predict", help="unlabelled input to predict at the end")
-    pl.add_argument("overrides", nargs="*", metavar="key=value")
+    pl.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="config overrides for the student; teacher.KEY=VALUE for the teacher")
     pl.set_defaults(func=cmd_pipeline)
 
     s = sub.add_parser("sweep", help="train a grid or random sample of configs under the budget")
