@@ -284,8 +284,9 @@ def params_plot(rows) -> bytes:
         fx, fy = [xy[i][0] for i in front], [xy[i][1] for i in front]
         ax.plot(fx, fy, color="tab:red", drawstyle="steps-post", lw=1, zorder=1)
         ax.scatter(fx, fy, s=30, facecolors="none", edgecolors="tab:red", label="Pareto front", zorder=3)
-        for r, (p, a) in zip(pts, xy):
-            ax.annotate(short_label(r, keys), (p, a), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        # many runs: only the front is named (labels of a dense cloud overlap; the table names every run)
+        for i in (range(len(pts)) if len(pts) <= 8 else front):
+            ax.annotate(short_label(pts[i], keys), xy[i], fontsize=6, xytext=(3, 2), textcoords="offset points")
         if max(p for p, _ in xy) > 20 * max(1, min(p for p, _ in xy)):
             from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -293,7 +294,7 @@ def params_plot(rows) -> bytes:
             ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e3:g}k" if v < 1e6 else f"{v / 1e6:g}M"))
             ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.legend(fontsize=6, loc="lower right")
+        ax.legend(fontsize=6, loc="best")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("validation accuracy")
     ax.set_title("accuracy vs trainable parameters", fontsize=9)

@@ -86,3 +86,19 @@ def test_report_names_and_errors(tmp_path):
     (b / "eval.json").write_text("{broken")
     with pytest.raises(UserError, match="eval.json: not valid JSON"):
         collect([b])
+
+
+def test_many_runs_name_only_the_pareto_front(tmp_path, monkeypatch):
+    """Ten runs' labels overlap in one small plot: the front is named, the table names the rest; the same
+    folder given twice (or as ./x and x) is one row."""
+    from matplotlib.axes import Axes
+
+    labels = []
+    real = Axes.annotate
+    monkeypatch.setattr(Axes, "annotate", lambda self, text, *a, **k: labels.append(text) or real(self, text, *a, **k))
+    runs = [fake_run(tmp_path / f"r{r}", r, val) for r, val in
+            [(1, 0.70), (2, 0.80), (3, 0.75), (4, 0.85), (5, 0.82), (6, 0.84), (7, 0.83), (8, 0.86), (9, 0.81),
+             (10, 0.79)]]
+    res = report([*runs, runs[0], tmp_path / "." / "r1"], out_dir=tmp_path / "rep")
+    assert len(res["rows"]) == 10
+    assert sorted(labels) == ["r1", "r2", "r4", "r8"]  # each beats every cheaper run
