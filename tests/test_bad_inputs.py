@@ -313,6 +313,19 @@ def cli_error(capsys, *argv):
     return lines[0]
 
 
+@pytest.mark.parametrize("argv,line", [
+    (["train", "--nosuchopt"], "lorakd train: error: unrecognized arguments: --nosuchopt (see lorakd train --help)"),
+    (["eval"], "lorakd eval: error: the following arguments are required: run (see lorakd eval --help)"),
+    (["nosuchcmd"], "lorakd: error: argument command: invalid choice: 'nosuchcmd'"),
+])
+def test_cli_usage_errors_are_one_line_naming_the_command(capsys, argv, line):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(line), err
+
+
 def test_cli_joins_a_multiline_error_into_one_line(capsys, monkeypatch):
     from lorakd import cli
 
