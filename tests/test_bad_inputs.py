@@ -562,3 +562,19 @@ def test_cli_predict_full_disk_keeps_old_output(capsys, tmp_path, trained_run, m
     assert line == f"lorakd: error: {out}: cannot write ({os.strerror(code)})"
     assert out.read_bytes() == b"ID,Label\n1,2\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_cli_error_names_the_option_given(capsys, tmp_path, trained_run):
+    """--device on eval names --device (not train.device); a pipeline's teacher.KEY names teacher.KEY; a bad
+    sweep --set key is the command line's, not the first member's."""
+    import torch
+    import yaml
+
+    from lorakd.pipeline import split_configs
+    from lorakd.sweep import plan
+
+    if not torch.cuda.is_available():
+        assert "--device cuda: no CUDA GPU is visible" in cli_error(capsys, "eval", trained_run, "--device", "cuda")
+    assert "unknown config key teacher.train.nosuch" in one_line_error(split_configs, {}, ["teacher.train.nosuch=1"])
+    spec = write(tmp_path / "s.yaml", yaml.safe_dump({"name": "s", "grid": {"model.r": [1, 2]}}))
+    assert one_line_error(plan, spec, None, None, ["train.nosuch=1"]).startswith("--set: unknown config key")
