@@ -15,6 +15,7 @@ import threading
 import traceback
 from pathlib import Path
 
+import torch
 import yaml
 
 from . import atomic
@@ -308,8 +309,6 @@ def _run_parallel(todo, gpus, sweep_dir, record):
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     answers = queue_lib.Queue()  # (gpu, answer line or None at the worker's end), from one reader thread each
     workers, busy, idle, todo = {}, {}, _gpu_ids(gpus), list(todo)
-    import torch
-
     where = "GPU" if torch.cuda.is_available() else "CPU worker"
     if where != "GPU":
         print(f"sweep: no CUDA GPU is visible: --gpus {gpus} runs {gpus} CPU processes side by side, which share "
@@ -414,7 +413,6 @@ def _in_head(name: str) -> bool:
 
 def backbone_shapes(backbone: str, num_labels: int):
     """({linear module name: (in, out)}, head parameters, number of layers) from a meta-device model."""
-    import torch
     from transformers import AutoModelForSequenceClassification
 
     model_lib._quiet_transformers()

@@ -181,6 +181,16 @@ def test_embedded_mpnet_missing_or_broken_parts(tmp_path, monkeypatch):
         resolve_backbone("embedded:mpnet")
 
 
+def _random_model_and_batch(model_class, cfg, length):
+    """A seeded random-weight classifier in eval mode, token ids of `length` (the second row padded from 5/8 of
+    it), and hidden states of that shape (3 rows, width 32) for the encoder's own methods."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 50, (3, length))
+    mask = torch.ones_like(ids)
+    mask[1, length * 5 // 8:] = 0
+    return model_class(cfg).eval(), ids, mask, torch.randn(3, length, 32)
+
+
 def test_mpnet_position_bias_on_the_device_matches_transformers(tmp_path):
     """graph_safe's MPNet position bias (built where the model runs, so a CUDA graph can capture it) is the
     installed transformers' own, bit for bit (the encoder passes no position ids); logits do not change; and
@@ -190,16 +200,11 @@ def test_mpnet_position_bias_on_the_device_matches_transformers(tmp_path):
 
     from lorakd.model import build, graph_safe
 
-    torch.manual_seed(0)
     cfg = MPNetConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                       max_position_embeddings=80, relative_attention_num_buckets=32, num_labels=4,
                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = MPNetForSequenceClassification(cfg).eval()
-    ids = torch.randint(3, 50, (3, 70))  # past max_exact: the log-spaced buckets are used too
-    mask = torch.ones_like(ids)
-    mask[1, 40:] = 0
+    model, ids, mask, x = _random_model_and_batch(MPNetForSequenceClassification, cfg, 70)  # past max_exact too
     encoder = model.mpnet.encoder
-    x = torch.randn(3, 70, 32)
     before = encoder.compute_position_bias(x)
     with torch.no_grad():
         logits_before = model(input_ids=ids, attention_mask=mask).logits
@@ -227,17 +232,12 @@ def test_deberta_relative_positions_kept_match_transformers(tmp_path):
 
     from lorakd.model import build, graph_safe
 
-    torch.manual_seed(0)
     cfg = DebertaV2Config(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                           intermediate_size=64, max_position_embeddings=128, relative_attention=True,
                           pos_att_type=["p2c", "c2p"], position_buckets=16, num_labels=4, hidden_dropout_prob=0.0,
                           attention_probs_dropout_prob=0.0)
-    model = DebertaV2ForSequenceClassification(cfg).eval()
-    ids = torch.randint(3, 50, (3, 40))  # past position_buckets: the log-spaced buckets are used too
-    mask = torch.ones_like(ids)
-    mask[1, 25:] = 0
+    model, ids, mask, x = _random_model_and_batch(DebertaV2ForSequenceClassification, cfg, 40)  # past the buckets
     encoder = model.deberta.encoder
-    x = torch.randn(3, 40, 32)
     before = encoder.get_rel_pos(x)
     with torch.no_grad():
         logits_before = model(input_ids=ids, attention_mask=mask).logits
