@@ -29,14 +29,11 @@ def _pyplot():
     return plt
 
 
-def _png(fig) -> bytes:
+def _png(fig, tight=True) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    # "tight" draws the figure twice (once to measure it); a run's own plots use fixed margins instead
+    fig.savefig(buf, format="png", dpi=110, **({"bbox_inches": "tight"} if tight else {}))
     return buf.getvalue()
-
-
-def _save(fig, path):
-    atomic.write_bytes(path, _png(fig))
 
 
 PLOTS = (("train_loss", "train", "loss", "train loss"),
@@ -62,13 +59,14 @@ def plot_run(run_dir):
     for name, split, key, label in PLOTS:
         xs, ys = _series(records, split, key)
         fig = Figure(figsize=(5, 3.2))
+        fig.subplots_adjust(left=0.15, right=0.97, bottom=0.15, top=0.9)  # room for labels like "0.8795"
         ax = fig.subplots()
         ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3)
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.set_title(f"{Path(run_dir).name}: {label}", fontsize=9)
         ax.grid(alpha=0.3)
-        _save(fig, out / f"{name}.png")
+        atomic.write_bytes(out / f"{name}.png", _png(fig, tight=False))
 
 
 # ---------------------------------------------------------------- values and the Pareto front
