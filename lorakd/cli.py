@@ -31,8 +31,9 @@ def cmd_train(args):
     from . import dist, runs, train
 
     if args.resume:
-        if args.config or args.overrides or args.data:
-            raise UserError("--resume takes the run's own config; drop --config, --data and key=value")
+        if args.config or args.overrides or args.data or args.budget is not None or args.out:
+            raise UserError("--resume takes the run's own config and folder; drop --config, --data, --budget, "
+                            "--out and key=value")
         run_dir = Path(args.resume)
         cfg, _ = runs.load_run(run_dir)
     else:
@@ -146,7 +147,7 @@ def cmd_params(args):
     else:
         cfg = config_lib.load(None, args.overrides)
     m = {}
-    if args.model:
+    if args.model is not None:
         m["model.backbone"] = args.model
     for key in ("r", "alpha", "targets", "layers"):
         if getattr(args, key) is not None:
@@ -290,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", help="pipeline folder (default runs/NAME)")
     pl.add_argument("--predict", help="unlabelled input to predict at the end")
     pl.add_argument("overrides", nargs="*", metavar="key=value",
-                    help="config overrides for the student; teacher.KEY=VALUE for the teacher")
+                    help="config overrides: the student's, and the teacher's too where its `teacher:` section "
+                         "does not set the key (data.*, train.max_steps, ...); teacher.KEY=VALUE for the teacher alone")
     pl.set_defaults(func=cmd_pipeline)
 
     s = sub.add_parser("sweep", help="train a grid or random sample of configs under the budget")

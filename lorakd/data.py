@@ -5,6 +5,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def _rows_to_split(rows, columns, names, where, need_labels=True):
             texts.append(_text(row.get(title_col), row.get(desc_col), row_where))
         if need_labels:
             labels.append(_label(row.get(label_col), names, one_based, row_where))
-        if id_col is not None and row.get(id_col) is None:
+        if id_col is not None and (row.get(id_col) is None or not str(row.get(id_col)).strip()):
             raise UserError(f"{row_where}: no id")
         ids.append(str(row[id_col]) if id_col is not None else str(n))
     if not texts:
@@ -134,16 +135,23 @@ def _rows_to_split(rows, columns, names, where, need_labels=True):
     return Split(texts, np.asarray(labels, dtype=np.int64) if need_labels else None, ids)
 
 
-def headerless_columns(first_row, where) -> list[str]:
-    """Columns of headerless unlabelled CSV rows, from the first row: one text per row, or the CharCNN layout
-    (class,title,description or class,text; its class is not used). Anything else needs a header: taking the
-    first of several columns would predict on the wrong text without a word."""
-    if len(first_row) == 1:
-        return ["text"]
-    if len(first_row) in (2, 3) and first_row[0].strip().isdigit():
-        return ["class", "title", "description"][: len(first_row)]
-    raise UserError(f"{where}: {_columns(len(first_row))} and no header; give one text per row, the CharCNN layout "
-                    "(class,title,description), or a header naming the text column")
+PEEK_ROWS = 1000  # rows a headerless file's layout is judged from
+
+
+def headerless_columns(rows, where) -> list[str]:
+    """Columns of headerless unlabelled CSV rows, judged from the first rows ((row number, fields) pairs).
+    A first row of 2 or 3 fields starting with a class number is the CharCNN layout (class,title,description
+    or class,text; the class is not used), and every row must then keep its shape. Rows that all have one
+    other shape need a header: taking one of several columns would predict on the wrong text unsaid. Else
+    one text per row, an unquoted comma kept in the text."""
+    first = rows[0][1]
+    if len(first) in (2, 3) and re.fullmatch(r"\d{1,3}", first[0].strip()):
+        return ["class", "title", "description"][: len(first)]
+    counts = {len(r) for _, r in rows}
+    if len(first) > 1 and len(counts) == 1 and (len(rows) > 1 or first[0].strip().isdigit()):
+        raise UserError(f"{where}: every row has {_columns(len(first))} and there is no header; give one text "
+                        "per row, the CharCNN layout (class,title,description), or a header naming the text column")
+    return ["text"]
 
 
 def headerless_record(cols, row, where):
@@ -151,7 +159,8 @@ def headerless_record(cols, row, where):
     if cols == ["text"]:
         return where, {"text": ",".join(row)}
     if len(row) != len(cols):
-        raise UserError(f"{where}: {_columns(len(row))}, the first row has {len(cols)} (CharCNN layout)")
+        raise UserError(f"{where}: {_columns(len(row))}, the first row has {len(cols)} (CharCNN layout; a file "
+                        "of texts that start with a number and a comma needs a header: text)")
     return where, dict(zip(cols, row))
 
 
@@ -174,7 +183,7 @@ def _read_csv(path: Path, names, need_labels=True) -> Split:
             recs.append((f"{path}: row {line}", dict(zip(cols, r))))
         return _rows_to_split(recs, cols, names, str(path), need_labels)
     if not need_labels:  # headerless unlabelled input: one text per row, or the CharCNN layout
-        cols = headerless_columns(numbered[0][1], f"{path}: row {numbered[0][0]}")
+        cols = headerless_columns(numbered[:PEEK_ROWS], str(path))
         recs = [headerless_record(cols, r, f"{path}: row {line}") for line, r in numbered]
         return _rows_to_split(recs, cols, names, str(path), need_labels=False)
     texts, labels = [], []
@@ -263,6 +272,7 @@ def _read_pickle(path: Path, names) -> Split:
         lists = all(isinstance(v, (list, tuple, np.ndarray)) for v in obj.values())
         if not lists or len({len(v) for v in obj.values()}) > 1:
             raise UserError(f"{path}: a dict pickle must map column names to lists of one length")
+        columns = list(obj)  # {'text': []} has its column, and no rows
         obj = [dict(zip(obj, vals)) for vals in zip(*obj.values())] if obj else []
     if type(obj) is list:
         if obj and all(isinstance(x, str) for x in obj):

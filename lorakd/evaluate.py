@@ -74,13 +74,12 @@ def format_table(split: str, m: dict) -> str:
 
 def evaluate_run(run_dir, split="validation", device="auto", backbone=None, log=print) -> dict:
     """Re-evaluate a finished run on its validation or test split; updates eval.json atomically."""
-    import json
     from pathlib import Path
 
     from . import atomic
     from . import data as data_lib
     from .errors import UserError
-    from .runs import open_trained
+    from .runs import open_trained, read_eval
     from .model import amp_dtype, pick_device
 
     dev = pick_device(device, key="--device")
@@ -98,7 +97,7 @@ def evaluate_run(run_dir, split="validation", device="auto", backbone=None, log=
                 s.labels, cfg.data.label_names)
     log(format_table(split, m))
     path = Path(run_dir) / "eval.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
+    results = read_eval(run_dir)
     results[split] = m
     atomic.write_json(path, results)
     return m

@@ -2,7 +2,6 @@
 (fp32 + int8) for onnxruntime; each with the tokenizer, the label names and a model card."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -15,7 +14,7 @@ import numpy as np
 from . import atomic
 from .errors import UserError
 from .predict import merged, onnx_session
-from .runs import load_run, open_trained
+from .runs import load_run, open_trained, read_eval
 
 SAMPLE = ["President signs the treaty after talks", "The home team won the final in extra time on Sunday",
           "Shares fell", "A new chip doubles battery life of laptops, the company said in a statement today"]
@@ -449,6 +448,10 @@ def _quantize_dynamic(src: Path, dst: Path, keep):
         root.setLevel(level)
 
 
+def _fmt(value, spec) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def _table(rows) -> str:
     return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in [rows[0], ["---"] * len(rows[0])] + rows[1:])
 
@@ -467,7 +470,8 @@ def model_card(cfg, info, evals, run_dir, adapter_only, files, scales="") -> str
     steps = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epochs"
     summary = info.get("summary", {})
     figures = [["split", "accuracy", "macro-F1", "n"]]
-    figures += [[s, f"{e['accuracy']:.4f}", f"{e['macro_f1']:.4f}", f"{e['n']:,}"] for s, e in evals.items()]
+    figures += [[s, f"{e['accuracy']:.4f}", _fmt(e.get("macro_f1"), ".4f"), _fmt(e.get("n"), ",")]
+                for s, e in evals.items()]
     base = portable_base(m.backbone)
     lines = [
         "---", "library_name: " + ("peft" if adapter_only else "transformers"),
@@ -585,7 +589,7 @@ def export(run_dir, out_dir=None, adapter_only=False, onnx=False, backbone=None,
     names = list(cfg.data.label_names)
     id2label, label2id = {i: n for i, n in enumerate(names)}, {n: i for i, n in enumerate(names)}
     tok.model_max_length = cfg.data.max_length  # so the folder's tokenizer truncates as training did
-    evals = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else {}
+    evals = read_eval(run_dir)
     result = {"out": str(out), "kind": "adapter" if adapter_only else "merged"}
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp."))
     try:

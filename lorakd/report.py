@@ -5,14 +5,13 @@ import base64
 import csv
 import html
 import io
-import json
 from datetime import datetime
 from pathlib import Path
 
 from . import atomic
 from . import config as config_lib
 from .errors import UserError
-from .runs import load_run, read_metrics
+from .runs import load_run, read_eval, read_json, read_metrics
 
 
 def _series(records, split, key):
@@ -94,20 +93,10 @@ def pareto_front(points) -> list[int]:
 
 # ---------------------------------------------------------------- collecting runs
 
-def _read_json(path) -> dict:
-    try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path}: not valid JSON") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return obj
-
-
 def _run_row(run_dir: Path) -> dict:
     cfg, info = load_run(run_dir)
     summary = info.get("summary") or {}
-    ev = _read_json(run_dir / "eval.json") if (run_dir / "eval.json").exists() else {}
+    ev = read_eval(run_dir)
     # eval.json wins: `lorakd eval` may have added a test split after training
     val = (ev.get("validation") or {}).get("accuracy", summary.get("validation_accuracy"))
     test = (ev.get("test") or {}).get("accuracy", summary.get("test_accuracy"))
@@ -119,21 +108,27 @@ def _run_row(run_dir: Path) -> dict:
             "train_time_s": summary.get("train_time_s"), "samples_per_s": summary.get("samples_per_s")}
 
 
-def _skipped_rows(sweep_dir: Path) -> list[dict]:
-    """Sweep members never trained because they were over the budget, from the sweep's sweep.json."""
+def _skipped_rows(sweep_dir: Path, rows) -> list[dict]:
+    """Sweep members that have no run to show, from the sweep's sweep.json: over the budget (never trained)
+    or failed before their run folder was written. A failed member that has one is marked failed in `rows`."""
     path = sweep_dir / "sweep.json"
     if not path.exists():
         return []
-    rows = []
-    for m in _read_json(path).get("members", []):
-        if m.get("status") != "over budget":
+    by_dir = {r["dir"].name: r for r in rows}
+    skipped = []
+    for m in read_json(path).get("members", []):
+        status = m.get("status") if isinstance(m, dict) else None
+        if status not in ("over budget", "failed"):
+            continue
+        if m.get("folder") in by_dir:
+            by_dir[m["folder"]]["status"] = status
             continue
         cfg_file = sweep_dir / m.get("config", "")
         flat = config_lib.flatten(config_lib.load(cfg_file)) if cfg_file.is_file() else {}
-        rows.append({"name": m["name"], "dir": None, "flat": flat, "status": "over budget",
-                     "trainable": m.get("trainable"), "validation_accuracy": None, "test_accuracy": None,
-                     "best_step": None, "train_time_s": None, "samples_per_s": None})
-    return rows
+        skipped.append({"name": m.get("name", "?"), "dir": None, "flat": flat, "status": status,
+                        "trainable": m.get("trainable"), "validation_accuracy": None, "test_accuracy": None,
+                        "best_step": None, "train_time_s": None, "samples_per_s": None})
+    return skipped
 
 
 def collect(paths) -> list[dict]:
@@ -145,10 +140,15 @@ def collect(paths) -> list[dict]:
             continue
         if not p.is_dir():
             raise UserError(f"{p}: no such run or sweep folder")
-        found = [_run_row(d) for d in sorted(p.iterdir()) if (d / "run.json").exists()] + _skipped_rows(p)
+        found = [_run_row(d) for d in sorted(p.iterdir()) if (d / "run.json").exists()]
+        found += _skipped_rows(p, found)
         if not found:
             raise UserError(f"{p}: neither a run folder (no run.json) nor a sweep folder (no run folders in it)")
         rows += found
+    by_dir = {}  # a run given on its own and inside its sweep folder is one row
+    for r in rows:
+        by_dir.setdefault(r["dir"].resolve() if r["dir"] else id(r), r)
+    rows = list(by_dir.values())
     # the same folder name from two sweeps: tell them apart by the parent folder
     names = [r["name"] for r in rows]
     for r in rows:

@@ -15,16 +15,42 @@ from .errors import UserError
 
 
 def read_metrics(run_dir) -> list[dict]:
-    """metrics.jsonl records; a torn last line (a kill mid-write) is skipped."""
+    """metrics.jsonl records; a torn line (a kill mid-write) or any line that is not a record is skipped."""
     path = Path(run_dir) / "metrics.jsonl"
     out = []
     if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
             try:
-                out.append(json.loads(line))
+                rec = json.loads(line)
             except json.JSONDecodeError:
-                pass
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+                out.append(rec)
     return out
+
+
+def read_json(path) -> dict:
+    """A JSON object from a file lorakd wrote; anything else is a one-line error naming the file."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return obj
+
+
+def read_eval(run_dir) -> dict:
+    """eval.json ({split: metrics}), {} when there is none; a split without a numeric accuracy is an error."""
+    path = Path(run_dir) / "eval.json"
+    if not path.exists():
+        return {}
+    evals = read_json(path)
+    for split, m in evals.items():
+        acc = m.get("accuracy") if isinstance(m, dict) else None
+        if not isinstance(acc, (int, float)) or isinstance(acc, bool):
+            raise UserError(f"{path}: split {split!r} has no numeric accuracy; rerun `lorakd eval {run_dir}`")
+    return evals
 
 
 def load_run(run_dir):
@@ -34,16 +60,21 @@ def load_run(run_dir):
         raise UserError(f"{run_dir}: no such run folder")
     if not (run_dir / "run.json").exists() or not (run_dir / "config.yaml").exists():
         raise UserError(f"{run_dir}: not a lorakd run folder (no run.json/config.yaml)")
-    try:
-        info = json.loads((run_dir / "run.json").read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{run_dir}/run.json: not valid JSON") from None
-    if not isinstance(info, dict) or not isinstance(info.get("format"), int):
+    info = read_json(run_dir / "run.json")
+    if not isinstance(info.get("format"), int):
         raise UserError(f"{run_dir}/run.json: no run format number; not a lorakd run folder")
     if info["format"] > RUN_FORMAT:
         raise UserError(f"{run_dir}: written by a newer lorakd (run format {info['format']}, this one reads "
                         f"up to {RUN_FORMAT}); upgrade lorakd")
-    return config_lib.from_dict(config_lib.read_yaml(run_dir / "config.yaml")), info
+    for key in ("summary", "params"):
+        if not isinstance(info.get(key, {}), dict):
+            raise UserError(f"{run_dir}/run.json: {key} is not an object; the file is damaged")
+    path = run_dir / "config.yaml"
+    raw = config_lib.read_yaml(path)  # names the file itself
+    try:
+        return config_lib.from_dict(raw), info
+    except UserError as e:  # which run's config: report and sweeps read many
+        raise UserError(f"{path}: {e}") from None
 
 
 def with_backbone(cfg, info, backbone=None):

@@ -169,8 +169,9 @@ def plan(path, data=None, out=None, overrides=()):
             merged = config_lib.merge(config_lib.merge(raw, fixed), point)
             cfg = config_lib.from_dict(config_lib.merge(merged, forced))
         except UserError as e:
-            if any(f"config key {k}" in str(e) for k in forced):  # the command line's key, not the member's
-                raise UserError(f"--set: {e}") from None
+            named = re.search(r"config (?:key|section) (\S+?):? ", str(e) + " ")  # the key the error is about
+            if named and any(k == named[1] or k.startswith(named[1] + ".") for k in forced):
+                raise UserError(f"--set: {e}") from None  # the command line's key, not the member's
             raise UserError(f"{path}: member {i + 1} ({_describe(point)}): {e}") from None
         flat = config_lib.flatten(cfg)
         key = repr(sorted(flat.items()))
@@ -181,7 +182,10 @@ def plan(path, data=None, out=None, overrides=()):
         members.append({"overrides": point, "cfg": cfg, "flat": flat})
     sweep_dir = Path(out or spec.get("out") or Path("runs") / f"sweep-{_safe(spec['name'])}")
     for m, name in zip(members, member_names([m["flat"] for m in members], _safe(spec["name"]))):
-        m["name"] = name
+        m["name"] = f"{name}-run" if name in RESERVED else name  # the sweep's own files keep their names
+    _keep_folders(sweep_dir, members)
+    for m in members:
+        name = m["name"]
         m["cfg"] = config_lib.override(m["cfg"], name=f"{spec['name']}-{name}")
         m["run_dir"] = sweep_dir / name
         m["config_file"] = sweep_dir / "configs" / f"{name}.yaml"
@@ -194,6 +198,41 @@ def plan(path, data=None, out=None, overrides=()):
         over = m["cfg"].role == "student" and mc.budget and m["trainable"] > mc.budget  # as check_budget
         m["status"] = "over budget" if over else _run_state(m)
     return spec, sweep_dir, members
+
+
+RESERVED = {"configs", "logs", "report", "sweep.json", "sweep.yaml"}  # what a sweep folder holds besides runs
+
+
+def _config_key(flat) -> str:
+    return repr(sorted((k, v) for k, v in flat.items() if k != "name"))
+
+
+def _keep_folders(sweep_dir, members):
+    """Member names come from the keys that differ across members, so a member added to a sweep can rename
+    the others: a member whose config already has a run folder in the sweep keeps that folder (its run is
+    not repeated), and a new member's name steers clear of the folders kept."""
+    held = {}
+    for d in sorted(sweep_dir.iterdir()) if sweep_dir.is_dir() else ():
+        if d.name not in RESERVED and (d / "run.json").is_file():
+            try:
+                cfg, _ = load_run(d)
+            except UserError:  # not readable as a run: the member that owns the name reports it
+                continue
+            held.setdefault(_config_key(config_lib.flatten(cfg)), d.name)
+    kept = {}
+    for m in members:
+        folder = held.get(_config_key(m["flat"]))
+        if folder is not None and folder not in kept.values():
+            kept[id(m)] = folder
+    taken = set(kept.values())
+    for m in members:
+        if id(m) in kept:
+            m["name"] = kept[id(m)]
+            continue
+        name, i = m["name"], 2
+        while m["name"] in taken:
+            m["name"], i = f"{name}-{i}", i + 1
+        taken.add(m["name"])
 
 
 def _run_state(m) -> str:

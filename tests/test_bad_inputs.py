@@ -150,6 +150,8 @@ DATA_ERRORS = [
     E("in.pkl", pickled({"id": [1, 1], "text": ["a", "b"]}), "unlabelled", ["duplicate ID '1'"],
       id="duplicate-ids-pickle"),
     E("in.jsonl", '{"id": 1, "text": "a"}\n{"text": "b"}\n', "unlabelled", ["line 2", "no id"], id="jsonl-missing-id"),
+    E("in.csv", "id,text\n7,a\n,b\n", "unlabelled", ["row 3", "no id"], id="csv-empty-id"),
+    E("in.pkl", pickled({"text": []}), "unlabelled", ["no rows"], id="pickle-with-no-rows"),
     # data folders
     E("nowhere", None, "folder", ["no such file or folder (data.path)"], id="data-folder-missing"),
     E("d", folder({"test.csv": GOOD_CSV}), "folder", ["no train.csv"], id="data-folder-without-train"),
@@ -431,7 +433,12 @@ def test_cli_predict_bad_input_keeps_old_output(capsys, tmp_path, trained_run, n
     (["params", "--labels", "0"], "--labels 0: needs at least 2"),
     (["params", "--preset", "minilm-fill", "--config", "agnews-minilm"], "--preset or --config, not both"),
     (["params", "--r", "8", "model.r=4"], "model.r given twice"),
-], ids=["params-zero-labels", "params-preset-and-config", "params-option-and-key"])
+    (["params", "--model", ""], "model.backbone is empty"),
+    (["params", "--model", "embedded:nope"], "embedded:nope: no such embedded backbone"),
+    (["train", "--resume", "runs/x", "--budget", "5"], "--resume takes the run's own config and folder"),
+    (["train", "--resume", "runs/x", "--out", "y"], "--resume takes the run's own config and folder"),
+], ids=["params-zero-labels", "params-preset-and-config", "params-option-and-key", "params-empty-model",
+        "params-unknown-embedded", "resume-with-budget", "resume-with-out"])
 def test_cli_params_refuses_ambiguous_options(capsys, argv, fragment):
     assert fragment in cli_error(capsys, *argv)
 
@@ -442,6 +449,18 @@ def test_cli_predict_bad_numbers(capsys, tmp_path, trained_run, option, fragment
     inp = write(tmp_path / "in.csv", "id,text\n1,goal\n")
     assert fragment in cli_error(capsys, "predict", trained_run, "--input", inp, "--out", tmp_path / "p.csv", *option)
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_cli_predict_never_writes_over_what_it_reads(capsys, tmp_path, trained_run):
+    """--out the input, a file of the run, a path under a file, a folder: refused, and nothing is changed."""
+    inp = write(tmp_path / "in.csv", "id,text\n1,goal\n")
+    before = {p: p.read_bytes() for p in (inp, trained_run / "run.json")}
+    for out, fragment in ((inp, "is the input file"), (trained_run / "run.json", "a file of the model"),
+                          (inp / "p.csv", f"{inp} is a file, not a folder"), (tmp_path, "is a folder")):
+        assert fragment in cli_error(capsys, "predict", trained_run, "--input", inp, "--out", out)
+    assert before == {p: p.read_bytes() for p in before}
+    main(["predict", str(trained_run), "--input", str(inp), "--out", str(trained_run / "predictions.csv")])
+    assert (trained_run / "predictions.csv").read_text().startswith("ID,Label\n1,")  # a CSV in the run is fine
 
 
 def test_cli_predict_bad_label_format(capsys, tmp_path, trained_run):
@@ -487,7 +506,7 @@ def test_run_from_a_newer_lorakd_is_refused(capsys, tmp_path):
 @pytest.mark.parametrize("run_json,fragment", [
     ("{not json", "run.json: not valid JSON"),
     ('{"status": "done"}', "no run format number"),
-    ('["format", 1]', "no run format number"),
+    ('["format", 1]', "run.json: expected a JSON object"),
 ], ids=["broken-json", "no-format", "not-an-object"])
 def test_broken_run_json_is_refused(tmp_path, run_json, fragment):
     run = fake_run(tmp_path / "run")

@@ -37,6 +37,13 @@ def test_pipeline_runs_then_skips(tiny_config, tmp_path):
     assert s2["stages"] == {"teacher": "skipped", "logits": "cached", "student": "skipped", "predict": "skipped"}
     assert json.loads((out / "pipeline.json").read_text())["stages"]["student"] == "skipped"
 
+    # a LoRA key reaches the full-FT teacher too, which does not use it: the teacher stays done; the student
+    # it changes is refused with the key named
+    logs = []
+    with pytest.raises(UserError, match=r"student: holds a run of another config \(model.r: 4 there, 8 now\)"):
+        run_pipeline(cfg_path, out=out, overrides=["model.r=8"], log=logs.append)
+    assert any("[teacher] done already" in line for line in logs)
+
 
 def test_params_counts_a_pipeline_presets_student_and_names_its_teacher(capsys):
     """`lorakd params --preset pipeline-minilm`: the student's exact count (the reference shape on MiniLM) and the

@@ -107,6 +107,24 @@ def test_a_failure_mid_stream_keeps_the_old_output(learned_run, tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "p.csv"]  # no temporary file left
 
 
+def test_headerless_texts_may_start_with_a_comma_phrase(tmp_path):
+    """One text per row even when the first text has a comma (or starts with a year); a number-and-comma start
+    that looks like CharCNN and then breaks its shape names the row and the fix; a fixed shape needs a header."""
+    ok = {"a.csv": ("Stocks fell sharply, says analyst\nMarkets rose\n", ["Stocks fell sharply, says analyst", "Markets rose"]),
+          "b.csv": ("2024, a year of change\nStocks fell\n", ["2024, a year of change", "Stocks fell"])}
+    bad = {"c.csv": ("3, goals in the final\nStocks fell\n", "row 2: 1 column, the first row has 2 .*header"),
+           "d.csv": ("some text,1\nother text,2\n", "every row has 2 columns and there is no header")}
+    for name, (content, texts) in ok.items():
+        (tmp_path / name).write_text(content)
+        assert data_lib.read_unlabelled(tmp_path / name, []).texts == texts
+        assert [t for s in predict_lib.read_input(tmp_path / name)[1]() for t in s.texts] == texts
+    for name, (content, why) in bad.items():
+        (tmp_path / name).write_text(content)
+        for read in (lambda p: predict_lib.read_input(p), lambda p: data_lib.read_unlabelled(p, [])):
+            with pytest.raises(UserError, match=why):
+                read(tmp_path / name)
+
+
 def test_input_matches_the_whole_file_reader(tmp_path):
     """The streamed reader builds what data.read_unlabelled builds: texts, IDs, title + description."""
     cases = {"a.csv": "\ufeffid,title,description\r\n7,Big,deal\r\n\r\n8,Small,\r\n",
@@ -121,7 +139,7 @@ def test_input_matches_the_whole_file_reader(tmp_path):
         assert got == list(zip(whole.ids, whole.texts)) and n == len(whole), name
     assert whole.texts == ["Wall St. Bears Short-sellers are back.", "Chip news"]  # the class is not the text
     assert data_lib.read_unlabelled(tmp_path / "c.csv", []).texts == ["just a text", "another, with a comma"]
-    for bad, why in [('"1","a","b","c"\n', "4 columns and no header"),
+    for bad, why in [('"1","a","b","c"\n', "every row has 4 columns and there is no header"),
                      ('"1","a","b"\n"2","c"\n', "row 2: 2 columns, the first row has 3")]:
         (tmp_path / "bad.csv").write_text(bad)
         for read in (lambda p: predict_lib.read_input(p), lambda p: data_lib.read_unlabelled(p, [])):

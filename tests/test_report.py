@@ -102,3 +102,43 @@ def test_many_runs_name_only_the_pareto_front(tmp_path, monkeypatch):
     res = report([*runs, runs[0], tmp_path / "." / "r1"], out_dir=tmp_path / "rep")
     assert len(res["rows"]) == 10
     assert sorted(labels) == ["r1", "r2", "r4", "r8"]  # each beats every cheaper run
+
+
+def test_damaged_run_files_are_one_line_errors_naming_the_file(tmp_path):
+    """Bytes that are not UTF-8, JSON of the wrong shape, a bad config value: each names its file."""
+    cases = [("run.json", b'{"format": 1, "status": "done", "summary": "oops"}', "run.json: summary is not an object"),
+             ("run.json", b'\xff\xfe{"format": 1}', "run.json: not valid JSON"),
+             ("eval.json", b'{"validation": [1]}', "eval.json: split 'validation' has no numeric accuracy"),
+             ("eval.json", b'{"validation": {"accuracy": "high"}}', "eval.json: split 'validation' has no numeric"),
+             ("config.yaml", b"model:\n  r: abc\n", "config.yaml: config key model.r")]
+    for i, (name, content, why) in enumerate(cases):
+        run = fake_run(tmp_path / f"r{i}", 2, 0.5)
+        (run / name).write_bytes(content)
+        with pytest.raises(UserError, match=why):
+            collect([run])
+
+
+def test_metrics_lines_that_are_not_records_are_skipped(tmp_path):
+    run = fake_run(tmp_path / "r", 2, 0.5)
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b'[1, 2]\n{"split": "train", "loss": 1}\n\xff\xfe\n{"step": 30, "split": "train", "loss": 0.1}\n')
+    from lorakd.runs import read_metrics
+
+    recs = read_metrics(run)
+    assert recs[-1] == {"step": 30, "split": "train", "loss": 0.1} and all(isinstance(r["step"], int) for r in recs)
+    report([run], out_dir=tmp_path / "rep")  # the plots read them too
+
+
+def test_failed_sweep_members_are_rows_and_a_run_named_twice_is_one(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    fake_run(sweep_dir / "r=2", 2, 0.81)
+    fake_run(sweep_dir / "r=4", 4, 0.2, status="running")  # failed after its run folder was written
+    (sweep_dir / "configs").mkdir()
+    cfg = config.load(None, [], {"model.r": 8, "model.targets": ["query", "value"]})
+    (sweep_dir / "configs" / "r=8.yaml").write_text(config.to_yaml(cfg))
+    (sweep_dir / "sweep.json").write_text(json.dumps({"members": [
+        {"name": "r=2", "folder": "r=2", "config": "configs/r=2.yaml", "status": "done"},
+        {"name": "r=4", "folder": "r=4", "config": "configs/r=4.yaml", "status": "failed", "error": "diverged"},
+        {"name": "r=8", "folder": "r=8", "config": "configs/r=8.yaml", "trainable": 8000, "status": "failed"}]}))
+    rows = collect([sweep_dir, sweep_dir / "r=2"])
+    assert [(r["name"], r["status"]) for r in rows] == [("r=2", "done"), ("r=4", "failed"), ("r=8", "failed")]

@@ -250,3 +250,46 @@ def test_sweep_without_data_says_so_before_training(tiny_config, tmp_path):
     with pytest.raises(UserError, match="no data.path for the members: pass --data DIR"):
         sweep.run_sweep(path)
     assert not (tmp_path / "out" / "r=2").exists()
+
+
+def fake_train(calls):
+    """train() as far as a sweep sees it: the run folder's config.yaml and a finished run.json."""
+    def train(cfg, run_dir, resume=False, plots=False):
+        calls.append(Path(run_dir).name)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / "config.yaml").write_text(config.to_yaml(cfg))
+        (Path(run_dir) / "run.json").write_text(json.dumps({"format": 1, "status": "done", "summary": {}}))
+        return {"validation_accuracy": 0.5}
+    return train
+
+
+def test_a_member_added_to_a_sweep_leaves_the_finished_ones_alone(tiny_config, tmp_path, monkeypatch):
+    """Names come from the keys that differ across members: a new member that varies a new key renames the
+    others, but a member whose config already ran in the sweep folder keeps that folder and is not retrained."""
+    calls = []
+    monkeypatch.setattr(sweep.train_lib, "train", fake_train(calls))
+    monkeypatch.setattr(sweep, "report", lambda *a, **k: None)
+    out = tmp_path / "out"
+    path = write_sweep(tmp_path, tiny_config, grid={"model.r": [2, 4]}, out=str(out))
+    sweep.run_sweep(path)
+    assert calls == ["r=2", "r=4"]
+    path = write_sweep(tmp_path, tiny_config, grid={"model.r": [2, 4]}, members=[{"model.r": 2, "train.lr": 0.001}],
+                       out=str(out))
+    members = sweep.run_sweep(path)
+    assert [(m["name"], m["status"]) for m in members] == [("r=2", "done"), ("r=4", "done"),
+                                                           ("r=2_lr=0.001", "done")]
+    assert calls == ["r=2", "r=4", "r=2_lr=0.001"]
+    assert sorted(p.name for p in (out / "configs").iterdir()) == ["r=2.yaml", "r=2_lr=0.001.yaml", "r=4.yaml"]
+
+
+def test_a_sweep_named_like_its_own_files_and_set_keys_blamed_on_set(tiny_config, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sweep.train_lib, "train", fake_train(calls))
+    monkeypatch.setattr(sweep, "report", lambda *a, **k: None)
+    path = write_sweep(tmp_path, tiny_config, out=str(tmp_path / "out"))
+    path.write_text(path.read_text().replace("name: tiny", "name: configs"))
+    members = sweep.run_sweep(path)  # one member, named after the sweep: not the configs/ folder
+    assert [m["name"] for m in members] == ["configs-run"] and (tmp_path / "out" / "configs-run" / "run.json").exists()
+    for bad in ("foo.bar=1", "model.rank=4", "model.r=abc"):
+        with pytest.raises(UserError, match=r"^--set: "):
+            sweep.run_sweep(path, dry_run=True, overrides=[bad])
