@@ -27,7 +27,7 @@ class DataConfig:
     label_names: tuple[str, ...] = AG_NEWS_LABELS
     group_by_length: bool = True  # batches of similar lengths: less padding, few shapes
     pad_multiple: int = 0  # batches pad to a multiple of N: fewer shapes (CUDA graphs) against more padding; 0 = auto
-    labelled: int = 0  # keep N stratified labelled train rows (0 = all); the rest become transfer rows
+    labelled: int = 0  # keep N stratified labelled train rows (0 = all); the rest become transfer rows (unused without a teacher)
     split_seed: int = -1  # seed of the validation carve and data.labelled; -1 = train.seed (fix it to vary only the init)
 
 
@@ -52,7 +52,7 @@ class TrainConfig:
     epochs: float = 3.0
     max_steps: int = 0  # 0 = from epochs
     weight_decay: float = 0.01
-    schedule: str = "polynomial"  # linear | cosine | polynomial | constant
+    schedule: str = "polynomial"  # linear | cosine | polynomial | constant, each after the warmup
     warmup_ratio: float = 0.1
     grad_clip: float = 1.0  # 0 = off
     seed: int = 42
@@ -329,6 +329,9 @@ def validate(cfg: Config):
         (d.max_train_samples >= 0, "data.max_train_samples", "must be >= 0"),
         (d.labelled >= 0, "data.labelled", "must be >= 0 (0 = every row)"),
         (dc.augment >= 0, "distill.augment", "must be >= 0"),
+        (not dc.augment or dc.augment_ops, "distill.augment_ops", "needs at least one op when distill.augment > 0"),
+        (not d.labelled or d.labelled >= len(d.label_names), "data.labelled",
+         f"gives some of the {len(d.label_names)} classes no labelled row (0 = every row)"),
         (dc.max_transfer >= 0, "distill.max_transfer", "must be >= 0"),
         (all(op in AUGMENT_OPS for op in dc.augment_ops), "distill.augment_ops",
          f"takes only {', '.join(AUGMENT_OPS)}"),

@@ -170,7 +170,9 @@ def _read_csv(path: Path, names, need_labels=True) -> Split:
         rows = list(reader)
     except csv.Error as e:
         raise UserError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
-    numbered = [(i + 1, r) for i, r in enumerate(rows) if any(c.strip() for c in r)]  # blank rows skipped
+    # empty lines skipped, and in training data rows of blanks; in input to predict such a row is a text to
+    # check (skipping it would shift every later row's ID)
+    numbered = [(i + 1, r) for i, r in enumerate(rows) if r and (not need_labels or any(c.strip() for c in r))]
     if not numbered:
         raise UserError(f"{path}: the file is empty")
     header = [c.strip().lower() for c in numbered[0][1]]
@@ -310,6 +312,12 @@ def read_unlabelled(path, names) -> Split:
 
 
 def _load_hub(name, names) -> dict[str, Split]:
+    import os
+
+    from .model import hub_out_of_reach
+
+    if hub_out_of_reach():  # the local datasets cache at once, or one line; not half a minute of retries
+        os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         import datasets
     except ImportError:
@@ -379,6 +387,10 @@ def load_splits(data_cfg, seed) -> dict[str, Split]:
     seed = data_cfg.split_seed if data_cfg.split_seed >= 0 else seed
     splits = read_splits(data_cfg.path, data_cfg.label_names)
     train = splits["train"]
+    missing = [n for i, n in enumerate(data_cfg.label_names) if not (train.labels == i).any()]
+    if missing:  # a head for a class it never sees, and a row of zeros in every table
+        raise UserError(f"{data_cfg.path}: no train row of class {', '.join(map(repr, missing))} of data.label_names "
+                        f"({len(data_cfg.label_names)} names); name only the classes the data has")
     if "validation" in splits:
         val = splits["validation"]
     else:

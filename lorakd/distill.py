@@ -112,6 +112,12 @@ def teacher_logits(teacher_dir, cfg, parts, device, log) -> list[torch.Tensor]:
     from .runs import load_run, with_backbone
 
     t_cfg, t_info = load_run(teacher_dir)
+    if t_info.get("status") != "done":  # half-trained weights, or a run another process is still writing
+        raise UserError(f"{teacher_dir}: the teacher has not finished training (status {t_info.get('status')}); "
+                        f"finish it with lorakd train --resume {teacher_dir}")
+    if list(t_cfg.data.label_names) != list(cfg.data.label_names):  # logit i must mean the same class
+        raise UserError(f"{teacher_dir}: the teacher's classes ({', '.join(t_cfg.data.label_names)}) are not the "
+                        f"student's ({', '.join(cfg.data.label_names)}), in the same order")
     t_cfg = with_backbone(t_cfg, t_info, teacher_backbone(cfg, t_cfg))
     model = None
     out = []

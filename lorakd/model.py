@@ -410,10 +410,18 @@ def max_tokens(tok, hf_config) -> int | None:
     return n
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model", "spm.model")
+
+
 def load_tokenizer(backbone: str):
     from transformers import AutoTokenizer
 
     src = resolve_backbone(backbone)
+    if Path(src).is_dir() and not any((Path(src) / f).exists() for f in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer (5 tokens): every word [UNK], and every command exits 0
+        raise UserError(f"{backbone}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...) in this model "
+                        "folder (model.backbone); copy them from the base model")
     try:
         return AutoTokenizer.from_pretrained(src, **hub_kwargs(src))
     except OSError as e:

@@ -63,7 +63,7 @@ def _csv_records(path: Path):
     def rows():
         try:
             for n, r in enumerate(reader, 1):
-                if any(c.strip() for c in r):  # blank rows skipped
+                if r:  # empty lines skipped; a row of blanks is checked like any other
                     yield n, r
         except csv.Error as e:
             raise UserError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None

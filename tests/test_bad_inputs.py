@@ -64,6 +64,7 @@ READERS = {
     "labelled": lambda p: data.read_file(p, NAMES),
     "unlabelled": lambda p: data.read_unlabelled(p, NAMES),
     "folder": lambda p: data.read_splits(str(p), NAMES),
+    "splits": lambda p: data.load_splits(config.DataConfig(path=str(p), label_names=NAMES), 0),
 }
 
 
@@ -151,6 +152,9 @@ DATA_ERRORS = [
       id="duplicate-ids-pickle"),
     E("in.jsonl", '{"id": 1, "text": "a"}\n{"text": "b"}\n', "unlabelled", ["line 2", "no id"], id="jsonl-missing-id"),
     E("in.csv", "id,text\n7,a\n,b\n", "unlabelled", ["row 3", "no id"], id="csv-empty-id"),
+    E("in.csv", 'text\nhello\n"   "\nworld\n', "unlabelled", ["row 3", "empty text"], id="csv-blank-text"),
+    E("train.csv", '"1","a","b"\n"2","c","d"\n"3","e","f"\n', "splits", ["no train row of class 'Sci/Tech'"],
+      id="a-named-class-without-rows"),
     E("in.pkl", pickled({"text": []}), "unlabelled", ["no rows"], id="pickle-with-no-rows"),
     # data folders
     E("nowhere", None, "folder", ["no such file or folder (data.path)"], id="data-folder-missing"),
@@ -269,6 +273,8 @@ CONFIG_ERRORS = [
     C(b"name: a\x00b\n", [], ["not valid YAML", "special characters"], id="nul-byte-in-yaml"),
     C(b"name: caf\xe9\n", [], ["not UTF-8"], id="latin1-yaml"),
     C("distill:\n  teachers: [a]\n  weights: [1, 2]\n", [], ["config key distill.weights"], id="weights-per-teacher"),
+    C("distill:\n  augment: 1\n  augment_ops: []\n", [], ["distill.augment_ops", "at least one op"], id="augment-no-ops"),
+    C("data:\n  labelled: 3\n", [], ["config key data.labelled", "no labelled row"], id="labelled-below-classes"),
     C("", ["model.r"], ["override 'model.r'", "key=value"], id="override-without-equals"),
     C("name: x\n", ["name.sub=1"], ["override name.sub", "not a section"], id="override-into-a-value"),
     C("", ["model.rnak=4"], ["unknown config key model.rnak"], id="override-unknown-key"),
@@ -461,6 +467,14 @@ def test_cli_predict_never_writes_over_what_it_reads(capsys, tmp_path, trained_r
     assert before == {p: p.read_bytes() for p in before}
     main(["predict", str(trained_run), "--input", str(inp), "--out", str(trained_run / "predictions.csv")])
     assert (trained_run / "predictions.csv").read_text().startswith("ID,Label\n1,")  # a CSV in the run is fine
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused(tmp_path, tiny_backbone):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):  # what save_pretrained writes, and a full fine-tune keeps
+        shutil.copy(tiny_backbone / f, bare / f)
+    assert "no tokenizer files" in one_line_error(model_lib.load_tokenizer, str(bare))
 
 
 def test_cli_predict_bad_label_format(capsys, tmp_path, trained_run):

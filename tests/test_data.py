@@ -1,5 +1,6 @@
 """Data: reading the supported layouts, the seeded validation carve, batch order, padding, fingerprints."""
 import json
+import os
 import sys
 
 import numpy as np
@@ -213,6 +214,18 @@ def test_hub_error_names_data_path(monkeypatch, path):
     msg = str(exc.value)
     assert msg.startswith("data.path ag_news:") and "fancyzhx/ag_news" in msg and "ConnectionError" in msg
     assert "\n" not in msg
+
+
+def test_hub_out_of_reach_loads_offline_at_once(monkeypatch):
+    """No half minute of datasets' retries: with the hub out of reach the load runs offline (the local cache)."""
+    import lorakd.model as model_lib
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored after the test
+    monkeypatch.setattr(model_lib, "hub_out_of_reach", lambda: True)
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(UserError):
+        data.read_splits("hub:ag_news", NAMES)
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
 
 
 def test_hub_without_datasets_says_what_to_install(monkeypatch):

@@ -164,3 +164,27 @@ def test_student_trains_on_transfer_rows(tiny_config, tmp_path):
     teacher_acc = json.loads((teacher / "eval.json").read_text())["validation"]["accuracy"]
     student_acc = json.loads((tmp_path / "student" / "eval.json").read_text())["validation"]["accuracy"]
     assert teacher_acc > 0.6 and student_acc > 0.6, (teacher_acc, student_acc)
+
+
+def test_a_teacher_must_be_finished_and_have_the_students_classes(tiny_config, tmp_path):
+    """Refused before any logits are computed: a killed teacher's half-trained weights, and a teacher whose
+    logit i means another class than the student's."""
+    import json
+
+    from lorakd import config, data
+    from lorakd.distill import teacher_logits
+    from lorakd.errors import UserError
+
+    student = tiny_config()
+    parts = [data.load_splits(student.data, 0)["train"]]
+    cases = [("running", student.data.label_names, "has not finished training .status running."),
+             ("done", ["Sci/Tech", "Business", "Sports", "World"], "the teacher's classes .* are not the student's")]
+    for i, (status, names, why) in enumerate(cases):
+        run = tmp_path / f"t{i}"
+        run.mkdir()
+        t_cfg = tiny_config(**{"role": "teacher", "model.full_finetune": True, "data.label_names": list(names)})
+        (run / "config.yaml").write_text(config.to_yaml(t_cfg))
+        (run / "run.json").write_text(json.dumps({"format": 1, "status": status}))
+        with pytest.raises(UserError, match=why):
+            teacher_logits(run, student, parts, "cpu", lambda *a: None)
+        assert not (run / "logits").exists()
