@@ -48,10 +48,10 @@ def soften(teacher_logits: list[torch.Tensor], weights, temperature: float) -> t
 
 # ---------------------------------------------------------------- the rows
 
-def transfer_rows(cfg, splits, tokenizer=None) -> data_lib.Split | None:
+def transfer_rows(cfg, splits, tokenizer=None, log=print) -> data_lib.Split | None:
     """Texts without labels for the teachers to label: the train rows data.labelled left out, the
-    distill.unlabeled file, and distill.augment copies of each labelled text (of every text with augment_scope
-    all); at most distill.max_transfer."""
+    distill.unlabeled file (less any validation or test text), and distill.augment copies of each labelled text
+    (of every text with augment_scope all); at most distill.max_transfer."""
     dc = cfg.distill
     rest = dc.rest_as_transfer and "unlabelled" in splits
     if not (dc.unlabeled or dc.augment or rest):
@@ -64,7 +64,13 @@ def transfer_rows(cfg, splits, tokenizer=None) -> data_lib.Split | None:
     if rest:
         parts.append(splits["unlabelled"].texts)
     if dc.unlabeled:
-        parts.append(data_lib.read_unlabelled(dc.unlabeled, cfg.data.label_names).texts)
+        # a held-out text among them would be trained on with the teachers' label: its score would flatter
+        held = {t for name in ("validation", "test") if name in splits for t in splits[name].texts}
+        texts = data_lib.read_unlabelled(dc.unlabeled, cfg.data.label_names).texts
+        parts.append([t for t in texts if t not in held])
+        if len(parts[-1]) < len(texts):
+            log(f"distill.unlabeled: {len(texts) - len(parts[-1]):,} texts that are also validation or test texts "
+                "left out")
     if dc.augment:  # with few labels the unlabelled texts are most of the text there is: scope all copies them too
         mask = getattr(tokenizer, "mask_token", None) or "[MASK]"
         source = splits["train"].texts + ([t for p in parts for t in p] if dc.augment_scope == "all" else [])
@@ -80,7 +86,7 @@ def student_rows(cfg, splits, device, log, tokenizer=None):
     """(rows, soft targets or None) the student trains on: the labelled train split, then the transfer rows
     (label -1, or the teachers' argmax with transfer_targets: hard)."""
     train = splits["train"]
-    transfer = transfer_rows(cfg, splits, tokenizer)
+    transfer = transfer_rows(cfg, splits, tokenizer, log)
     if not cfg.distill.teachers:
         return train, None
     parts = [train] + ([transfer] if transfer is not None else [])

@@ -188,3 +188,20 @@ def test_a_teacher_must_be_finished_and_have_the_students_classes(tiny_config, t
         with pytest.raises(UserError, match=why):
             teacher_logits(run, student, parts, "cpu", lambda *a: None)
         assert not (run / "logits").exists()
+
+
+def test_unlabeled_texts_that_are_held_out_texts_are_left_out(tiny_config, tmp_path):
+    """A validation text in the distill.unlabeled file would be trained on with the teacher's label."""
+    from lorakd import data
+    from lorakd.distill import transfer_rows
+
+    cfg = tiny_config()
+    splits = data.load_splits(cfg.data, 0)
+    val, test = splits["validation"].texts[:3], splits["test"].texts[:2]
+    unl = tmp_path / "unl.jsonl"
+    unl.write_text("".join(f'{{"text": "{t}"}}\n' for t in ["a fresh text", *val, *test, "another one"]))
+    logs = []
+    cfg = tiny_config(**{"distill.unlabeled": str(unl), "distill.teachers": [str(tmp_path / "t")]})
+    rows = transfer_rows(cfg, splits, log=logs.append)
+    assert rows.texts == ["a fresh text", "another one"]
+    assert logs == ["distill.unlabeled: 5 texts that are also validation or test texts left out"]
