@@ -59,7 +59,9 @@ def transfer_rows(cfg, splits, tokenizer=None, log=print) -> data_lib.Split | No
     if not dc.teachers:
         if dc.unlabeled or dc.augment:
             raise UserError("distill.unlabeled / distill.augment: transfer rows need distill.teachers to label them")
-        return None  # data.labelled without teachers: the other rows are simply not used
+        log(f"data.labelled: the other {len(splits['unlabelled']):,} train rows are not used (no distill.teachers "
+            "to label them)")
+        return None
     parts = []
     if rest:
         parts.append(splits["unlabelled"].texts)
