@@ -360,6 +360,12 @@ def preset_path(name_or_path: str) -> Path:
     raise UserError(f"{name_or_path}: no such config file or preset (presets: {known})")
 
 
+def changed_key(old: Config, new: Config, ignore=()) -> str | None:
+    """The first key, in config order, whose value differs between two configs; keys in `ignore` left out."""
+    a, b = flatten(old), flatten(new)
+    return next((k for k in b if k not in ignore and a.get(k) != b[k]), None)
+
+
 def flatten(cfg) -> dict:
     """{'model.r': 6, ...}: the form that sweeps, reports and overrides use."""
     out = {}

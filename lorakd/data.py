@@ -5,6 +5,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,8 +313,6 @@ def read_unlabelled(path, names) -> Split:
 
 
 def _load_hub(name, names) -> dict[str, Split]:
-    import os
-
     from .model import hub_out_of_reach
 
     if hub_out_of_reach():  # the local datasets cache at once, or one line; not half a minute of retries

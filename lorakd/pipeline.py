@@ -54,8 +54,7 @@ def _changed_key(have, want):
         unused.update(LORA_KEYS)
     if have.role == want.role == "teacher":
         unused.add("model.budget")
-    old, new = config_lib.flatten(have), config_lib.flatten(want)
-    return next((k for k in new if k not in unused and old.get(k) != new[k]), None)
+    return config_lib.changed_key(have, want, ignore=unused)
 
 
 def _stage_state(run_dir: Path, cfg) -> str:

@@ -241,12 +241,10 @@ def _run_state(m) -> str:
     if not (run_dir / "run.json").exists():
         return "train"
     cfg, info = load_run(run_dir)
-    old = config_lib.flatten(config_lib.override(cfg, name=m["cfg"].name))
-    changed = [k for k in m["flat"] if k != "name" and old.get(k) != m["flat"][k]]
-    if changed:
-        k = changed[0]
-        raise UserError(f"{run_dir}: holds a run of another config ({k}: {fmt_value(k, old.get(k))} there, "
-                        f"{fmt_value(k, m['flat'][k])} in the sweep); remove it or use another --out")
+    k = config_lib.changed_key(cfg, m["cfg"], ignore=("name",))
+    if k:
+        raise UserError(f"{run_dir}: holds a run of another config ({k}: {fmt_value(k, config_lib.flatten(cfg)[k])} "
+                        f"there, {fmt_value(k, m['flat'][k])} in the sweep); remove it or use another --out")
     return "done" if info.get("status") == "done" else "resume"
 
 
