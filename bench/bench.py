@@ -162,20 +162,22 @@ def run_peer(cfg, tmp, max_steps=0, evaluate=True):
 # ---------------------------------------------------------------- sections
 
 def check_fast_path(backbone, data, tmp, steps=60):
-    """Same seed, no dropout anywhere, same batches: per-step train loss of the graphed and the plain step,
-    in fp32 (where they must agree to float noise) and in bf16."""
+    """Same seed, same batches: per-step train loss of the graphed and the plain step, with no dropout anywhere
+    in fp32 (where they must agree to float noise) and in bf16, and with the recipe's dropout in fp32 (the
+    graphs' warm-ups restore the random state, so both steps draw the same masks)."""
     result = {}
-    for precision in ("fp32", "bf16"):
+    for arm in ("fp32", "bf16", "fp32 with dropout"):
+        precision, dropout = arm.split()[0], {} if "dropout" in arm else {"model.dropout": 0.0,
+                                                                           "model.backbone_dropout": 0.0}
         out = {}
         for mode in ("off", "on"):
-            cfg = reference(backbone, data, **{"train.max_steps": steps, "train.log_every": 1, "model.dropout": 0.0,
-                                               "model.backbone_dropout": 0.0,
+            cfg = reference(backbone, data, **{"train.max_steps": steps, "train.log_every": 1, **dropout,
                                                "train.cuda_graphs": mode, "train.eval_every": 10_000,
                                                "train.precision": precision})
             r = run_lorakd(cfg, tmp)
             out[mode] = [x["loss"] for x in read_metrics(r["run_dir"]) if x["split"] == "train"]
         diffs = [abs(a - b) for a, b in zip(out["off"], out["on"])]
-        result[precision] = {"steps": steps, "max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs),
+        result[arm] = {"steps": steps, "max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs),
                              "first_losses_plain": out["off"][:3], "first_losses_graphed": out["on"][:3],
                              "last_loss_plain": out["off"][-1], "last_loss_graphed": out["on"][-1]}
     return result

@@ -67,6 +67,7 @@ class TrainConfig:
     tensorboard: bool = False
     compile: bool = False  # torch.compile (inductor) the model: a lever, off unless measured to win (README)
     prewarm: bool = True  # GPU: small encoder-shaped steps warm it in the background while imports run (README)
+    capture_warmups: int = 0  # GPU: eager steps before capturing each graph shape after the first (README)
 
 
 @dataclass(frozen=True)
@@ -321,6 +322,7 @@ def validate(cfg: Config):
         (t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0"),
         (t.eval_batch_size >= 1, "train.eval_batch_size", "must be at least 1"),
         (t.threads >= 0, "train.threads", "must be >= 0 (0 = torch's default)"),
+        (t.capture_warmups >= 0, "train.capture_warmups", "must be >= 0"),
         (0 <= d.val_fraction < 1, "data.val_fraction", "must be in [0, 1)"),
         (d.max_length >= 8, "data.max_length", "must be at least 8"),
         (d.pad_multiple == 0 or (d.pad_multiple >= 1 and d.max_length % d.pad_multiple == 0), "data.pad_multiple",

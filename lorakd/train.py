@@ -62,17 +62,17 @@ def make_step(model, optimizer, flat_grad, store, teacher_probs, acc, share, cfg
 
 
 class GraphedStep:
-    """Replays `step` as one CUDA graph per (batch, width) shape. Capturing a shape first runs the step
-    on a side stream (lazy state, cuBLAS workspaces); weights, optimizer state and loss sums are then
-    restored, so warm-up leaves no trace in training. In a multi-process run the key is the global
+    """Replays `step` as one CUDA graph per (batch, width) shape. Capturing the first shape first runs the
+    step eagerly on a side stream (lazy state, cuBLAS workspaces); weights, optimizer state and loss sums are
+    then restored, so warm-up leaves no trace in training. In a multi-process run the key is the global
     batch's shape, the same on every process: all capture (and run their warm-up all-reduces) together.
 
     A backbone whose forward cannot be captured (a host sync or CPU copy inside, say) falls back to the
     plain step with one log line under cuda_graphs=auto, and is a one-line error under cuda_graphs=on."""
 
-    def __init__(self, step, params, optimizer, acc, required=False, log=print):
+    def __init__(self, step, params, optimizer, acc, required=False, log=print, later_warmups=0):
         self.step, self.params, self.optimizer, self.acc = step, params, optimizer, acc
-        self.required, self.log = required, log
+        self.required, self.log, self.later_warmups = required, log, later_warmups
         self.graphs, self.pool, self.plain = {}, None, False
         self.capture_s = 0.0  # time spent capturing, reported apart from steady-state replay
 
@@ -94,32 +94,47 @@ class GraphedStep:
         graph.replay()
 
     def _capture(self, idx, width):
+        # The first shape runs two eager warm-ups (the process's lazy state: optimizer state, cuBLAS handles and
+        # workspaces). A later shape runs train.capture_warmups (default 0: every capture uses the same capture
+        # stream, whose workspaces exist, and allocates from the graphs' pool). A later shape that fails to
+        # capture without one (lazy state of its own: DeBERTa-v2's relative positions for a new length) is
+        # captured again after one eager run before the step is declared uncapturable.
+        tries = [2] if not self.graphs else [self.later_warmups] + ([1] if self.later_warmups == 0 else [])
+        for n, warmups in enumerate(tries):
+            try:
+                return self._record(idx, width, warmups)
+            except Exception as e:  # noqa: BLE001  any failure inside capture means: this shape did not capture
+                if n + 1 < len(tries):
+                    continue
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                if self.required:
+                    raise UserError(f"train.cuda_graphs=on: this backbone's step cannot be captured as a CUDA "
+                                    f"graph ({why}); use train.cuda_graphs=auto or off") from None
+                self.log(f"CUDA graphs off: the step cannot be captured ({why}); training with the plain step")
+                self.plain = True
+                return None
+
+    def _record(self, idx, width, warmups):
         saved_params = [p.detach().clone() for p in self.params]
         saved_state = {p: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
                        for p, s in self.optimizer.state.items()}
-        saved_acc = self.acc.clone()
+        saved_acc, saved_rng = self.acc.clone(), torch.cuda.get_rng_state()
         static_idx = idx.clone()
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # lazy state needs two runs once; a later shape only its own workspaces
-                for _ in range(1 if self.graphs else 2):
-                    self.step(static_idx, width)
-            torch.cuda.current_stream().wait_stream(side)
+            if warmups:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(warmups):
+                        self.step(static_idx, width)
+                torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):  # graphs replay one at a time: they share a pool
                 self.step(static_idx, width)
             self.pool = graph.pool()
             return graph, static_idx
-        except Exception as e:  # noqa: BLE001  any failure inside capture means: this model does not capture
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            if self.required:
-                raise UserError(f"train.cuda_graphs=on: this backbone's step cannot be captured as a CUDA graph "
-                                f"({why}); use train.cuda_graphs=auto or off") from None
-            self.log(f"CUDA graphs off: the step cannot be captured ({why}); training with the plain step")
-            self.plain = True
-            return None
-        finally:  # warm-up (and a failed capture) leave no trace: weights, optimizer state, loss sums restored
+        finally:  # warm-up (and a failed capture) leave no trace: weights, optimizer state, loss sums restored,
+            # and the random state too, so dropout draws the same masks as in the plain step
             with torch.no_grad():
                 for p, v in zip(self.params, saved_params):
                     p.copy_(v)
@@ -128,6 +143,7 @@ class GraphedStep:
                         if torch.is_tensor(v):  # state born during warm-up is zeroed: as fresh as before
                             v.copy_(saved_state[p][k]) if p in saved_state else v.zero_()
                 self.acc.copy_(saved_acc)
+            torch.cuda.set_rng_state(saved_rng)
 
 
 # ---------------------------------------------------------------- optimizer and schedule
@@ -425,7 +441,8 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
         torch.distributed.all_reduce(torch.zeros(1, device=device))  # communicator up before any capture
     step = make_step(model, optimizer, flat_grad, stores["train"], teacher_probs, acc, share, cfg, amp, world)
     if device.type == "cuda" and tc.cuda_graphs != "off":
-        step = GraphedStep(step, params, optimizer, acc, required=tc.cuda_graphs == "on", log=log)
+        step = GraphedStep(step, params, optimizer, acc, required=tc.cuda_graphs == "on", log=log,
+                           later_warmups=tc.capture_warmups)
 
     # A last batch smaller than the process count would leave a process idle: it is dropped.
     full, rest = divmod(len(stores["train"]), tc.batch_size)

@@ -264,6 +264,7 @@ CONFIG_ERRORS = [
     C("model:\n  layers: {a: 1}\n", [], ["config key model.layers", "expected a list"], id="mapping-for-list"),
     C("model:\n  r: -1\n", [], ["config key model.r", "at least 1"], id="negative-rank"),
     C("model:\n  layers: [0, -2]\n", [], ["config key model.layers"], id="negative-layer"),
+    C("train:\n  capture_warmups: -1\n", [], ["config key train.capture_warmups", ">= 0"], id="negative-warmups"),
     C("train:\n  lr: .nan\n", [], ["config key train.lr", "finite"], id="nan-learning-rate"),
     C("train:\n  schedule: bogus\n", [], ["config key train.schedule", "polynomial"], id="bad-choice"),
     C("model: 5\n", [], ["config section model"], id="section-not-a-mapping"),
