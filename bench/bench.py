@@ -344,8 +344,9 @@ def cli_run(backbone, data, tmp, name, overrides=()):
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"exit {proc.returncode}: {proc.stderr.strip()[-600:]}")
-    summary = json.loads((out / "run.json").read_text())["summary"]
-    return {"wall_s": round(wall, 2), "train_time_s": summary["train_time_s"], "samples_per_s": round(summary["samples_per_s"], 1),
+    info = json.loads((out / "run.json").read_text())
+    summary = info["summary"]
+    return {"wall_s": round(wall, 2), "versions": info.get("versions"), "train_time_s": summary["train_time_s"], "samples_per_s": round(summary["samples_per_s"], 1),
             "graph_capture_s": summary["graph_capture_s"], "cuda_graphs": summary["cuda_graphs"],
             "val_acc": summary.get("validation_accuracy"), "phases_s": summary.get("phases_s"),
             # what no phase holds: interpreter exit (CUDA context, modules) after run.json was written

@@ -4,10 +4,11 @@ The lent GPU machine sets PYTHONDONTWRITEBYTECODE=1, so every fresh process comp
 peft's sources again; a user's machine keeps the compiled files after the first run. This runs fresh
 `lorakd train --config presets/agnews-minilm.yaml` processes (bench.cli_run) as that machine does, then with
 bytecode written to a private cache (PYTHONPYCACHEPREFIX; the first of those compiles and writes, the next ones
-read it), prints a table and writes JSON. --also adds arms with an override each on the same cache: one process
-fills the cache, then the cache arms take turns, run by run:
+read it), prints a table and writes JSON. --also adds arms with an override each on the same cache, --also-path
+arms whose imports look in a folder first (another transformers installed there with pip --target, say): one
+process fills the cache, then the cache arms take turns, run by run:
     python bench/cli_bytecode.py --backbone .device-carry/minilm --data .device-carry/data --out "$OUT" \
-        [--cache-only] [--also data.pad_multiple=32]
+        [--cache-only] [--also data.pad_multiple=32] [--also-path DIR]
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def main():
     ap.add_argument("--cache-only", action="store_true", help="only the bytecode-cache arm")
     ap.add_argument("--also", nargs="*", default=[], metavar="key=value",
                     help="then one more bytecode-cache arm per override (data.pad_multiple=32, say), same cache")
+    ap.add_argument("--also-path", nargs="*", default=[], metavar="DIR",
+                    help="then one more bytecode-cache arm per folder, put first on the imports' path (PYTHONPATH)")
     ap.add_argument("--tag", default="", help="suffix of the JSON's name")
     ap.add_argument("--out", default=str(bench.REPO / "bench" / "results"))
     args = ap.parse_args()
@@ -51,6 +54,9 @@ def main():
         if arm.startswith("bytecode"):
             os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
             os.environ["PYTHONPYCACHEPREFIX"] = str(tmp / "pycache")
+        if ", path " in arm:  # bench.cli_run puts the repo first, then this
+            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [arm.split(", path ")[1], saved.get("PYTHONPATH")]))
+            return []
         return arm.split(", ")[1:]  # the arm's overrides
 
     def run(arm, i):
@@ -58,9 +64,10 @@ def main():
 
     if not args.cache_only:
         res["arms"][arms[0]] = [run(arms[0], i) for i in range(args.runs)]
-    cache_arms = arms[1:] + [f"bytecode cache, {o}" for o in args.also]
+    cache_arms = arms[1:] + [f"bytecode cache, {o}" for o in args.also] + [f"bytecode cache, path {d}"
+                                                                           for d in args.also_path]
     arms += cache_arms[1:]
-    if args.also:  # arms side by side: one process fills the cache, then they take turns (drift hits all alike)
+    if args.also or args.also_path:  # arms side by side: one process fills the cache, then they take turns (drift hits all alike)
         res["cold_process"] = run(cache_arms[0], "cold")
     for i in range(args.runs):
         for arm in cache_arms:
@@ -71,7 +78,7 @@ def main():
               + " / ".join(f"{r['phases_s']['train_loop']:.1f}" for r in runs), flush=True)
     os.environ.clear()
     os.environ.update(saved)
-    warm = [r["wall_s"] for r in res["arms"][arms[1]][0 if args.also else 1:]]
+    warm = [r["wall_s"] for r in res["arms"][arms[1]][0 if args.also or args.also_path else 1:]]
     res["wall_s_with_bytecode_cache"] = {"mean": round(statistics.mean(warm), 2), "runs": warm} if warm else None
     out = Path(args.out) / f"cli-bytecode-{dev.replace(' ', '_')}-{res['date']}{args.tag}.json"
     atomic.write_json(out, res)

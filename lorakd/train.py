@@ -308,6 +308,17 @@ class StopOnSigterm:
 
 # ---------------------------------------------------------------- wall-clock phases
 
+def library_versions() -> dict:
+    """What ran the run (run.json): Python and the libraries whose versions change its numbers or its speed."""
+    import platform
+
+    import peft
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}
+
+
 def process_age_s() -> float | None:
     """Seconds since this process started (Linux /proc): the interpreter and imports before lorakd runs."""
     try:
@@ -413,7 +424,8 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
         atomic.write_json(run_dir / "run.json", {
             "format": RUN_FORMAT, "lorakd": __version__, "name": cfg.name, "role": cfg.role,
             "backbone": cfg.model.backbone, "backbone_fingerprint": model_lib.backbone_fingerprint(hf_config),
-            "params": counts, "status": "running", "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            "params": counts, "versions": library_versions(), "status": "running",
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     log(f"run folder: {run_dir}")
     if world > 1:  # what each process runs: small shards make latency-bound steps (README: when it pays)
         log(f"data parallel: {world} processes ({device.type}), {tc.batch_size // world} rows each of every "

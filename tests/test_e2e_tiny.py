@@ -1,8 +1,10 @@
 """End to end on the tiny random BERT: train, evaluate, predict through the CLI."""
 import csv
 import json
+import platform
 
 import pytest
+import torch
 
 from lorakd import train as train_lib
 from lorakd.cli import main
@@ -52,8 +54,13 @@ def test_run_json_times_the_phases_a_user_waits_for(tiny_config, tmp_path):
     inside train(plots=True) and timed with them."""
     run = tmp_path / "run"
     summary = train_lib.train(tiny_config(**{"train.epochs": 1}), run, log=lambda *a: None, plots=True)
-    phases = json.loads((run / "run.json").read_text())["summary"]["phases_s"]
+    info = json.loads((run / "run.json").read_text())
+    phases = info["summary"]["phases_s"]
     assert phases == summary["phases_s"]
+    import peft
+    import transformers
+    assert info["versions"] == {"python": platform.python_version(), "torch": torch.__version__,
+                                "transformers": transformers.__version__, "peft": peft.__version__}
     parts = ("start", "setup", "build", "data", "device", "train_loop", "eval", "files", "plots")
     assert set(parts) <= set(phases) and phases["graph_capture"] == 0.0  # no graphs on the CPU
     assert all(phases[k] >= 0 for k in parts)
