@@ -178,8 +178,8 @@ def check_fast_path(backbone, data, tmp, steps=60):
             out[mode] = [x["loss"] for x in read_metrics(r["run_dir"]) if x["split"] == "train"]
         diffs = [abs(a - b) for a, b in zip(out["off"], out["on"])]
         result[arm] = {"steps": steps, "max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs),
-                             "first_losses_plain": out["off"][:3], "first_losses_graphed": out["on"][:3],
-                             "last_loss_plain": out["off"][-1], "last_loss_graphed": out["on"][-1]}
+                       "first_losses_plain": out["off"][:3], "first_losses_graphed": out["on"][:3],
+                       "last_loss_plain": out["off"][-1], "last_loss_graphed": out["on"][-1]}
     return result
 
 
@@ -346,7 +346,8 @@ def cli_run(backbone, data, tmp, name, overrides=()):
         raise RuntimeError(f"exit {proc.returncode}: {proc.stderr.strip()[-600:]}")
     info = json.loads((out / "run.json").read_text())
     summary = info["summary"]
-    return {"wall_s": round(wall, 2), "versions": info.get("versions"), "train_time_s": summary["train_time_s"], "samples_per_s": round(summary["samples_per_s"], 1),
+    return {"wall_s": round(wall, 2), "versions": info.get("versions"), "train_time_s": summary["train_time_s"],
+            "samples_per_s": round(summary["samples_per_s"], 1),
             "graph_capture_s": summary["graph_capture_s"], "cuda_graphs": summary["cuda_graphs"],
             "val_acc": summary.get("validation_accuracy"), "phases_s": summary.get("phases_s"),
             # what no phase holds: interpreter exit (CUDA context, modules) after run.json was written

@@ -55,7 +55,8 @@ def main():
             os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
             os.environ["PYTHONPYCACHEPREFIX"] = str(tmp / "pycache")
         if ", path " in arm:  # bench.cli_run puts the repo first, then this
-            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [arm.split(", path ")[1], saved.get("PYTHONPATH")]))
+            first = arm.split(", path ")[1]
+            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [first, saved.get("PYTHONPATH")]))
             return []
         return arm.split(", ")[1:]  # the arm's overrides
 
@@ -67,7 +68,7 @@ def main():
     cache_arms = arms[1:] + [f"bytecode cache, {o}" for o in args.also] + [f"bytecode cache, path {d}"
                                                                            for d in args.also_path]
     arms += cache_arms[1:]
-    if args.also or args.also_path:  # arms side by side: one process fills the cache, then they take turns (drift hits all alike)
+    if args.also or args.also_path:  # side by side: one process fills the cache, then the arms take turns
         res["cold_process"] = run(cache_arms[0], "cold")
     for i in range(args.runs):
         for arm in cache_arms:

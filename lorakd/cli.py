@@ -332,8 +332,8 @@ def main(argv=None):
     args, unknown = parser.parse_known_args(argv)
     # key=value overrides may come anywhere: argparse takes only the first run of positionals, so a later run
     # (`--data D model.r=8 --out X train.lr=1e-3`) comes back unknown; it follows the first, in order
-    takes_overrides = any(a.dest == "overrides" and not a.option_strings for a in getattr(args, "parser", parser)._actions)
-    if takes_overrides:
+    command = getattr(args, "parser", parser)
+    if any(a.dest == "overrides" and not a.option_strings for a in command._actions):
         later = [u for u in unknown if "=" in u and not u.startswith("-")]
         args.overrides = list(args.overrides) + later
         unknown = [u for u in unknown if u not in later]

@@ -79,7 +79,7 @@ class DistillConfig:
     rest_as_transfer: bool = True  # the train rows data.labelled leaves out join as transfer rows
     unlabeled: str = ""  # texts without labels (any format predict reads): transfer rows the teachers label
     augment: int = 0  # N seeded augmented copies of each labelled text, added as transfer rows
-    augment_ops: tuple[str, ...] = ("delete", "swap")  # delete | swap | mask | mix (README, Distillation: what each does)
+    augment_ops: tuple[str, ...] = ("delete", "swap")  # delete | swap | mask | mix (README: Distillation)
     augment_scope: str = "labelled"  # labelled: copies of the labelled texts | all: of the transfer texts too
     transfer_targets: str = "soft"  # soft: KD on transfer rows | hard: CE on the teachers' argmax (self-training)
     max_transfer: int = 0  # at most N transfer rows (0 = all), a seeded sample

@@ -308,17 +308,6 @@ class StopOnSigterm:
 
 # ---------------------------------------------------------------- wall-clock phases
 
-def library_versions() -> dict:
-    """What ran the run (run.json): Python and the libraries whose versions change its numbers or its speed."""
-    import platform
-
-    import peft
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__}
-
-
 def process_age_s() -> float | None:
     """Seconds since this process started (Linux /proc): the interpreter and imports before lorakd runs."""
     try:
@@ -370,6 +359,17 @@ def warm_spec(cfg, device, world):
     widths = sorted({data_lib.pad_length(n, multiple, dc.max_length) for n in range(1, dc.max_length + 1)}, reverse=True)
     bf16 = model_lib.amp_dtype(cfg.train.precision, device) is not None
     return dims and (dims, max(1, min(64, cfg.train.batch_size // world)), widths[:8], bf16)
+
+
+def library_versions() -> dict:
+    """What ran the run (run.json): Python and the libraries whose versions change its numbers or its speed."""
+    import platform
+
+    import peft
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}
 
 
 def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
