@@ -217,6 +217,8 @@ def parse_override(text: str):
     key, value = text.split("=", 1)
     if not key.strip():
         raise UserError(f"override {text!r}: no key before '=', e.g. model.r=8")
+    if "" in (part.strip() for part in key.split(".")):
+        raise UserError(f"override {text!r}: the key {key.strip()!r} has an empty part, e.g. model.r=8")
     if value.strip().startswith("[") != value.strip().endswith("]"):
         raise UserError(f"override {text!r}: a list needs both brackets, e.g. model.targets=[query,value]")
     try:
@@ -322,7 +324,7 @@ def validate(cfg: Config):
         (t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0"),
         (t.eval_batch_size >= 1, "train.eval_batch_size", "must be at least 1"),
         (t.threads >= 0, "train.threads", "must be >= 0 (0 = torch's default)"),
-        (t.capture_warmups >= 0, "train.capture_warmups", "must be >= 0"),
+        (0 <= t.capture_warmups <= 10, "train.capture_warmups", "must be between 0 and 10"),
         (0 <= d.val_fraction < 1, "data.val_fraction", "must be in [0, 1)"),
         (d.max_length >= 8, "data.max_length", "must be at least 8"),
         (d.pad_multiple == 0 or (d.pad_multiple >= 1 and d.max_length % d.pad_multiple == 0), "data.pad_multiple",

@@ -108,8 +108,17 @@ def _names(columns):
     return ", ".join(s if s.isprintable() else repr(s) for s in map(str, columns)) or "none"
 
 
+READ_COLUMNS = ("text", "sentence", "content", "title", "description", "label", "labels", "class", "id")
+
+
 def _rows_to_split(rows, columns, names, where, need_labels=True):
     """Records with named columns (header CSV, JSONL, parquet, pickles) to a Split."""
+    seen = set()
+    for c in columns:  # a CSV row keeps the last of two same-named fields: which one was meant?
+        key = str(c).strip().lower()
+        if key in READ_COLUMNS and key in seen:
+            raise UserError(f"{where}: the column {str(c).strip()!r} is named twice in the header; keep one")
+        seen.add(key)
     text_col = _find(columns, "text", "sentence", "content")
     title_col, desc_col = _find(columns, "title"), _find(columns, "description")
     label_col = _find(columns, "label", "labels", "class")
@@ -177,7 +186,7 @@ def _read_csv(path: Path, names, need_labels=True) -> Split:
     if not numbered:
         raise UserError(f"{path}: the file is empty")
     header = [c.strip().lower() for c in numbered[0][1]]
-    if {"text", "sentence", "content", "title", "description", "label", "labels", "class", "id"} & set(header):
+    if set(READ_COLUMNS) & set(header):
         cols = numbered[0][1]
         recs = []
         for line, r in numbered[1:]:

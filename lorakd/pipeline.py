@@ -24,6 +24,9 @@ def split_configs(raw: dict, overrides=(), data=None):
     student_over, teacher_over = {}, {}
     for o in overrides:
         key, value = config_lib.parse_override(o)
+        if key.startswith("teacher.distill"):
+            raise UserError(f"override {o!r}: a pipeline's teacher trains on labels alone; distill.* keys are "
+                            f"the student's")
         if key.startswith("teacher."):
             teacher_over[key.removeprefix("teacher.")] = value
         else:

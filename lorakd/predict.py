@@ -72,8 +72,7 @@ def _csv_records(path: Path):
     first = next(it, None)
     if first is None:
         raise UserError(f"{path}: the file is empty")
-    known = {"text", "sentence", "content", "title", "description", "label", "labels", "class", "id"}
-    if known & {c.strip().lower() for c in first[1]}:
+    if set(data_lib.READ_COLUMNS) & {c.strip().lower() for c in first[1]}:
         cols = first[1]
 
         def records():

@@ -163,8 +163,12 @@ def plan(path, data=None, out=None, overrides=()):
     forced = dict(config_lib.parse_override(o) for o in overrides)  # command-line key=value, over every member
     if data:
         forced["data.path"] = data
+    pts = points(spec)
+    for key in sorted({k for pt in pts for k in pt} & set(forced)):  # every member would become the same config
+        given = "--data" if key == "data.path" and data else f"--set {key}"
+        raise UserError(f"{given}: the sweep varies {key} across its members; give it in one place only")
     members, seen = [], set()
-    for i, point in enumerate(points(spec)):
+    for i, point in enumerate(pts):
         try:
             merged = config_lib.merge(config_lib.merge(raw, fixed), point)
             cfg = config_lib.from_dict(config_lib.merge(merged, forced))

@@ -426,6 +426,11 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
             "backbone": cfg.model.backbone, "backbone_fingerprint": model_lib.backbone_fingerprint(hf_config),
             "params": counts, "versions": library_versions(), "status": "running",
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    elif rank == 0:  # a resumed run runs again, whatever stopped it
+        info = json.loads((run_dir / "run.json").read_text())
+        if info.get("status") != "running":
+            info.pop("error", None)
+            atomic.write_json(run_dir / "run.json", {**info, "status": "running"})
     log(f"run folder: {run_dir}")
     if world > 1:  # what each process runs: small shards make latency-bound steps (README: when it pays)
         log(f"data parallel: {world} processes ({device.type}), {tc.batch_size // world} rows each of every "
@@ -500,6 +505,23 @@ def train(cfg, run_dir, resume=False, log=print, plots=False) -> dict:
             log(f"{run_dir}: already finished")
             return info["summary"]
     run = setup(cfg, run_dir, resume, log, phases)
+    try:
+        return _train_loop(run, plots)
+    except Exception as e:  # a diverged or crashed run says so in run.json; a killed one still says running
+        if run.rank == 0:
+            mark_failed(run_dir, e)
+        raise
+
+
+def mark_failed(run_dir: Path, error: Exception):
+    info = json.loads((run_dir / "run.json").read_text())
+    why = " ".join(str(error).split())[:500] or type(error).__name__
+    info.update(status="failed", error=why, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    atomic.write_json(run_dir / "run.json", info)
+
+
+def _train_loop(run, plots) -> dict:
+    cfg, run_dir, log, phases = run.cfg, run.run_dir, run.log, run.phases
     tc, st, store = cfg.train, run.state, run.stores["train"]
     runlog = RunLog(run_dir, run.rank, run.world, run.total, st.step, run.steps_per_epoch, run.with_kd, tc.tensorboard)
     if plots and run.rank == 0:  # matplotlib imports while the GPU trains (the host mostly waits), not after

@@ -156,6 +156,9 @@ DATA_ERRORS = [
     E("train.csv", '"1","a","b"\n"2","c","d"\n"3","e","f"\n', "splits", ["no train row of class 'Sci/Tech'"],
       id="a-named-class-without-rows"),
     E("in.pkl", pickled({"text": []}), "unlabelled", ["no rows"], id="pickle-with-no-rows"),
+    E("train.csv", "text,label,label\na,1,2\nb,2,3\n", "splits", ["column 'label' is named twice"],
+      id="a-label-column-twice"),
+    E("in.csv", "id,ID,text\n1,2,a\n3,4,b\n", "unlabelled", ["column 'ID' is named twice"], id="an-id-column-twice"),
     # data folders
     E("nowhere", None, "folder", ["no such file or folder (data.path)"], id="data-folder-missing"),
     E("d", folder({"test.csv": GOOD_CSV}), "folder", ["no train.csv"], id="data-folder-without-train"),
@@ -264,7 +267,10 @@ CONFIG_ERRORS = [
     C("model:\n  layers: {a: 1}\n", [], ["config key model.layers", "expected a list"], id="mapping-for-list"),
     C("model:\n  r: -1\n", [], ["config key model.r", "at least 1"], id="negative-rank"),
     C("model:\n  layers: [0, -2]\n", [], ["config key model.layers"], id="negative-layer"),
-    C("train:\n  capture_warmups: -1\n", [], ["config key train.capture_warmups", ">= 0"], id="negative-warmups"),
+    C("train:\n  capture_warmups: -1\n", [], ["config key train.capture_warmups", "between 0 and 10"],
+      id="negative-warmups"),
+    C("train:\n  capture_warmups: 100000\n", [], ["config key train.capture_warmups", "between 0 and 10"],
+      id="warmups-beyond-ten"),
     C("train:\n  lr: .nan\n", [], ["config key train.lr", "finite"], id="nan-learning-rate"),
     C("train:\n  schedule: bogus\n", [], ["config key train.schedule", "polynomial"], id="bad-choice"),
     C("model: 5\n", [], ["config section model"], id="section-not-a-mapping"),
@@ -281,6 +287,8 @@ CONFIG_ERRORS = [
     C("", ["model.rnak=4"], ["unknown config key model.rnak"], id="override-unknown-key"),
     C("", ["model.r=abc"], ["config key model.r"], id="override-wrong-type"),
     C("", ["=5"], ["override '=5'", "no key before '='"], id="override-without-key"),
+    C("", [".r=3"], ["override '.r=3'", "empty part"], id="override-empty-key-part"),
+    C("", ["model..r=3"], ["override 'model..r=3'", "empty part"], id="override-double-dot"),
     C("", ["model.targets=[query,value"], ["both brackets"], id="override-unclosed-list"),
 ]
 
@@ -612,3 +620,7 @@ def test_cli_error_names_the_option_given(capsys, tmp_path, trained_run):
     assert "unknown config key teacher.train.nosuch" in one_line_error(split_configs, {}, ["teacher.train.nosuch=1"])
     spec = write(tmp_path / "s.yaml", yaml.safe_dump({"name": "s", "grid": {"model.r": [1, 2]}}))
     assert one_line_error(plan, spec, None, None, ["train.nosuch=1"]).startswith("--set: unknown config key")
+    # a key the grid varies, fixed by --set, would make every member the same config
+    assert one_line_error(plan, spec, None, None, ["model.r=8"]).startswith("--set model.r: the sweep varies model.r")
+    # a pipeline's teacher trains on labels alone: its distill keys would do nothing
+    assert "distill.* keys are the student's" in one_line_error(split_configs, {}, ["teacher.distill.alpha=0.3"])

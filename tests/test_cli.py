@@ -19,3 +19,41 @@ def test_unknown_words_and_options_are_still_refused(capsys):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_double_dash_only_separates(capsys):
+    main(["params", "model.backbone=roberta-base", "--labels", "4", "--", "model.r=6", "model.alpha=16",
+          "model.targets=[query,key,value]"])
+    assert "trainable 925,444 of 125,574,152" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,key", [
+    (["params", "--model", "roberta-base", "model.backbone=embedded:minilm"], "model.backbone"),
+    (["params", "--labels", "3", "data.label_names=[a,b]"], "data.label_names"),
+    (["params", "--full-finetune", "model.full_finetune=false"], "model.full_finetune"),
+    (["params", "--r", "4", "model.r=8"], "model.r"),
+    (["train", "--data", "d", "model.budget=0", "--budget", "50000"], "model.budget"),
+    (["train", "data.path=x", "--data", "d"], "data.path"),
+    (["sweep", "sweeps/minilm-ranks.yaml", "--data", "d", "--set", "data.path=x"], "data.path"),
+])
+def test_an_option_and_a_key_for_the_same_setting_are_refused(capsys, argv, key):
+    """Neither silently wins: `--budget 50000 model.budget=0` trained over the budget the user set."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and f"{key} given twice" in capsys.readouterr().err
+
+
+def test_a_sweep_says_where_its_overrides_go(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "sweeps/minilm-ranks.yaml", "--dry-run", "train.lr=1e-3"])
+    assert e.value.code == 2 and "a sweep takes overrides as --set key=value" in capsys.readouterr().err
+
+
+def test_a_predict_input_with_a_column_named_twice_is_refused(tmp_path):
+    from lorakd import predict
+    from lorakd.errors import UserError
+
+    path = tmp_path / "in.csv"
+    path.write_text("id,text,text\n1,a,b\n2,c,d\n")
+    with pytest.raises(UserError, match="column 'text' is named twice"):
+        predict.read_input(path)

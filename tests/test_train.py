@@ -1,4 +1,5 @@
-"""Training loop: schedules, budget refusal, NaN stop, and exact resume after SIGKILL / SIGTERM."""
+"""Training loop: schedules, budget refusal, NaN stop (a failed run), exact resume after SIGKILL / SIGTERM, and the
+CUDA-graph capture policy."""
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import torch
 
 from lorakd import config as config_lib
 from lorakd.errors import UserError
+from lorakd.report import collect
 from lorakd.runs import read_metrics
 from lorakd.train import lr_factor, train
 
@@ -48,7 +50,11 @@ def test_nan_loss_stops_with_clear_message(tiny_config, tmp_path):
     with pytest.raises(UserError, match="loss became nan"):
         train(cfg, tmp_path / "run", log=lambda *a: None)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert info["status"] == "running"  # never marked done
+    assert info["status"] == "failed" and "loss became nan" in info["error"]  # said where report reads it
+    assert [r["status"] for r in collect([tmp_path / "run"])] == ["failed"]
+    resumed = train(tiny_config(**{"train.checkpoint_every": 5}), tmp_path / "run", resume=True, log=lambda *a: None)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["status"] == "done" and "error" not in info and resumed["steps"] > 0
 
 
 def test_existing_run_folder_is_not_overwritten(tiny_config, tmp_path):
