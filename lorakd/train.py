@@ -514,10 +514,13 @@ def train(cfg, run_dir, resume=False, log=print, plots=False) -> dict:
 
 
 def mark_failed(run_dir: Path, error: Exception):
-    info = json.loads((run_dir / "run.json").read_text())
-    why = " ".join(str(error).split())[:500] or type(error).__name__
-    info.update(status="failed", error=why, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    atomic.write_json(run_dir / "run.json", info)
+    try:  # best effort: the error itself is what the user must see
+        info = json.loads((run_dir / "run.json").read_text())
+        why = " ".join(str(error).split())[:500] or type(error).__name__
+        info.update(status="failed", error=why, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        atomic.write_json(run_dir / "run.json", info)
+    except (OSError, ValueError):
+        pass
 
 
 def _train_loop(run, plots) -> dict:
