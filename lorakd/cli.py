@@ -19,9 +19,9 @@ OPTION_KEYS = (("--data", "data.path"), ("--budget", "model.budget"), ("--model"
 
 
 def refuse_twice(args):
+    keys = {o.split("=", 1)[0].strip() for o in getattr(args, "overrides", ())}
     for option, key in OPTION_KEYS:
         given = getattr(args, option.lstrip("-").replace("-", "_"), None)
-        keys = {o.split("=", 1)[0].strip() for o in getattr(args, "overrides", ())}
         if given not in (None, False) and key in keys:
             raise UserError(f"{key} given twice ({option} and {key}=...): give one")
 

@@ -361,6 +361,16 @@ def warm_spec(cfg, device, world):
     return dims and (dims, max(1, min(64, cfg.train.batch_size // world)), widths[:8], bf16)
 
 
+def update_info(run_dir: Path, **fields):
+    """run.json with `fields` set (a None value removes the key), written atomically; `finished` stamped
+    when the status becomes final."""
+    info = json.loads((run_dir / "run.json").read_text())
+    if fields.get("status") in ("done", "failed"):
+        fields["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    info.update(fields)
+    atomic.write_json(run_dir / "run.json", {k: v for k, v in info.items() if k not in fields or v is not None})
+
+
 def library_versions() -> dict:
     """What ran the run (run.json): Python and the libraries whose versions change its numbers or its speed."""
     import platform
@@ -427,10 +437,7 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
             "params": counts, "versions": library_versions(), "status": "running",
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     elif rank == 0:  # a resumed run runs again, whatever stopped it
-        info = json.loads((run_dir / "run.json").read_text())
-        if info.get("status") != "running":
-            info.pop("error", None)
-            atomic.write_json(run_dir / "run.json", {**info, "status": "running"})
+        update_info(run_dir, status="running", error=None, finished=None)
     log(f"run folder: {run_dir}")
     if world > 1:  # what each process runs: small shards make latency-bound steps (README: when it pays)
         log(f"data parallel: {world} processes ({device.type}), {tc.batch_size // world} rows each of every "
@@ -515,10 +522,7 @@ def train(cfg, run_dir, resume=False, log=print, plots=False) -> dict:
 
 def mark_failed(run_dir: Path, error: Exception):
     try:  # best effort: the error itself is what the user must see
-        info = json.loads((run_dir / "run.json").read_text())
-        why = " ".join(str(error).split())[:500] or type(error).__name__
-        info.update(status="failed", error=why, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        atomic.write_json(run_dir / "run.json", info)
+        update_info(run_dir, status="failed", error=" ".join(str(error).split())[:500] or type(error).__name__)
     except (OSError, ValueError):
         pass
 
@@ -647,9 +651,7 @@ def finish(run, plots=False) -> dict:
             phases.mark("plots")
         # graph_capture is part of train_loop, so not in the total
         summary["phases_s"] = {**phases.rounded(), "graph_capture": summary["graph_capture_s"], "total": phases.total()}
-        info = json.loads((run.run_dir / "run.json").read_text())
-        info.update(status="done", summary=summary, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        atomic.write_json(run.run_dir / "run.json", info)
+        update_info(run.run_dir, status="done", summary=summary)
         run.ckpt_path.unlink(missing_ok=True)
         if run.ckpt_path.parent.is_dir() and not any(run.ckpt_path.parent.iterdir()):
             run.ckpt_path.parent.rmdir()  # a finished run keeps no empty checkpoint/ folder
