@@ -193,13 +193,18 @@ def _design(mc) -> str:
 
 
 def cmd_pipeline(args):
-    from .pipeline import pipeline_root, run_pipeline
+    from contextlib import ExitStack
+
+    from .pipeline import pipeline_root, run_pipeline, split_configs, teacher_names
     from .runs import run_lock
 
     config = preset_path(args.config)
     root = pipeline_root(config, args.overrides, args.out, args.data)
-    # its own folder, and the two runs in it: a `lorakd train --resume ROOT/student` meanwhile is refused too
-    with run_lock(root), run_lock(root / "teacher"), run_lock(root / "student"):
+    student = split_configs(config_lib.read_yaml(config), args.overrides, args.data)[1]
+    # its own folder, and the runs in it: a `lorakd train --resume ROOT/student` meanwhile is refused too
+    with ExitStack() as locks:
+        for name in ["", *(n for names in teacher_names(student) for n in names), "student"]:
+            locks.enter_context(run_lock(root / name))
         run_pipeline(config, args.overrides, out=root, data=args.data, predict_input=args.predict)
 
 

@@ -83,6 +83,11 @@ class DistillConfig:
     augment_scope: str = "labelled"  # labelled: copies of the labelled texts | all: of the transfer texts too
     transfer_targets: str = "soft"  # soft: KD on transfer rows | hard: CE on the teachers' argmax (self-training)
     max_transfer: int = 0  # at most N transfer rows (0 = all), a seeded sample
+    # the pipeline's own teachers (lorakd pipeline; README: Distillation at scale)
+    teacher_rounds: int = 1  # noisy-student rounds: round k's teacher trains on the labels plus round k-1's labels of the transfer rows
+    teacher_ensemble: int = 1  # teachers per round (seeds train.seed, +1, ...); the next round and the student learn their average
+    round_augment: int = 0  # rounds 2+: augmented copies of each labelled text as transfer rows (noise beside dropout)
+    round_targets: str = "soft"  # rounds 2+: soft (KD on the transfer rows) | hard (CE on the previous round's argmax)
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,7 @@ CHOICES = {
     "model.attention": ("auto", "eager", "sdpa"),
     "distill.transfer_targets": ("soft", "hard"),
     "distill.augment_scope": ("labelled", "all"),
+    "distill.round_targets": ("soft", "hard"),
 }
 AUGMENT_OPS = ("delete", "swap", "mask", "mix")
 
@@ -337,6 +343,9 @@ def validate(cfg: Config):
         (not d.labelled or d.labelled >= len(d.label_names), "data.labelled",
          f"gives some of the {len(d.label_names)} classes no labelled row (0 = every row)"),
         (dc.max_transfer >= 0, "distill.max_transfer", "must be >= 0"),
+        (dc.teacher_rounds >= 1, "distill.teacher_rounds", "must be at least 1"),
+        (dc.teacher_ensemble >= 1, "distill.teacher_ensemble", "must be at least 1"),
+        (dc.round_augment >= 0, "distill.round_augment", "must be >= 0"),
         (all(op in AUGMENT_OPS for op in dc.augment_ops), "distill.augment_ops",
          f"takes only {', '.join(AUGMENT_OPS)}"),
         (len(d.label_names) >= 2, "data.label_names", "needs at least two classes"),

@@ -93,6 +93,31 @@ def pipeline_root(config_path, overrides=(), out=None, data=None) -> Path:
     return Path(out or Path("runs") / split_configs(config_lib.read_yaml(config_path), overrides, data)[1].name)
 
 
+def teacher_names(student_cfg) -> list[list[str]]:
+    """The pipeline's own teachers' folder names, round by round: distill.teacher_ensemble seeds a round
+    (`teacher` is round 1's first, as before rounds existed)."""
+    dc = student_cfg.distill
+    return [["teacher" if (r, m) == (1, 0) else f"teacher-r{r}" + (f"-{m + 1}" if dc.teacher_ensemble > 1 else "")
+             for m in range(dc.teacher_ensemble)] for r in range(1, dc.teacher_rounds + 1)]
+
+
+def round_config(teacher_cfg, student_cfg, member: int, previous: list[Path]):
+    """One teacher of a round. Member m trains with seed train.seed + m on the same split. A later round is a
+    noisy student of the previous one: the labels plus the transfer rows with the previous round's (averaged)
+    targets, its own dropout on, and distill.round_augment copies of each labelled text."""
+    over = {}
+    if member:
+        split = teacher_cfg.data.split_seed if teacher_cfg.data.split_seed >= 0 else teacher_cfg.train.seed
+        over.update({"train.seed": teacher_cfg.train.seed + member, "data.split_seed": split})
+    if previous:
+        dc = student_cfg.distill
+        over.update({"distill.teachers": [str(p) for p in previous], "distill.alpha": dc.alpha,
+                     "distill.temperature": dc.temperature, "distill.rest_as_transfer": dc.rest_as_transfer,
+                     "distill.unlabeled": dc.unlabeled, "distill.augment": dc.round_augment,
+                     "distill.transfer_targets": dc.round_targets, "distill.max_transfer": dc.max_transfer})
+    return config_lib.override(teacher_cfg, **over) if over else teacher_cfg
+
+
 def run_pipeline(config_path, overrides=(), out=None, data=None, predict_input=None, log=print) -> dict:
     teacher_cfg, student_cfg = split_configs(config_lib.read_yaml(config_path), overrides, data)
     if predict_input:  # a bad input file fails now, not after the teacher and the student have trained
@@ -101,14 +126,20 @@ def run_pipeline(config_path, overrides=(), out=None, data=None, predict_input=N
         read_input(predict_input)
     root = Path(out or Path("runs") / student_cfg.name).absolute()  # the student's config names its teacher by it
     teacher_dir, student_dir = root / "teacher", root / "student"
-    teachers = tuple(student_cfg.distill.teachers) + (str(teacher_dir),)
+    rounds = [[root / name for name in names] for names in teacher_names(student_cfg)]
+    teachers = tuple(student_cfg.distill.teachers) + tuple(str(d) for d in rounds[-1])
     student_cfg = config_lib.override(student_cfg, **{"distill.teachers": list(teachers)})
     if student_cfg.distill.weights and len(student_cfg.distill.weights) != len(teachers):
-        raise UserError("distill.weights: give one weight per teacher, the pipeline's own teacher last")
+        raise UserError("distill.weights: give one weight per teacher, the pipeline's own teachers last")
     stages, t0 = {}, time.time()
-    stages["teacher"] = _train_stage("teacher", teacher_cfg, teacher_dir, log)
+    previous = []
+    for folders in rounds:
+        for member, folder in enumerate(folders):
+            cfg = round_config(teacher_cfg, student_cfg, member, previous)
+            stages[folder.name] = _train_stage(folder.name, cfg, folder, log)
+        previous = folders
 
-    # Teacher logits over the student's rows (transfer rows too): computed once into the teacher's cache,
+    # Teacher logits over the student's rows (transfer rows too): computed once into each teacher's cache,
     # which the student's training reads.
     from .data import load_splits
     from .distill import student_rows
@@ -119,9 +150,12 @@ def run_pipeline(config_path, overrides=(), out=None, data=None, predict_input=N
     stages["logits"] = "cached"
     stages["student"] = _train_stage("student", student_cfg, student_dir, log)
 
-    summary = {"teacher": str(teacher_dir), "student": str(student_dir), "stages": stages}
+    summary = {"teacher": str(teacher_dir), "student": str(student_dir), "stages": stages,
+               "teachers": [[str(d) for d in folders] for folders in rounds]}
     for which, d in (("teacher", teacher_dir), ("student", student_dir)):
         summary[f"{which}_summary"] = read_json(d / "run.json").get("summary")
+    if len(rounds) > 1 or len(rounds[0]) > 1:
+        summary["teacher_summaries"] = {d.name: read_json(d / "run.json").get("summary") for f in rounds for d in f}
     if predict_input:
         from .distill import _weights_hash
         from .predict import predict

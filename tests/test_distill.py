@@ -149,23 +149,37 @@ def test_transfer_set_from_labelled_rest_unlabeled_file_and_augmentation(tiny_co
 
 
 def test_student_trains_on_transfer_rows(tiny_config, tmp_path):
-    """End to end: a distilled student with transfer rows trains, logs CE and KD, and learns the task."""
-    import json
-
+    """End to end on the tiny backbone: a distilled student with transfer rows trains on every row and logs CE
+    and KD. (Whether it learns is the next test's: on this randomly initialised backbone training is bimodal,
+    0.5 or 1.0 by seed, so an accuracy here would test the seed, not distillation.)"""
     from lorakd.runs import read_metrics
     from lorakd.train import train
 
-    # a LoRA teacher on every label (the tiny config learns the task so): a teacher worth copying
-    teacher = _teacher(tiny_config, tmp_path, **{"model.full_finetune": False, "train.lr": 2e-2, "train.epochs": 5})
+    teacher = _teacher(tiny_config, tmp_path, **{"model.full_finetune": False, "train.lr": 2e-2, "train.epochs": 2})
     cfg = tiny_config(**{"data.labelled": 60, "distill.teachers": [str(teacher)], "distill.augment": 1,
                          "train.epochs": 3})
     s = train(cfg, tmp_path / "student", log=lambda *a: None)
     assert s["steps"] == 3 * -(-(60 + 300 + 60) // 8)
     records = [r for r in read_metrics(tmp_path / "student") if r["split"] == "train"]
-    assert all(r["kd"] > 0 and math.isfinite(r["ce"]) for r in records)
-    teacher_acc = json.loads((teacher / "eval.json").read_text())["validation"]["accuracy"]
-    student_acc = json.loads((tmp_path / "student" / "eval.json").read_text())["validation"]["accuracy"]
-    assert teacher_acc > 0.6 and student_acc > 0.6, (teacher_acc, student_acc)
+    assert records and all(r["kd"] > 0 and math.isfinite(r["ce"]) for r in records)
+
+
+@pytest.mark.slow
+def test_distilled_student_beats_its_teacher_on_transfer_rows(tiny_config, tmp_path):
+    """Few labels, many texts, a pretrained backbone (the embedded MiniLM): the teacher learns from 40 labels;
+    the same student config distilled over the other 320 rows' teacher labels beats it by far. Margins are wide
+    on 100 validation rows (3 seeds measured: teacher 0.51-0.73, student 0.89-0.96), so no row decides it."""
+    import json
+
+    from lorakd.train import train
+
+    common = {"model.backbone": "embedded:minilm", "data.val_fraction": 0.25, "data.labelled": 40,
+              "train.batch_size": 16, "train.lr": 1e-3, "train.epochs": 2}
+    teacher = _teacher(tiny_config, tmp_path, **{"model.full_finetune": False, **common})
+    train(tiny_config(**common, **{"distill.teachers": [str(teacher)]}), tmp_path / "student", log=lambda *a: None)
+    teacher_acc, student_acc = (json.loads((p / "eval.json").read_text())["validation"]["accuracy"]
+                                for p in (teacher, tmp_path / "student"))
+    assert student_acc >= 0.8 and student_acc >= teacher_acc + 0.15, (teacher_acc, student_acc)
 
 
 def test_a_teacher_must_be_finished_and_have_the_students_classes(tiny_config, tmp_path):

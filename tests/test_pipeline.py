@@ -66,3 +66,33 @@ def test_a_bad_predict_input_fails_before_anything_trains(tiny_config, tmp_path)
         with pytest.raises(UserError, match=why):
             run_pipeline(cfg_path, out=tmp_path / "pipe", predict_input=bad, log=lambda *a: None)
     assert not (tmp_path / "pipe").exists()
+
+
+def test_pipeline_teacher_rounds_and_ensembles(tiny_config, tmp_path):
+    """distill.teacher_rounds=2, teacher_ensemble=2: round 1's two seeds learn from labels; round 2's two learn
+    from the labels plus round 1's averaged targets over the transfer rows; the student from round 2's. Every
+    round keeps its logits in its own cache; a rerun trains nothing."""
+    raw = config_lib.to_dict(tiny_config(**{"train.epochs": 1, "data.labelled": 60}))
+    raw["distill"].update({"teacher_rounds": 2, "teacher_ensemble": 2, "round_augment": 1})
+    raw["teacher"] = {"train": {"lr": 3e-3, "epochs": 1}}
+    cfg_path = tmp_path / "pipe.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "pipe"
+    s = run_pipeline(cfg_path, out=out, log=lambda *a: None)
+    assert s["teachers"] == [[str(out / "teacher"), str(out / "teacher-r1-2")],
+                             [str(out / "teacher-r2-1"), str(out / "teacher-r2-2")]]
+    load = lambda name: config_lib.from_dict(config_lib.read_yaml(out / name / "config.yaml"))  # noqa: E731
+    first, second = load("teacher"), load("teacher-r1-2")
+    assert first.distill.teachers == () and second.train.seed == first.train.seed + 1
+    assert second.data.split_seed == first.train.seed  # every member sees the same validation rows
+    r2 = load("teacher-r2-2")
+    assert r2.distill.teachers == (str(out / "teacher"), str(out / "teacher-r1-2")) and r2.distill.augment == 1
+    assert load("student").distill.teachers == (str(out / "teacher-r2-1"), str(out / "teacher-r2-2"))
+    for name in ("teacher", "teacher-r1-2", "teacher-r2-1", "teacher-r2-2"):
+        assert (out / name / "eval.json").exists()
+    for name in ("teacher", "teacher-r1-2"):  # round 1's logits over round 2's rows, and the student's
+        assert list((out / name / "logits").glob("*.pt"))
+    assert list((out / "teacher-r2-1" / "logits").glob("*.pt"))
+    again = run_pipeline(cfg_path, out=out, log=lambda *a: None)["stages"]
+    assert {k: v for k, v in again.items() if k != "logits"} == dict.fromkeys(
+        ["teacher", "teacher-r1-2", "teacher-r2-1", "teacher-r2-2", "student"], "skipped")
