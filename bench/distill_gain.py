@@ -50,6 +50,10 @@ REGIMES = {  # name: (data overrides, teacher overrides, CE epochs to tune over,
     #              overrides of the round-2 teacher, which trains on the labelled rows + the transfer rows)
     "all": ([], ["train.epochs=2"], [10], ["distill.augment=2"], ["train.epochs=1"]),
     "few": ([], ["train.epochs=6"], [10, 20, 40], [], ["train.epochs=2"]),  # + data.labelled=--labelled
+    # the 50,754-row file (issue 30): every row labelled, 8,791 labelled, 1,000 labelled; the rest transfer rows
+    "50k-all": ([], ["train.epochs=2"], [6], [], ["train.epochs=1"]),
+    "50k-8791": (["data.labelled=8791"], ["train.epochs=2"], [9], [], ["train.epochs=1"]),
+    "50k-1000": (["data.labelled=1000"], ["train.epochs=6"], [10, 30], [], ["train.epochs=1"]),
 }
 
 
@@ -90,10 +94,12 @@ def main():
     ap.add_argument("--tag", default="", help="suffix of the raw JSON (several processes side by side)")
     ap.add_argument("--merge", nargs="*", help="only merge these raw JSONs into the summary")
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every run (smoke tests)")
+    ap.add_argument("--scale-summary", action="store_true",
+                    help="with --merge: also write distill-scale-summary.json (issue 30's regimes, best student each)")
     args = ap.parse_args()
     out = Path(args.out)
     if args.merge:
-        return merge(args.merge, out)
+        return merge(args.merge, out, args.scale_summary, args.students)
     t_start = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="lorakd-gain-"))
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -136,8 +142,9 @@ def parse_variant(text):
     return name, re.split(r",(?![^\[]*\])", keys)
 
 
-def merge(paths, out):
-    """One summary from the raw results of several processes (seeds run side by side)."""
+def merge(paths, out, scale=False, students=""):
+    """One summary from the raw results of several processes (seeds run side by side, or calls one after
+    another: a CE-only call and a teachers' call of the same seeds)."""
     import json
 
     results = [json.loads(Path(p).read_text()) for p in paths]
@@ -147,8 +154,45 @@ def merge(paths, out):
         merged[key] = rows if key == "runs" else list({(x["seed"], x["regime"], x.get("teacher")): x
                                                        for x in rows}.values())
     summary = summarize(merged)
+    if scale:
+        atomic.write_json(out / "distill-scale-summary.json", scale_summary(summary, students.split(",")))
+        print(json.dumps(scale_summary(summary, students.split(",")), indent=1))
+        return
     atomic.write_json(out / "distill-gain-summary.json", summary)
     print_summary(summary)
+
+
+def scale_summary(summary, students):
+    """Issue 30's figures per regime: the round-one teacher, the best student arm under the budget (a KD arm or
+    a CE arm, by mean), its gain over the same student's best CE arm, and the seeds; plus every arm's mean/sd."""
+    from lorakd.model import count_params
+
+    out = {"metric": summary["metric"], "device": summary["device"], "regimes": {}}
+    for regime, entry in summary["regimes"].items():
+        best = None
+        for student in students:
+            e = entry.get(student)
+            if not e or "arms" not in e:
+                continue
+            for arm, m in e["arms"].items():
+                if arm in e.get("incomplete_arms", []):
+                    continue
+                if best is None or m["mean"] > best[2]["mean"]:
+                    best = (student, arm, m, e)
+        if best is None:
+            continue
+        student, arm, m, e = best
+        over = [o.format(teacher="embedded:mpnet") for o in STUDENTS[student]]
+        cfg = config_lib.load(config_lib.preset_path("agnews-minilm"), over)
+        ce = max((a for a in e["arms"] if a == "ce" or a.startswith("ce_")), key=lambda a: e["arms"][a]["mean"])
+        out["regimes"][regime] = {
+            "teacher": entry.get("teacher"), "other_teachers": entry.get("teachers", {}),
+            "best_student": {"name": f"{student} {arm}", "trainable": count_params(cfg.model, 4)["trainable"],
+                             "accuracy_mean": m["mean"], "accuracy_sd": m["sd"], "n": m["n"]},
+            "best_ce": {"name": f"{student} {ce}", **e["arms"][ce]},
+            "gain_over_ce_pt": round(m["mean"] - e["arms"][ce]["mean"], 2), "seeds": e.get("seeds") or summary["seeds"],
+            "arms": {s: entry[s]["arms"] for s in students if s in entry and "arms" in entry[s]}}
+    return out
 
 
 def one_seed(args, seed, run, result, raw_path, tmp, quiet, variants, base_student):

@@ -213,6 +213,9 @@ def _fp32_nodes(names, first_token: bool) -> list[str]:
     return keep + [n + "_MatMul" for n in keep]
 
 
+W_LEVELS = 63  # int8 weights use [-63, 63]: see _quantize_rows
+
+
 def _quantize_rows(src: Path, dst: Path, keep) -> int:
     """The int8 graph: every MatMul with a constant weight (but `keep`) becomes an int8 product. Weights: int8 per
     output channel. Activations: uint8 (zero point 128) at run time with one scale per row, i.e. per token, where
@@ -247,7 +250,9 @@ def _quantize_rows(src: Path, dst: Path, keep) -> int:
             continue
         x, p = n.input[0], n.name
         w = numpy_helper.to_array(weights[n.input[1]]).astype(np.float32)
-        w_scale = np.maximum(np.abs(w).max(0), 1e-12) / 127
+        # 7-bit weights (ORT's reduce_range): on x86 without VNNI, u8 x s8 products are summed in pairs into int16
+        # (vpmaddubsw), which saturates past 255 * 64 * 2; full-range weights gave wrong sums on an AVX2-only CPU
+        w_scale = np.maximum(np.abs(w).max(0), 1e-12) / W_LEVELS
         w_int8 = const(p + "/w", np.round(w / w_scale).astype(np.int8))
         w_scale = const(p + "/w_scale", w_scale.astype(np.float32))
         if x not in quantised:

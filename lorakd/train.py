@@ -639,6 +639,8 @@ def finish(run, plots=False) -> dict:
                "cuda_graphs": len(getattr(run.step, "graphs", {})), "trainable": run.counts["trainable"],
                "total": run.counts["total"], "world_size": run.world,
                "device": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu"}
+    if run.device.type == "cuda":  # the process's high-water mark: token ids, teacher targets, model, activations
+        summary["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 3)
     for name, m in results.items():
         summary[f"{name}_accuracy"] = m["accuracy"]
     if run.rank == 0:

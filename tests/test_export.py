@@ -301,11 +301,12 @@ def test_key_and_value_biases_fold_away_with_the_same_logits(tiny_backbone):
 
 def test_int8_products_scale_each_row_alone(tmp_path):
     """_quantize_rows: one MatMul + bias becomes int8 with a scale per row, computed as numpy computes it; a row
-    gives the same output whatever rows share its batch (dynamic quantisation's one scale per batch would not)."""
+    gives the same output whatever rows share its batch (dynamic quantisation's one scale per batch would not).
+    A row of 100x range is in the batch: with full-range int8 weights, CPUs without VNNI saturated its sums."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from lorakd.export import _quantize_rows
+    from lorakd.export import W_LEVELS, _quantize_rows
     from lorakd.predict import onnx_session
 
     rng = np.random.default_rng(0)
@@ -321,7 +322,7 @@ def test_int8_products_scale_each_row_alone(tmp_path):
     x = rng.normal(size=(2, 3, 16)).astype(np.float32)
     x[1] *= 100  # a text of far larger range beside the first
     got = run(["y"], {"x": x})[0]
-    w_scale = np.abs(w).max(0) / 127
+    w_scale = np.abs(w).max(0) / W_LEVELS
     row_scale = np.abs(x).max(-1, keepdims=True) / 127
     want = (np.round(x / row_scale) @ np.round(w / w_scale)) * row_scale * w_scale + b
     assert np.allclose(got, want, rtol=1e-4, atol=1e-4)
