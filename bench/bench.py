@@ -70,7 +70,7 @@ def reference(backbone, data, **over):
     base = {"name": "bench", "data.path": data, "model.backbone": backbone, "train.log_every": 50,
             "train.checkpoint_every": 0, "train.eval_batch_size": 512}
     base.update(over)
-    return config_lib.load(Path(__file__).resolve().parent.parent / "presets" / "agnews-minilm.yaml", [], base)
+    return config_lib.load(config_lib.preset_path("agnews-minilm"), [], base)
 
 
 def peak_mem_reset():
@@ -330,9 +330,9 @@ def print_table(rows, cols=("name", "samples_per_s", "epoch_120k_s", "peak_gb", 
 # ---------------------------------------------------------------- speed: issue 14's figures in one call
 
 def cli_run(backbone, data, tmp, name, overrides=()):
-    """A fresh `lorakd train --config presets/agnews-minilm.yaml --data DATA` process, command to exit."""
+    """A fresh `lorakd train --config agnews-minilm --data DATA` process, command to exit."""
     out = Path(tmp) / name
-    cmd = [sys.executable, "-m", "lorakd.cli", "train", "--config", "presets/agnews-minilm.yaml", "--data", data,
+    cmd = [sys.executable, "-m", "lorakd.cli", "train", "--config", "agnews-minilm", "--data", data,
            "--out", str(out), *overrides]
     if backbone != "embedded:minilm":  # the GPU machine gets MiniLM as a folder, not the PyPI wheel
         cmd.append(f"model.backbone={backbone}")

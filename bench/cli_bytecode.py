@@ -2,7 +2,7 @@
 
 The lent GPU machine sets PYTHONDONTWRITEBYTECODE=1, so every fresh process compiles transformers', torch's and
 peft's sources again; a user's machine keeps the compiled files after the first run. This runs fresh
-`lorakd train --config presets/agnews-minilm.yaml` processes (bench.cli_run) as that machine does, then with
+`lorakd train --config agnews-minilm` processes (bench.cli_run) as that machine does, then with
 bytecode written to a private cache (PYTHONPYCACHEPREFIX; the first of those compiles and writes, the next ones
 read it), prints a table and writes JSON. --also adds arms with an override each on the same cache, --also-path
 arms whose imports look in a folder first (another transformers installed there with pip --target, say): one

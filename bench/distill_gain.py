@@ -40,7 +40,7 @@ from lorakd import model as model_lib  # noqa: E402
 from lorakd.runs import read_metrics  # noqa: E402
 from lorakd.train import train  # noqa: E402
 
-STUDENTS = {  # name: overrides of the reference student (presets/agnews-minilm.yaml); {teacher}: --teacher-backbone
+STUDENTS = {  # name: overrides of the reference student (preset agnews-minilm); {teacher}: --teacher-backbone
     "minilm-r6-qkv": [],
     "minilm-fill": ["model.r=23", "model.targets=[query,key,value,dense]"],  # 973,060 trainable
     # the reference design's shape on the teacher's own base-size backbone (925,444 trainable): opt in with --students

@@ -30,7 +30,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backbone", default="embedded:minilm")
     ap.add_argument("--data", default="../shared/data/ag_news")
-    ap.add_argument("--config", default=str(ROOT / "presets" / "pipeline-minilm.yaml"))
+    ap.add_argument("--config", default="pipeline-minilm")
     ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[42, 43, 44, 45, 46])
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides (smoke tests)")
@@ -41,6 +41,7 @@ def main():
               "rows": []}
     out_path = ROOT / args.out / f"distill-seeds-{dev.replace(' ', '_')}-{result['date']}.json"
     quiet = lambda *a, **k: None  # noqa: E731
+    args.config = str(config_lib.preset_path(args.config))  # a file or a preset name
     raw = config_lib.read_yaml(args.config)
     for seed in args.seeds:
         over = [f"model.backbone={args.backbone}", f"train.seed={seed}", *args.set]

@@ -1,6 +1,6 @@
 """CPU prediction: PyTorch fp32 (a run folder, `lorakd predict`'s path) against ONNX fp32, ONNX int8, OpenVINO.
 Trains nothing; give it a finished student run (the CPU demo's is enough):
-    lorakd train --config presets/agnews-minilm.yaml --data ../shared/data/ag_news train.max_steps=150 \
+    lorakd train --config agnews-minilm --data ../shared/data/ag_news train.max_steps=150 \
         train.lr=1e-3 train.eval_every=50 --out /tmp/minilm-student
     python bench/predict_cpu.py --run /tmp/minilm-student
 Exports the run (lorakd export --onnx), predicts every text of --data with each model through lorakd's own

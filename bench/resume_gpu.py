@@ -2,7 +2,7 @@
 
 On a GPU machine, in one call, from the repo root:
     python bench/resume_gpu.py --backbone .device-carry/minilm --data .device-carry/data
-Every run is a `python -m lorakd.cli train --config presets/agnews-minilm.yaml --data D --out X
+Every run is a `python -m lorakd.cli train --config agnews-minilm --data D --out X
 model.backbone=B train.checkpoint_every=N [--set ...]` subprocess: one uninterrupted (the reference), a second
 uninterrupted one (the noise floor; --no-noise leaves it out), and one per signal that is killed once its first
 checkpoint exists (--kill-after seconds later, so mid-epoch) and then continued with `lorakd train --resume`.
@@ -164,7 +164,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="embedded:minilm")
     ap.add_argument("--data", default="../shared/data/ag_news")
-    ap.add_argument("--config", default="presets/agnews-minilm.yaml")
+    ap.add_argument("--config", default="agnews-minilm")
     ap.add_argument("--checkpoint-every", type=int, default=100,
                     help="train.checkpoint_every: the kill comes after the first one")
     ap.add_argument("--kill-after", type=float, default=0.1, help="seconds after the first checkpoint")

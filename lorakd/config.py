@@ -14,7 +14,7 @@ import yaml
 from .errors import UserError
 
 AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
-PRESETS = Path(__file__).resolve().parent.parent / "presets"
+PRESETS = Path(__file__).resolve().parent / "presets"  # shipped inside the package (pyproject package-data)
 
 
 @dataclass(frozen=True)
@@ -352,15 +352,22 @@ def validate(cfg: Config):
             raise UserError(f"config key {key}: {flat[key]!r} {msg}")
 
 
-def preset_path(name_or_path: str) -> Path:
-    """A config file path, or the name of a preset in presets/ (with or without .yaml)."""
+def shipped_file(folder: Path, name_or_path) -> Path | None:
+    """A file the user names, else one shipped in the package's `folder` by name (with or without .yaml),
+    also as `presets/NAME.yaml` (the checkout's path before presets/ and sweeps/ moved into the package)."""
     p = Path(name_or_path)
     if p.exists():
         return p
-    for cand in (PRESETS / name_or_path, PRESETS / f"{name_or_path}.yaml"):
-        if cand.exists():
-            return cand
-    known = ", ".join(sorted(f.stem for f in PRESETS.glob("*.yaml"))) if PRESETS.is_dir() else "none"
+    names = [str(name_or_path), f"{name_or_path}.yaml"] + ([p.name] if p.parent == Path(folder.name) else [])
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
+def preset_path(name_or_path: str) -> Path:
+    """A config file path, or the name of a preset in lorakd/presets (with or without .yaml)."""
+    found = shipped_file(PRESETS, name_or_path)
+    if found:
+        return found
+    known = ", ".join(sorted(f.stem for f in PRESETS.glob("*.yaml")))
     raise UserError(f"{name_or_path}: no such config file or preset (presets: {known})")
 
 
@@ -383,4 +390,4 @@ def flatten(cfg) -> dict:
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "TrainConfig", "DistillConfig", "load", "from_dict",
            "to_dict", "to_yaml", "flatten", "override", "merge", "read_yaml", "parse_override", "replace",
-           "preset_path", "PRESETS"]
+           "preset_path", "shipped_file", "PRESETS"]
