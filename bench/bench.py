@@ -2,7 +2,8 @@
 
 Run on the lent GPU (one call), from the repo root:
     python bench/bench.py --backbone .device-carry/minilm --data .device-carry/data --out bench/results
-Prints a table and writes bench/results/bench[-TAG].json (and a timestamped copy in bench/results/scratch/). Sections (--only to pick some):
+Prints a table and writes bench/results/bench[-TAG].json (and a timestamped copy in bench/results/scratch/).
+Sections (--only to pick some):
   check    fast path (CUDA graphs) vs plain path: per-step losses on the same batches
   minilm   peer vs lorakd on the embedded MiniLM: reference recipe on the sample (accuracy, speed; one
            run per --seeds), and one epoch of the sample repeated to 120,000 rows (full-split scale)

@@ -65,9 +65,9 @@ class TrainConfig:
     cuda_graphs: str = "auto"  # auto (on GPU) | on | off: one CUDA graph per shape bucket
     threads: int = 0  # CPU threads; 0 = torch default
     tensorboard: bool = False
-    compile: bool = False  # torch.compile (inductor) the model: a lever, off unless measured to win (README)
-    prewarm: bool = True  # GPU: small encoder-shaped steps warm it in the background while imports run (README)
-    capture_warmups: int = 0  # GPU: eager steps before capturing each graph shape after the first (README)
+    compile: bool = False  # torch.compile (inductor) the model: a lever, off unless measured to win (docs/speed.md)
+    prewarm: bool = True  # GPU: small encoder-shaped steps warm it in the background while imports run (docs/speed.md)
+    capture_warmups: int = 0  # GPU: eager steps before capturing each graph shape after the first (docs/speed.md)
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class DistillConfig:
     rest_as_transfer: bool = True  # the train rows data.labelled leaves out join as transfer rows
     unlabeled: str = ""  # texts without labels (any format predict reads): transfer rows the teachers label
     augment: int = 0  # N seeded augmented copies of each labelled text, added as transfer rows
-    augment_ops: tuple[str, ...] = ("delete", "swap")  # delete | swap | mask | mix (README: Distillation)
+    augment_ops: tuple[str, ...] = ("delete", "swap")  # delete | swap | mask | mix (docs/distillation.md)
     augment_scope: str = "labelled"  # labelled: copies of the labelled texts | all: of the transfer texts too
     transfer_targets: str = "soft"  # soft: KD on transfer rows | hard: CE on the teachers' argmax (self-training)
     max_transfer: int = 0  # at most N transfer rows (0 = all), a seeded sample
