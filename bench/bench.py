@@ -2,7 +2,8 @@
 
 Run on the lent GPU (one call), from the repo root:
     python bench/bench.py --backbone .device-carry/minilm --data .device-carry/data --out bench/results
-Prints a table and writes bench/results/bench-<device>-<date>.json. Sections (--only to pick some):
+Prints a table and writes bench/results/bench[-TAG].json (and a timestamped copy in bench/results/scratch/).
+Sections (--only to pick some):
   check    fast path (CUDA graphs) vs plain path: per-step losses on the same batches
   minilm   peer vs lorakd on the embedded MiniLM: reference recipe on the sample (accuracy, speed; one
            run per --seeds), and one epoch of the sample repeated to 120,000 rows (full-split scale)
@@ -44,6 +45,8 @@ from lorakd import data as data_lib  # noqa: E402
 from lorakd import model as model_lib  # noqa: E402
 from lorakd.runs import read_metrics  # noqa: E402
 from lorakd.train import train  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from result_files import result_paths, write_result  # noqa: E402
 
 FULL_SPLIT = 120_000
 REPO = Path(__file__).resolve().parent.parent
@@ -70,7 +73,7 @@ def reference(backbone, data, **over):
     base = {"name": "bench", "data.path": data, "model.backbone": backbone, "train.log_every": 50,
             "train.checkpoint_every": 0, "train.eval_batch_size": 512}
     base.update(over)
-    return config_lib.load(Path(__file__).resolve().parent.parent / "presets" / "agnews-minilm.yaml", [], base)
+    return config_lib.load(config_lib.preset_path("agnews-minilm"), [], base)
 
 
 def peak_mem_reset():
@@ -330,9 +333,9 @@ def print_table(rows, cols=("name", "samples_per_s", "epoch_120k_s", "peak_gb", 
 # ---------------------------------------------------------------- speed: issue 14's figures in one call
 
 def cli_run(backbone, data, tmp, name, overrides=()):
-    """A fresh `lorakd train --config presets/agnews-minilm.yaml --data DATA` process, command to exit."""
+    """A fresh `lorakd train --config agnews-minilm --data DATA` process, command to exit."""
     out = Path(tmp) / name
-    cmd = [sys.executable, "-m", "lorakd.cli", "train", "--config", "presets/agnews-minilm.yaml", "--data", data,
+    cmd = [sys.executable, "-m", "lorakd.cli", "train", "--config", "agnews-minilm", "--data", data,
            "--out", str(out), *overrides]
     if backbone != "embedded:minilm":  # the GPU machine gets MiniLM as a folder, not the PyPI wheel
         cmd.append(f"model.backbone={backbone}")
@@ -371,7 +374,6 @@ def speed(backbone, data, tmp, out_dir, deadline_s=400, peer_steps=400, parts=No
     parts: the names to run (default all), in this order."""
     import peft
     import transformers
-    from lorakd import atomic
 
     t_start = time.perf_counter()
     # the CLI child runs from the repo root: folders given relative to where the bench was started are made absolute
@@ -380,7 +382,8 @@ def speed(backbone, data, tmp, out_dir, deadline_s=400, peer_steps=400, parts=No
     res = {"device": dev, "date": date.today().isoformat(), "torch": torch.__version__,
            "transformers": transformers.__version__, "peft": peft.__version__, "tiny": TINY,
            "errors": {}, "skipped": []}
-    path = Path(out_dir) / "speed-summary.json"
+    paths = result_paths("speed-summary", out_dir, dev)
+    path = paths[0]
     if parts and path.exists():  # a run of some parts adds them to the file; a full run rewrites it
         old = json.loads(path.read_text())
         res = {**old, **res, "errors": {k: v for k, v in old.get("errors", {}).items() if k not in parts},
@@ -450,7 +453,7 @@ def speed(backbone, data, tmp, out_dir, deadline_s=400, peer_steps=400, parts=No
         res["levers"] = {k: (brief(v) if "error" not in v else v) for k, v in rows.items()}
 
     def save():
-        atomic.write_json(path, res)
+        write_result(paths, res)
 
     for name, part in (("cli", cli), ("peer_ref", peer_ref), ("archs", arch_table), ("mpnet_teacher", mpnet_teacher),
                        ("minilm_120k", minilm_120k), ("roberta", roberta), ("levers", lever_table)):
@@ -505,11 +508,10 @@ def main():
     result = {"device": dev, "date": date.today().isoformat(), "torch": torch.__version__,
               "transformers": transformers.__version__, "peft": peft.__version__, "rows": [], "notes": {}}
     tag = f"-{args.tag}" if args.tag else ""
-    out_path = Path(args.out) / f"bench-{dev.replace(' ', '_')}-{result['date']}{tag}.json"
+    out_path, scratch_path = result_paths(f"bench{tag}", args.out, dev)
 
     def save():
-        from lorakd import atomic
-        atomic.write_json(out_path, result)
+        write_result((out_path, scratch_path), result)
 
     ref = reference(args.backbone, args.data)
     fps_minilm = flops_per_sample(args.backbone, mean_tokens(ref))

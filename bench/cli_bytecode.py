@@ -2,7 +2,7 @@
 
 The lent GPU machine sets PYTHONDONTWRITEBYTECODE=1, so every fresh process compiles transformers', torch's and
 peft's sources again; a user's machine keeps the compiled files after the first run. This runs fresh
-`lorakd train --config presets/agnews-minilm.yaml` processes (bench.cli_run) as that machine does, then with
+`lorakd train --config agnews-minilm` processes (bench.cli_run) as that machine does, then with
 bytecode written to a private cache (PYTHONPYCACHEPREFIX; the first of those compiles and writes, the next ones
 read it), prints a table and writes JSON. --also adds arms with an override each on the same cache, --also-path
 arms whose imports look in a folder first (another transformers installed there with pip --target, say): one
@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (bench.cli_run: one fresh process, its wall time and phases)
+from result_files import result_paths, write_result  # noqa: E402
 
-from lorakd import atomic  # noqa: E402
 
 
 def main():
@@ -81,9 +81,9 @@ def main():
     os.environ.update(saved)
     warm = [r["wall_s"] for r in res["arms"][arms[1]][0 if args.also or args.also_path else 1:]]
     res["wall_s_with_bytecode_cache"] = {"mean": round(statistics.mean(warm), 2), "runs": warm} if warm else None
-    out = Path(args.out) / f"cli-bytecode-{dev.replace(' ', '_')}-{res['date']}{args.tag}.json"
-    atomic.write_json(out, res)
-    print(f"wrote {out}")
+    paths = result_paths(f"cli-bytecode{args.tag}", args.out, dev)
+    write_result(paths, res)
+    print(f"wrote {paths[0]}")
 
 
 if __name__ == "__main__":

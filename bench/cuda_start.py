@@ -6,7 +6,7 @@ main thread builds (what train.setup does):
 
     python bench/cuda_start.py --backbone .device-carry/minilm [--repeats 2]
 
-Prints a table; writes bench/results/cuda-start-<device>-<date>.json.
+Prints a table; writes bench/results/cuda-start.json.
 """
 from __future__ import annotations
 
@@ -72,9 +72,11 @@ def main():
         for r in v:
             print(f"{arm:<11} {r['import_s']:7.2f} {r['context_s']:8.2f} {r['build_s']:7.2f} {r['to_device_s']:7.2f}"
                   f" {r['total_s']:7.2f}")
-    path = Path(args.out) / f"cuda-start-{dev.replace(' ', '_')}-{result['date']}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    from result_files import result_paths, write_result  # bench/ is sys.path[0] when run as a script
+
+    paths = result_paths("cuda-start", args.out, dev)
+    write_result(paths, result)
+    print(f"wrote {paths[0]}")
 
 
 if __name__ == "__main__":

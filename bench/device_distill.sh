@@ -27,5 +27,5 @@ for seed in ${SEEDS:-42 43 44 45}; do
   done
 done
 wait
-PYTHONPATH=. python bench/distill_gain.py --out "$out" --merge "$raw"/distill-gain-*[0-9]"$tag"-*.json
+PYTHONPATH=. python bench/distill_gain.py --out "$out" --merge "$raw"/scratch/distill-gain"$tag"-*.json
 tar czf "$out/distill$tag.tgz" -C "$out" "raw$tag" && rm -rf "$raw"

@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED=1; EXTRA=${EXTRA:-}
 step() { echo; echo "=== $* ($(date +%T))"; }
 
 step "issue 2: reference student recipe (also the student without distillation)"
-time $LORAKD train --config presets/agnews-minilm.yaml --data "$DATA" \
+time $LORAKD train --config agnews-minilm --data "$DATA" \
   --out "$W/student-ce" model.backbone="$BACKBONE" $EXTRA
 
 step "issue 3: pipeline: full-FT teacher -> cached logits -> distilled student -> eval -> predictions"
@@ -23,18 +23,18 @@ rows = list(csv.reader(open(sys.argv[1] + "/train.csv", encoding="utf-8")))[:200
 with open(sys.argv[2], "w", newline="", encoding="utf-8") as f:
     w = csv.writer(f); w.writerow(["id", "text"]); w.writerows([i, r[1] + " " + r[2]] for i, r in enumerate(rows))
 PY
-time $LORAKD pipeline --config presets/pipeline-minilm.yaml --data "$DATA" \
+time $LORAKD pipeline --config pipeline-minilm --data "$DATA" \
   --out "$W/pipeline" --predict "$W/unlabelled.csv" model.backbone="$BACKBONE" $EXTRA
 step "issue 3: the pipeline again: every stage skipped"
-time $LORAKD pipeline --config presets/pipeline-minilm.yaml --data "$DATA" \
+time $LORAKD pipeline --config pipeline-minilm --data "$DATA" \
   --out "$W/pipeline" --predict "$W/unlabelled.csv" model.backbone="$BACKBONE" $EXTRA
 step "issue 3: another student from the same teacher: logits from the cache (T=4)"
-time $LORAKD train --config presets/agnews-minilm.yaml --data "$DATA" \
+time $LORAKD train --config agnews-minilm --data "$DATA" \
   --out "$W/student-kd-t4" model.backbone="$BACKBONE" "distill.teachers=[$W/pipeline/teacher]" \
   distill.alpha=0.5 distill.temperature=4.0 $EXTRA
 
 step "issue 4: sweep over ranks and placements"
-time $LORAKD sweep sweeps/minilm-ranks.yaml --data "$DATA" --out "$W/sweep-minilm-ranks" \
+time $LORAKD sweep minilm-ranks --data "$DATA" --out "$W/sweep-minilm-ranks" \
   --set model.backbone="$BACKBONE" $EXTRA
 
 step "pack"

@@ -13,7 +13,7 @@ self-training on the teacher's hard labels of the transfer rows, and distilled w
 ensemble's arms; --round2 adds a teacher that learns from that ensemble over every row (arm kd_r2); --chain adds
 an assistant teacher (the mpnet-r6-qkv LoRA student, distilled from the teacher over every row) that teaches arms
 kd_chain / self_train_chain; --variants adds arms of other keys (student lr, say; --variants-teacher: whose). Arms are compared on each run's
-last validation evaluation (see summarize). Side by side on a 2-GPU host: bench/device_distill.sh. Prints a table; writes bench/results/distill-gain-<device>-<date>.json (every run) and
+last validation evaluation (see summarize). Side by side on a 2-GPU host: bench/device_distill.sh. Prints a table; writes bench/results/scratch/distill-gain[TAG]-<device>-<time>.json (every run) and
 bench/results/distill-gain-summary.json (means, sd and gains in points). Results are rewritten after
 every run, so a call stopped at its time limit still returns what it measured.
 """
@@ -34,13 +34,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lorakd import atomic, distill  # noqa: E402
+sys.path.insert(0, str(ROOT / "bench"))
+from result_files import result_paths  # noqa: E402
 from lorakd import config as config_lib  # noqa: E402
 from lorakd import data as data_lib  # noqa: E402
 from lorakd import model as model_lib  # noqa: E402
 from lorakd.runs import read_metrics  # noqa: E402
 from lorakd.train import train  # noqa: E402
 
-STUDENTS = {  # name: overrides of the reference student (presets/agnews-minilm.yaml); {teacher}: --teacher-backbone
+STUDENTS = {  # name: overrides of the reference student (preset agnews-minilm); {teacher}: --teacher-backbone
     "minilm-r6-qkv": [],
     "minilm-fill": ["model.r=23", "model.targets=[query,key,value,dense]"],  # 973,060 trainable
     # the reference design's shape on the teacher's own base-size backbone (925,444 trainable): opt in with --students
@@ -108,7 +110,7 @@ def main():
     result = {"device": dev, "date": date.today().isoformat(), "torch": torch.__version__,
               "transformers": transformers.__version__,
               "seeds": [], "recipe": args.recipe, "kd_set": args.kd_set, "runs": [], "teachers": [], "logits": []}
-    raw_path = out / f"distill-gain-{dev.replace(' ', '_')}-{result['date']}{args.tag}.json"
+    raw_path = result_paths(f"distill-gain{args.tag}", out, dev)[1]  # the runs: scratch; the summary is current
     quiet = lambda *a, **k: None  # noqa: E731
     variants = [parse_variant(v) for v in args.variants]
     base_student = str(config_lib.preset_path("agnews-minilm"))

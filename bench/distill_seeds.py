@@ -2,7 +2,7 @@
     python bench/distill_seeds.py --backbone .device-carry/minilm --data .device-carry/data --seeds 42,43,44,45,46
 Per seed (its own train/validation split, shared by all three runs): the full-FT teacher, the student
 without distillation (cross-entropy only) and the distilled student (alpha 0.5, T 2), all in this process.
-Prints a table and writes bench/results/distill-seeds-<device>-<date>.json.
+Prints a table and writes bench/results/distill-seeds.json.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from bench import print_table  # noqa: E402
+from result_files import result_paths, write_result  # noqa: E402
 
-from lorakd import atomic  # noqa: E402
 from lorakd import config as config_lib  # noqa: E402
 from lorakd.pipeline import run_pipeline, split_configs  # noqa: E402
 from lorakd.train import train  # noqa: E402
@@ -30,7 +30,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backbone", default="embedded:minilm")
     ap.add_argument("--data", default="../shared/data/ag_news")
-    ap.add_argument("--config", default=str(ROOT / "presets" / "pipeline-minilm.yaml"))
+    ap.add_argument("--config", default="pipeline-minilm")
     ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[42, 43, 44, 45, 46])
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides (smoke tests)")
@@ -39,8 +39,9 @@ def main():
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = {"device": dev, "date": date.today().isoformat(), "torch": torch.__version__, "config": args.config,
               "rows": []}
-    out_path = ROOT / args.out / f"distill-seeds-{dev.replace(' ', '_')}-{result['date']}.json"
+    out_paths = result_paths("distill-seeds", args.out, dev)
     quiet = lambda *a, **k: None  # noqa: E731
+    args.config = str(config_lib.preset_path(args.config))  # a file or a preset name
     raw = config_lib.read_yaml(args.config)
     for seed in args.seeds:
         over = [f"model.backbone={args.backbone}", f"train.seed={seed}", *args.set]
@@ -52,17 +53,17 @@ def main():
         row["kd_gain_pt"] = round(100 * (row["student_kd"] - row["student_ce"]), 2)
         result["rows"].append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
         print(result["rows"][-1], flush=True)
-        atomic.write_json(out_path, result)
+        write_result(out_paths, result)
     gains = [r["kd_gain_pt"] for r in result["rows"]]
     result["summary"] = {k: round(statistics.mean(r[k] for r in result["rows"]), 4)
                          for k in ("teacher", "student_ce", "student_kd")}
     result["summary"].update(kd_gain_pt_mean=round(statistics.mean(gains), 2),
                              kd_gain_pt_stdev=round(statistics.stdev(gains), 2) if len(gains) > 1 else None,
                              seeds_kd_better=sum(g > 0 for g in gains), seeds_kd_worse=sum(g < 0 for g in gains))
-    atomic.write_json(out_path, result)
+    write_result(out_paths, result)
     print_table(result["rows"], ["seed", "teacher", "student_ce", "student_kd", "kd_gain_pt"])
     print(result["summary"])
-    print(f"wrote {out_path}")
+    print(f"wrote {out_paths[0]}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Run on a host with several GPUs (one call), from the repo root:
     python bench/multi_gpu.py --backbone .device-carry/minilm --data .device-carry/data --gpus 2
-Prints a table and writes bench/results/multi-gpu-<device>-x<N>-<date>.json. Sections (--only):
+Prints a table and writes bench/results/multi-gpu[-curve][TAG].json (and a timestamped copy with its log in bench/results/scratch/). Sections (--only):
   accuracy   the reference recipe on the sample (3 epochs, batch 24) on 1 and N GPUs: validation accuracy
   minilm     strong scaling: one epoch of the sample repeated to 120,000 rows at the same global batch
              (--minilm-batches) on 1 and N GPUs
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from bench import FULL_SPLIT, make_roberta, print_table, reference  # noqa: E402
 
-from lorakd import atomic  # noqa: E402
+from result_files import result_paths, write_result  # noqa: E402
 from lorakd import config as config_lib  # noqa: E402
 from lorakd import data as data_lib  # noqa: E402
 from lorakd import model as model_lib  # noqa: E402
@@ -93,8 +93,8 @@ def main():
     result = {"device": dev, "gpus": args.gpus, "date": date.today().isoformat(), "torch": torch.__version__,
               "launcher": "torchrun --standalone", "rows": [], "curve": []}
     part = "-curve" if only == {"curve"} else ""  # the one-GPU curve is its own result file
-    stem = f"multi-gpu{part}-{dev.replace(' ', '_')}-x{args.gpus}-{result['date']}{args.tag}"
-    out_path, log_path = ROOT / args.out / f"{stem}.json", ROOT / args.out / f"{stem}.log"
+    out_paths = result_paths(f"multi-gpu{part}{args.tag}", args.out, f"{dev}-x{args.gpus}")
+    out_path, log_path = out_paths[0], out_paths[1].with_suffix(".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     if only - {"curve"}:  # the curve runs in this process and logs nothing
         log_path.write_text("")
@@ -142,12 +142,12 @@ def main():
                          steps=s["steps"], val_acc=round(s.get("validation_accuracy", float("nan")), 4),
                          world_size=s["world_size"])
             result["rows"].append(r)
-            atomic.write_json(out_path, result)
+            write_result(out_paths, result)
         one, many = by_n.get(1, {}), by_n.get(args.gpus, {})
         if args.gpus > 1 and "samples_per_s" in one and "samples_per_s" in many:
             result["rows"][-1]["scaling"] = round(many["samples_per_s"] / one["samples_per_s"], 2)
             result["rows"][-1]["steady_scaling"] = round(steady(many) / steady(one), 2)
-            atomic.write_json(out_path, result)
+            write_result(out_paths, result)
 
     both = (1, args.gpus)
     if "accuracy" in only:
@@ -170,7 +170,7 @@ def main():
             measure(f"roberta-base shapes b{batch} ({args.roberta_steps} steps)", {n: cfg for n in both}, "strong")
     if "sweep" in only and args.gpus > 1:
         sweep_file = tmp / "ranks.yaml"
-        sweep_file.write_text(f"name: ranks\nbase: {ROOT / 'presets' / 'agnews-minilm.yaml'}\n"
+        sweep_file.write_text(f"name: ranks\nbase: agnews-minilm\n"
                               "grid:\n  model.r: [1, 2, 3, 4, 5, 6, 7, 8]\n")
         sets = [f"model.backbone={args.backbone}"] + args.set
         for n in both:
@@ -191,9 +191,9 @@ def main():
         one, many = result["rows"][-2], result["rows"][-1]
         if "error" not in one and "error" not in many:
             many["scaling"] = round(one["wall_s"] / many["wall_s"], 2)
-        atomic.write_json(out_path, result)
+        write_result(out_paths, result)
     if "curve" in only:
-        curve(args, ref, at_scale, roberta_cfg, tmp, result, out_path)
+        curve(args, ref, at_scale, roberta_cfg, tmp, result, out_paths)
     cols = ["name", "scaling_kind", "gpus", "global_batch", "cuda_graphs", "samples_per_s", "scaling",
             "steady_samples_per_s", "steady_scaling", "graph_capture_s", "wall_s", "val_acc", "steps", "error"]
     if result["rows"]:
@@ -205,7 +205,7 @@ def main():
     print(f"wrote {out_path}")
 
 
-def curve(args, ref, at_scale, roberta_cfg, tmp, result, out_path):
+def curve(args, ref, at_scale, roberta_cfg, tmp, result, out_paths):
     """Steady step time against batch size on one GPU (in this process). Splitting a global batch B over
     N GPUs runs steps of B/N per GPU, so N-GPU throughput is at most t(B) / t(B/N) times one GPU's."""
     from lorakd.train import train
@@ -224,7 +224,7 @@ def curve(args, ref, at_scale, roberta_cfg, tmp, result, out_path):
             for k in counts:
                 if batch % k == 0 and batch // k in times:
                     result["curve"][-1][f"ceiling_x{k}"] = round(times[batch] / times[batch // k], 2)
-            atomic.write_json(out_path, result)
+            write_result(out_paths, result)
             print(result["curve"][-1], flush=True)
 
 

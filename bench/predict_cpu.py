@@ -1,13 +1,13 @@
 """CPU prediction: PyTorch fp32 (a run folder, `lorakd predict`'s path) against ONNX fp32, ONNX int8, OpenVINO.
 Trains nothing; give it a finished student run (the CPU demo's is enough):
-    lorakd train --config presets/agnews-minilm.yaml --data ../shared/data/ag_news train.max_steps=150 \
+    lorakd train --config agnews-minilm --data ../shared/data/ag_news train.max_steps=150 \
         train.lr=1e-3 train.eval_every=50 --out /tmp/minilm-student
     python bench/predict_cpu.py --run /tmp/minilm-student
 Exports the run (lorakd export --onnx), predicts every text of --data with each model through lorakd's own
 predict (in this process, after a warm-up; the models take turns for --repeat rounds and each keeps its fastest,
 as the machine may be shared), then once more as a fresh `lorakd predict` process (all but ONNX fp32). With
 OpenVINO installed, `--runtime openvino` on the export is a row too. Agreement is with the PyTorch labels,
-accuracy against the file's labels. Prints a table and writes bench/results/predict-cpu-<date>.json.
+accuracy against the file's labels. Prints a table and writes bench/results/predict-cpu.json.
 """
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from lorakd import atomic  # noqa: E402
 from lorakd import data as data_lib  # noqa: E402
 from lorakd.export import export  # noqa: E402
 from lorakd.predict import predict  # noqa: E402
 from lorakd.runs import load_run  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from result_files import result_paths, write_result  # noqa: E402
 
 
 def labels(path) -> np.ndarray:
@@ -122,8 +123,9 @@ def main():
               "note": "texts/s: reading, tokenising, predicting and writing all texts in one process, model "
                       "loaded and warmed up; fresh_cli_s: a new `lorakd predict` process, wall time",
               "rows": rows}
-    out = Path(args.out) / f"predict-cpu-{result['date']}.json"
-    atomic.write_json(out, result)
+    paths = result_paths("predict-cpu", args.out)
+    write_result(paths, result)
+    out = paths[0]
     cols = ["model", "texts_per_s", "speedup", "agreement", "accuracy", "mb", "fresh_cli_s", "load_avg_before"]
     widths = [max(len(c), *(len(str(r.get(c, "-"))) for r in rows)) for c in cols]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))

@@ -3,7 +3,7 @@
 For a backbone and a batch size (roberta-base shapes with random weights by default, the MFU case of issue 14):
 the plain step under torch.profiler (device kernel time per step, grouped: matrix products, attention,
 normalisation, element-wise, optimizer, copies), then the graphed step's own time per step, both after warm-up,
-on the same length-grouped batches of the sample. Prints a table; writes bench/results/profile-step-<device>-<date>.json:
+on the same length-grouped batches of the sample. Prints a table; writes bench/results/profile-step[TAG].json:
 
     python bench/profile_step.py --backbone roberta-base --data .device-carry/data --tokenizer .device-carry/minilm \
         --batches 256 24 [--steps N] [--set key=value ...] [--tag=-NAME] --out "$OUT"
@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (reference recipe, random roberta-base shapes, FLOPs per sample, peak FLOP/s)
+from result_files import result_paths, write_result  # noqa: E402
 
-from lorakd import atomic  # noqa: E402
 from lorakd import config as config_lib  # noqa: E402
 from lorakd import train as train_lib  # noqa: E402
 
@@ -152,9 +152,9 @@ def main():
               f"{row['matrix_product_tflops']} TFLOP/s of their own time")
         for kind, ms in p["ms_per_step_by_kind"].items():
             print(f"  {kind:<30} {ms:9.3f} ms  {100 * ms / p['busy_ms_per_step']:5.1f}%")
-    out = Path(args.out) / f"profile-step-{dev.replace(' ', '_')}-{res['date']}{args.tag}.json"
-    atomic.write_json(out, res)
-    print(f"wrote {out}")
+    paths = result_paths(f"profile-step{args.tag}", args.out, dev)
+    write_result(paths, res)
+    print(f"wrote {paths[0]}")
 
 
 if __name__ == "__main__":

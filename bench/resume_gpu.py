@@ -2,13 +2,13 @@
 
 On a GPU machine, in one call, from the repo root:
     python bench/resume_gpu.py --backbone .device-carry/minilm --data .device-carry/data
-Every run is a `python -m lorakd.cli train --config presets/agnews-minilm.yaml --data D --out X
+Every run is a `python -m lorakd.cli train --config agnews-minilm --data D --out X
 model.backbone=B train.checkpoint_every=N [--set ...]` subprocess: one uninterrupted (the reference), a second
 uninterrupted one (the noise floor; --no-noise leaves it out), and one per signal that is killed once its first
 checkpoint exists (--kill-after seconds later, so mid-epoch) and then continued with `lorakd train --resume`.
 Each run's metrics.jsonl (samples_per_s aside) and eval.json are compared with the reference's: the largest
 absolute difference of each record, and over all. Prints a table and writes
-bench/results/resume-gpu-<device>-<date>.json (the runs' logs beside it, .log).
+bench/results/resume-gpu.json (a timestamped copy and the runs' log in bench/results/scratch/).
 
 On a GPU the runs may differ in the last bits instead of matching exactly: with bf16 autocast and CUDA-graph
 replay, backward kernels add with atomics in no fixed order, so two uninterrupted runs can differ too. The
@@ -36,7 +36,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from lorakd import atomic  # noqa: E402
+sys.path.insert(0, str(ROOT / "bench"))
+from result_files import result_paths, write_result  # noqa: E402
 from lorakd.runs import read_metrics  # noqa: E402
 
 
@@ -164,7 +165,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="embedded:minilm")
     ap.add_argument("--data", default="../shared/data/ag_news")
-    ap.add_argument("--config", default="presets/agnews-minilm.yaml")
+    ap.add_argument("--config", default="agnews-minilm")
     ap.add_argument("--checkpoint-every", type=int, default=100,
                     help="train.checkpoint_every: the kill comes after the first one")
     ap.add_argument("--kill-after", type=float, default=0.1, help="seconds after the first checkpoint")
@@ -184,8 +185,8 @@ def main():
     result = {"device": dev, "date": date.today().isoformat(), "torch": torch.__version__, "config": args.config,
               "backbone": args.backbone, "data": args.data, "set": args.set,
               "checkpoint_every": args.checkpoint_every, "kill_after_s": args.kill_after, "runs": []}
-    stem = f"resume-gpu-{dev.replace(' ', '_')}-{result['date']}{'-' + args.tag if args.tag else ''}"
-    out_path, log_path = ROOT / args.out / f"{stem}.json", ROOT / args.out / f"{stem}.log"
+    out_paths = result_paths(f"resume-gpu{'-' + args.tag if args.tag else ''}", args.out, dev)
+    out_path, log_path = out_paths[0], out_paths[1].with_suffix(".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("")
     work = Path(tempfile.mkdtemp(prefix="lorakd-resume-"))
@@ -212,7 +213,7 @@ def main():
         rows.append(row)
     result["runs"] = rows
     result["wall_s"] = round(time.time() - t0, 1)
-    atomic.write_json(out_path, result)
+    write_result(out_paths, result)
     print_table(rows)
     for r in rows:
         differing = [p for p in r.get("per_record", []) if p["max_abs_diff"] > 0][:10]

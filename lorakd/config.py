@@ -14,7 +14,7 @@ import yaml
 from .errors import UserError
 
 AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
-PRESETS = Path(__file__).resolve().parent.parent / "presets"
+PRESETS = Path(__file__).resolve().parent / "presets"  # shipped inside the package (pyproject package-data)
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,9 @@ class TrainConfig:
     cuda_graphs: str = "auto"  # auto (on GPU) | on | off: one CUDA graph per shape bucket
     threads: int = 0  # CPU threads; 0 = torch default
     tensorboard: bool = False
-    compile: bool = False  # torch.compile (inductor) the model: a lever, off unless measured to win (README)
-    prewarm: bool = True  # GPU: small encoder-shaped steps warm it in the background while imports run (README)
-    capture_warmups: int = 0  # GPU: eager steps before capturing each graph shape after the first (README)
+    compile: bool = False  # torch.compile (inductor) the model: a lever, off unless measured to win (docs/speed.md)
+    prewarm: bool = True  # GPU: small encoder-shaped steps warm it in the background while imports run (docs/speed.md)
+    capture_warmups: int = 0  # GPU: eager steps before capturing each graph shape after the first (docs/speed.md)
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class DistillConfig:
     rest_as_transfer: bool = True  # the train rows data.labelled leaves out join as transfer rows
     unlabeled: str = ""  # texts without labels (any format predict reads): transfer rows the teachers label
     augment: int = 0  # N seeded augmented copies of each labelled text, added as transfer rows
-    augment_ops: tuple[str, ...] = ("delete", "swap")  # delete | swap | mask | mix (README: Distillation)
+    augment_ops: tuple[str, ...] = ("delete", "swap")  # delete | swap | mask | mix (docs/distillation.md)
     augment_scope: str = "labelled"  # labelled: copies of the labelled texts | all: of the transfer texts too
     transfer_targets: str = "soft"  # soft: KD on transfer rows | hard: CE on the teachers' argmax (self-training)
     max_transfer: int = 0  # at most N transfer rows (0 = all), a seeded sample
@@ -361,15 +361,22 @@ def validate(cfg: Config):
             raise UserError(f"config key {key}: {flat[key]!r} {msg}")
 
 
-def preset_path(name_or_path: str) -> Path:
-    """A config file path, or the name of a preset in presets/ (with or without .yaml)."""
+def shipped_file(folder: Path, name_or_path) -> Path | None:
+    """A file the user names, else one shipped in the package's `folder` by name (with or without .yaml),
+    also as `presets/NAME.yaml` (the checkout's path before presets/ and sweeps/ moved into the package)."""
     p = Path(name_or_path)
     if p.exists():
         return p
-    for cand in (PRESETS / name_or_path, PRESETS / f"{name_or_path}.yaml"):
-        if cand.exists():
-            return cand
-    known = ", ".join(sorted(f.stem for f in PRESETS.glob("*.yaml"))) if PRESETS.is_dir() else "none"
+    names = [str(name_or_path), f"{name_or_path}.yaml"] + ([p.name] if p.parent == Path(folder.name) else [])
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
+def preset_path(name_or_path: str) -> Path:
+    """A config file path, or the name of a preset in lorakd/presets (with or without .yaml)."""
+    found = shipped_file(PRESETS, name_or_path)
+    if found:
+        return found
+    known = ", ".join(sorted(f.stem for f in PRESETS.glob("*.yaml")))
     raise UserError(f"{name_or_path}: no such config file or preset (presets: {known})")
 
 
@@ -392,4 +399,4 @@ def flatten(cfg) -> dict:
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "TrainConfig", "DistillConfig", "load", "from_dict",
            "to_dict", "to_yaml", "flatten", "override", "merge", "read_yaml", "parse_override", "replace",
-           "preset_path", "PRESETS"]
+           "preset_path", "shipped_file", "PRESETS"]

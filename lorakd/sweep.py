@@ -27,21 +27,18 @@ from .report import fmt_value, report
 from .runs import load_run, run_lock
 
 REPO = Path(__file__).resolve().parent.parent
-SWEEPS = REPO / "sweeps"
+SWEEPS = Path(__file__).resolve().parent / "sweeps"  # shipped inside the package (pyproject package-data)
 SWEEP_KEYS = ("name", "base", "set", "grid", "random", "members", "out")
 
 
 # ---------------------------------------------------------------- reading a sweep file
 
 def find_sweep(name_or_path) -> Path:
-    """A sweep file, or the name of one in the repo's sweeps/ folder."""
-    p = Path(name_or_path)
-    if p.exists():
-        return p
-    for cand in (SWEEPS / str(name_or_path), SWEEPS / f"{name_or_path}.yaml"):
-        if cand.is_file():
-            return cand
-    raise UserError(f"{name_or_path}: no such sweep file")
+    """A sweep file, or the name of one in lorakd/sweeps."""
+    found = config_lib.shipped_file(SWEEPS, name_or_path)
+    if not found:
+        raise UserError(f"{name_or_path}: no such sweep file")
+    return found
 
 
 def _mapping(spec, key, path):

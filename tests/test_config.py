@@ -1,5 +1,6 @@
 """Config: YAML round trip, key=value overrides, frozen values, clear errors, every preset loads."""
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -117,6 +118,55 @@ def test_every_preset_loads(tmp_path, preset):
         cfg = config.from_dict(raw)
     (tmp_path / "again.yaml").write_text(config.to_yaml(cfg))
     assert config.load(tmp_path / "again.yaml") == cfg
+
+
+def _leaves(raw: dict, prefix="") -> dict:
+    """{'model.r': 9, ...}: a YAML mapping's keys as dotted paths."""
+    out = {}
+    for k, v in raw.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_preset_key_differs_from_the_default(preset):
+    """A preset says only how it differs: each key from the defaults, a pipeline's teacher keys from the
+    teacher the pipeline makes of the student (role teacher, full fine-tune)."""
+    from lorakd.pipeline import split_configs
+
+    raw = config.read_yaml(preset_path(preset.stem))
+    teacher_raw = raw.pop("teacher", None)
+    default = config.flatten(config.Config())
+    student = config.flatten(config.from_dict(raw))
+    same = [k for k in _leaves(raw) if student[k] == default[k]]
+    if teacher_raw is not None:
+        teacher_default = config.flatten(split_configs(raw)[0])
+        teacher = config.flatten(split_configs({**raw, "teacher": teacher_raw})[0])
+        same += [f"teacher.{k}" for k in _leaves(teacher_raw) if teacher[k] == teacher_default[k]]
+    assert same == [], f"{preset.name} restates the defaults of {same}"
+
+
+def test_shipped_presets_and_sweeps_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    """presets and sweeps ship inside the package: found by name, with .yaml, or as the old checkout path
+    presets/NAME.yaml, from a folder without them; a user's own file path still wins."""
+    from lorakd import sweep
+
+    monkeypatch.chdir(tmp_path)
+    assert config.PRESETS.parent == sweep.SWEEPS.parent == Path(config.__file__).parent
+    for preset in sorted(PRESETS.glob("*.yaml")):
+        for form in (preset.stem, preset.name, f"presets/{preset.name}"):
+            assert preset_path(form) == preset, form
+    for s in sorted(sweep.SWEEPS.glob("*.yaml")):
+        for form in (s.stem, s.name, f"sweeps/{s.name}"):
+            assert sweep.find_sweep(form) == s, form
+            assert sweep.plan(form)[2]  # its members build, from the preset it names as base
+    mine = tmp_path / "presets" / "agnews-minilm.yaml"
+    mine.parent.mkdir()
+    mine.write_text("name: mine\n")
+    assert preset_path("presets/agnews-minilm.yaml") == Path("presets/agnews-minilm.yaml")
+    assert config.load(preset_path("presets/agnews-minilm.yaml")).name == "mine"
+    with pytest.raises(UserError, match="no such sweep file"):
+        sweep.find_sweep("elsewhere/minilm-ranks.yaml")
 
 
 def test_unknown_preset_lists_the_known_ones():

@@ -13,7 +13,6 @@ from lorakd.errors import UserError
 from lorakd.runs import read_metrics
 from lorakd.model import count_params
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def write_sweep(folder, tiny_config, **spec):
@@ -212,7 +211,7 @@ def test_fit_budget_max_r_caps_proposals(capsys):
 
 
 def test_presets_load_and_count():
-    presets = sorted((REPO / "presets").glob("*.yaml"))
+    presets = sorted(config.PRESETS.glob("*.yaml"))
     assert len(presets) >= 11
     for p in presets:
         if "teacher" in config.read_yaml(p):
@@ -224,14 +223,14 @@ def test_presets_load_and_count():
             assert (cfg.train.lr, cfg.train.batch_size, cfg.train.epochs, cfg.train.schedule, cfg.train.warmup_ratio,
                     cfg.train.weight_decay) == (2e-4, 24, 3, "polynomial", 0.1, 0.01), p.name
     expected = {"roberta-base-r6-qkv": 925_444, "roberta-base-r8-qv": 888_580, "roberta-base-r6-qv": 814_852,
-                "roberta-base-layers": 973_828, "minilm-r6-qkv": 84_484, "minilm-layers": 191_620,
+                "roberta-base-layers": 973_828, "agnews-minilm": 84_484, "minilm-layers": 191_620,
                 "minilm-fill": 973_060}
     for name, n in expected.items():
-        cfg = config.load(REPO / "presets" / f"{name}.yaml")
+        cfg = config.load(config.preset_path(name))
         assert count_params(cfg.model, len(cfg.data.label_names))["trainable"] == n, name
-    teacher = config.load(REPO / "presets" / "roberta-base-teacher.yaml")
+    teacher = config.load(config.preset_path("roberta-base-teacher"))
     assert teacher.role == "teacher" and teacher.model.full_finetune and teacher.train.lr == 2e-5
-    for s in sorted((REPO / "sweeps").glob("*.yaml")):
+    for s in sorted(sweep.SWEEPS.glob("*.yaml")):
         members = sweep.run_sweep(s, dry_run=True)
         assert len(members) >= 10 and all(m["status"] != "over budget" for m in members), s.name
 

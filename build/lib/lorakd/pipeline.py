@@ -1,0 +1,147 @@
+"""Pipeline: teacher -> teacher logits -> student -> evaluation -> predictions, in one command.
+
+Each stage is skipped when its output exists and matches (same config, finished); a run folder that
+holds a different config is never overwritten."""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+from . import atomic
+from . import config as config_lib
+from .errors import UserError
+from .runs import load_run, read_json
+
+
+def split_configs(raw: dict, overrides=(), data=None):
+    """(teacher config, student config) from one YAML: the student's keys, plus a `teacher:` section
+    whose keys override the student's for the teacher (role teacher, full fine-tune unless it says)."""
+    raw = dict(raw)
+    teacher_raw = raw.pop("teacher", None) or {}
+    if not isinstance(teacher_raw, dict):
+        raise UserError("pipeline config: `teacher` must be a mapping of config keys")
+    student_over, teacher_over = {}, {}
+    for o in overrides:
+        key, value = config_lib.parse_override(o)
+        if key.startswith("teacher.distill"):
+            raise UserError(f"override {o!r}: a pipeline's teacher trains on labels alone; distill.* keys are "
+                            f"the student's")
+        if key.startswith("teacher."):
+            teacher_over[key.removeprefix("teacher.")] = value
+        else:
+            student_over[key] = value
+    if data:
+        student_over["data.path"] = data
+    student_raw = config_lib.merge(raw, student_over)
+    base = {k: v for k, v in student_raw.items() if k != "distill"}
+    name = student_raw.get("name", "pipeline")
+    student = config_lib.from_dict(student_raw)  # first: an error in the shared keys is the student's
+    try:
+        teacher = config_lib.from_dict(config_lib.merge(config_lib.merge(
+            config_lib.merge(base, {"role": "teacher", "name": f"{name}-teacher", "model.full_finetune": True}),
+            teacher_raw), teacher_over))
+    except UserError as e:  # the key as the user wrote it: teacher.train.lr, not train.lr
+        raise UserError(str(e).replace("config key ", "config key teacher.", 1)) from None
+    return teacher, student
+
+
+LORA_KEYS = ("model.r", "model.alpha", "model.dropout", "model.targets", "model.layers")
+
+
+def _changed_key(have, want):
+    """The first config key whose value differs, leaving out what such a run does not use: a full fine-tune's
+    LoRA keys and a teacher's budget (a plain key=value reaches the teacher too: split_configs)."""
+    unused = set()
+    if have.model.full_finetune and want.model.full_finetune:
+        unused.update(LORA_KEYS)
+    if have.role == want.role == "teacher":
+        unused.add("model.budget")
+    return config_lib.changed_key(have, want, ignore=unused)
+
+
+def _stage_state(run_dir: Path, cfg) -> str:
+    """'missing', 'done' or 'partial' for a run folder meant to hold cfg; refuses one with another config."""
+    if not (run_dir / "run.json").exists():
+        return "missing"
+    have, info = load_run(run_dir)
+    key = _changed_key(have, cfg)
+    if key:
+        raise UserError(f"{run_dir}: holds a run of another config ({key}: {config_lib.flatten(have).get(key)!r} "
+                        f"there, {config_lib.flatten(cfg)[key]!r} now); use another --out or remove it")
+    return "done" if info.get("status") == "done" else "partial"
+
+
+def _train_stage(name, cfg, run_dir, log):
+    from .train import train
+
+    state = _stage_state(run_dir, cfg)
+    if state == "done":
+        log(f"[{name}] done already: {run_dir}")
+        return "skipped"
+    log(f"[{name}] {'resuming' if state == 'partial' else 'training'}: {run_dir}")
+    train(cfg, run_dir, resume=state == "partial", log=log, plots=True)
+    return "trained"
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def pipeline_root(config_path, overrides=(), out=None, data=None) -> Path:
+    """The pipeline's folder: out, else runs/NAME (the student's name)."""
+    return Path(out or Path("runs") / split_configs(config_lib.read_yaml(config_path), overrides, data)[1].name)
+
+
+def run_pipeline(config_path, overrides=(), out=None, data=None, predict_input=None, log=print) -> dict:
+    teacher_cfg, student_cfg = split_configs(config_lib.read_yaml(config_path), overrides, data)
+    if predict_input:  # a bad input file fails now, not after the teacher and the student have trained
+        from .predict import read_input
+
+        read_input(predict_input)
+    root = Path(out or Path("runs") / student_cfg.name).absolute()  # the student's config names its teacher by it
+    teacher_dir, student_dir = root / "teacher", root / "student"
+    teachers = tuple(student_cfg.distill.teachers) + (str(teacher_dir),)
+    student_cfg = config_lib.override(student_cfg, **{"distill.teachers": list(teachers)})
+    if student_cfg.distill.weights and len(student_cfg.distill.weights) != len(teachers):
+        raise UserError("distill.weights: give one weight per teacher, the pipeline's own teacher last")
+    stages, t0 = {}, time.time()
+    stages["teacher"] = _train_stage("teacher", teacher_cfg, teacher_dir, log)
+
+    # Teacher logits over the student's rows (transfer rows too): computed once into the teacher's cache,
+    # which the student's training reads.
+    from .data import load_splits
+    from .distill import student_rows
+    from .model import load_tokenizer, pick_device
+
+    student_rows(student_cfg, load_splits(student_cfg.data, student_cfg.train.seed),
+                 pick_device(student_cfg.train.device), log, load_tokenizer(student_cfg.model.backbone))
+    stages["logits"] = "cached"
+    stages["student"] = _train_stage("student", student_cfg, student_dir, log)
+
+    summary = {"teacher": str(teacher_dir), "student": str(student_dir), "stages": stages}
+    for which, d in (("teacher", teacher_dir), ("student", student_dir)):
+        summary[f"{which}_summary"] = read_json(d / "run.json").get("summary")
+    if predict_input:
+        from .distill import _weights_hash
+        from .predict import predict
+
+        pred = root / "predictions.csv"
+        stamp = {"input": _file_hash(predict_input), "student": _weights_hash(student_dir)}
+        stamp_path = root / "predictions.json"
+        try:
+            old = read_json(stamp_path) if stamp_path.exists() else None
+        except UserError:  # a damaged stamp: predict again
+            old = None
+        if pred.exists() and old == stamp:
+            log(f"[predict] done already: {pred}")
+            stages["predict"] = "skipped"
+        else:
+            predict(student_dir, predict_input, pred, log=log)
+            atomic.write_json(stamp_path, stamp)
+            stages["predict"] = "written"
+        summary["predictions"] = str(pred)
+    summary["wall_s"] = round(time.time() - t0, 2)
+    atomic.write_json(root / "pipeline.json", summary)
+    log(f"pipeline folder: {root}")
+    return summary

@@ -1,0 +1,414 @@
+"""Predict: labels for unlabelled texts (CSV, JSONL, pickle) from a run folder, an exported Hugging Face or
+adapter folder, or an ONNX file; streamed in chunks and written as ID,Label atomically."""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import os
+import queue
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from . import atomic
+from . import data as data_lib
+from .errors import UserError
+
+LABEL_FORMATS = ("index", "name", "charcnn")  # 0..K-1 | class name | 1..K
+CHUNK = 2048  # texts read, tokenised, predicted and written at a time: memory stays bounded for any input
+STREAMED = (".csv", ".jsonl", ".json")  # read lazily; pickles and parquet are one object in memory anyway
+ONNX_NAMES = ("model.int8.onnx", "model.onnx")  # a folder with no PyTorch weights runs the first one found
+# where an ONNX model runs: onnxruntime (int8 export by default), or OpenVINO (the fp32 export; bf16 on AMX CPUs)
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+def merged(model):
+    """Fold LoRA into the frozen weights for inference: the same function with plain Linear layers."""
+    if hasattr(model, "merge_and_unload"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return model.merge_and_unload()
+    return model
+
+
+# ---------------------------------------------------------------- reading the input lazily
+
+def _lines(path: Path):
+    """A text file's lines, decoded one at a time, so bad bytes are reported with their line number."""
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected a file")
+    offset = 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}: line {n}: bytes that are not UTF-8 (offset {offset + e.start})") from None
+            offset += len(raw)
+            yield line.removeprefix("\ufeff") if n == 1 else line  # a BOM is tolerated
+
+
+def _csv_records(path: Path):
+    """(columns, records) of a CSV: a header names the columns, else each row's first field is a text."""
+    reader = csv.reader(_lines(path), strict=True)
+
+    def rows():
+        try:
+            for n, r in enumerate(reader, 1):
+                if r:  # empty lines skipped; a row of blanks is checked like any other
+                    yield n, r
+        except csv.Error as e:
+            raise UserError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
+
+    it = rows()
+    first = next(it, None)
+    if first is None:
+        raise UserError(f"{path}: the file is empty")
+    if set(data_lib.READ_COLUMNS) & {c.strip().lower() for c in first[1]}:
+        cols = first[1]
+
+        def records():
+            for n, r in it:
+                if len(r) != len(cols):
+                    raise UserError(f"{path}: row {n}: {len(r)} columns, the header has {len(cols)}")
+                yield f"{path}: row {n}", dict(zip(cols, r))
+        return cols, records()
+    peeked = [first, *itertools.islice(it, data_lib.PEEK_ROWS - 1)]
+    cols = data_lib.headerless_columns(peeked, str(path))  # one text per row, or CharCNN
+    return cols, (data_lib.headerless_record(cols, r, f"{path}: row {n}") for n, r in itertools.chain(peeked, it))
+
+
+def _jsonl_records(path: Path):
+    return data_lib.json_records(path, _lines(path))
+
+
+def _chunks(path: Path, columns, size):
+    """Splits of up to `size` rows, each checked and built exactly as data.read_unlabelled builds them."""
+    records = _csv_records(path)[1] if path.suffix.lower() == ".csv" else _jsonl_records(path)
+    has_id = data_lib._find(columns, "id") is not None
+    start = 0
+    while batch := list(itertools.islice(records, size)):
+        split = data_lib._rows_to_split(batch, columns, [], str(path), need_labels=False)
+        if not has_id:  # row numbers across the whole file, not within the chunk
+            split.ids = [str(start + k) for k in range(len(split))]
+        start += len(split)
+        yield split
+
+
+def read_input(path, size=None):
+    """(number of texts, a function returning the input's chunks). The whole input is checked first
+    (bad rows, duplicate IDs; only the IDs are kept), so a bad file fails before any model loads."""
+    path, size = Path(path), size or CHUNK
+    if path.suffix.lower() not in STREAMED:
+        split = data_lib.read_unlabelled(path, [])
+        return len(split), lambda: (split.subset(np.arange(i, min(i + size, len(split))))
+                                    for i in range(0, len(split), size))
+    if path.suffix.lower() == ".csv":
+        columns = _csv_records(path)[0]
+    else:  # JSONL rows may differ in keys: the columns are their union, as data.read_unlabelled takes them
+        columns = list(dict.fromkeys(k for _, obj in _jsonl_records(path) for k in obj))
+        if not columns:
+            raise UserError(f"{path}: the file is empty")
+    seen, n = set(), 0
+    for split in _chunks(path, columns, size):
+        for i in split.ids:
+            if i in seen:
+                raise UserError(f"{path}: duplicate ID {i!r}")
+            seen.add(i)
+        n += len(split)
+    if not n:
+        raise UserError(f"{path}: no rows")
+    return n, lambda: _chunks(path, columns, size)
+
+
+# ---------------------------------------------------------------- models: run, exported folder, ONNX
+
+def model_kind(path, runtime="onnxruntime") -> tuple[str, Path]:
+    """What a model path holds: a run folder, an exported HF or adapter folder, or an ONNX file. With
+    runtime openvino an export folder gives its fp32 model.onnx, the graph OpenVINO reads and speeds up itself."""
+    if runtime not in RUNTIMES:
+        raise UserError(f"--runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
+    p = Path(path)
+    if p.is_file() and p.suffix == ".onnx":
+        return "onnx", p
+    if not p.exists():
+        raise UserError(f"{p}: no such run folder or exported model")
+    if p.is_dir():
+        if (p / "run.json").exists():
+            return "run", p
+        if (p / "adapter_config.json").exists():
+            return "adapter", p
+        if runtime == "openvino" and (p / "model.onnx").exists():
+            return "onnx", p / "model.onnx"
+        if (p / "config.json").exists() and (p / "model.safetensors").exists():
+            return "hf", p
+        for name in ONNX_NAMES:
+            if (p / name).exists():
+                return "onnx", p / name
+    raise UserError(f"{p}: not a lorakd run folder or exported model (no run.json, adapter_config.json, "
+                    f"config.json + model.safetensors, or model.onnx)")
+
+
+def _labels_of(kind, p: Path) -> list[str]:
+    """Class names without loading a model: the run's config, else id2label of the exported folder."""
+    if kind == "run":
+        from .runs import load_run
+
+        return list(load_run(p)[0].data.label_names)
+    folder = p.parent if kind == "onnx" else p
+    src = folder / ("lorakd.json" if kind == "adapter" else "config.json")
+    if not src.exists():
+        raise UserError(f"{folder}: no {src.name}; export the model with `lorakd export`")
+    id2label = json.loads(src.read_text())["id2label"]
+    return [id2label[str(i)] for i in range(len(id2label))]
+
+
+def _max_length(tok) -> int:
+    # export sets model_max_length to the run's data.max_length; a folder from elsewhere may say 1e30
+    return tok.model_max_length if tok.model_max_length <= 4096 else 512
+
+
+def _torch_runner(model, device, amp):
+    import torch
+
+    from .evaluate import autocast
+
+    model = model.to(device).eval()
+
+    @torch.inference_mode()
+    def run(ids, mask):
+        with autocast(device, amp):
+            out = model(input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device))
+        return out.logits.float().cpu().numpy()
+    return run
+
+
+# onnxruntime fusions whose CPU kernels (1.32) are slower than the plain ops they replace (bench/predict_cpu.py,
+# lever table): residual Add + LayerNormalization into SkipLayerNormalization (2.4 ms where LayerNormalization
+# took 0.3 ms on the same [896, 384] tensor; int8 MiniLM 23% faster without it); bias Add + Gelu into BiasGelu
+# (about twice the time of Add and Gelu apart; int8 MiniLM about 10% faster without it)
+SLOW_FUSIONS = ["SkipLayerNormFusion", "BiasGeluFusion"]
+
+
+def onnx_session(path, threads=1):
+    """An onnxruntime CPU session with the graph optimisations on (less the slow ones), on `threads` threads."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=SLOW_FUSIONS)
+
+
+def openvino_runner(path, workers, precision=None):
+    """(run(ids, mask) -> logits, the precision used) of an ONNX file compiled by OpenVINO for the CPU: `workers`
+    streams of one thread each, one infer request per stream, taken by whichever thread runs a batch (infer
+    releases the GIL). OpenVINO computes in bf16 on a CPU with AMX (its default there; `precision` overrides,
+    e.g. "f32"): 1.2-1.3x onnxruntime's int8 export on this machine's AMX cores, and closer to PyTorch's labels
+    (bench/predict_cpu.py). Without AMX it computes in fp32: onnxruntime's int8 export is then the faster one."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise UserError('--runtime openvino needs OpenVINO: pip install "lorakd[openvino]"') from None
+    config = {"NUM_STREAMS": str(workers), "INFERENCE_NUM_THREADS": str(workers)}
+    if precision:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    try:  # compiled, then one small batch: a graph OpenVINO reads but cannot run fails here, before any output
+        compiled = ov.Core().compile_model(str(path), "CPU", config)
+        logits, pool = compiled.output(0), [compiled.create_infer_request() for _ in range(workers)]
+        probe = np.zeros((1, 8), dtype=np.int64)
+        pool[0].infer({"input_ids": probe, "attention_mask": probe + 1})
+    except RuntimeError as e:  # e.g. the per-row int8 graph's onnxruntime-only operators
+        why = " ".join(str(e).split())[-300:] or type(e).__name__
+        raise UserError(f"{path}: OpenVINO cannot run this graph (...{why}); give it the fp32 model.onnx "
+                        f"of a `lorakd export --onnx` folder") from None
+    requests = queue.SimpleQueue()
+    for request in pool:
+        requests.put(request)
+
+    def run(ids, mask):
+        request = requests.get()
+        try:
+            return request.infer({"input_ids": ids, "attention_mask": mask})[logits].copy()
+        finally:
+            requests.put(request)
+    return run, compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+
+
+def onnx_tokenizer(folder: Path):
+    """The tokenizer beside an ONNX model: its tokenizer.json through the `tokenizers` library, the same
+    tokenizer transformers' fast tokenizers run, without importing transformers and torch (about 5 s of a fresh
+    `lorakd predict` on this 2-core CPU). Same ids as AutoTokenizer: tests/test_export.py. A folder without
+    tokenizer.json (a slow tokenizer only) gets AutoTokenizer."""
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    if not (folder / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.no_padding()  # batches pad themselves (data.pad_rows)
+    pad = config.get("pad_token")
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    tok.pad_token_id = (tok.token_to_id(pad) if pad else None) or 0
+    tok.model_max_length = config.get("model_max_length") or 512
+    return tok
+
+
+def open_model(kind, p: Path, device="auto", backbone=None, threads=0, runtime="onnxruntime"):
+    """The model behind a path: tokenizer, max_length and run(ids, mask) -> logits (numpy), loaded once.
+    ONNX models load without transformers and torch, which a fresh process would spend seconds importing."""
+    if backbone and kind not in ("run", "adapter"):
+        raise UserError("--backbone applies to run folders and adapter folders only")
+    if runtime == "openvino" and kind != "onnx":
+        raise UserError(f"{p}: --runtime openvino runs an ONNX model: export it first (lorakd export RUN --onnx) "
+                        f"and give the export folder or its model.onnx")
+    if kind == "onnx":
+        for need in ("config.json", "tokenizer_config.json"):
+            if not (p.parent / need).exists():
+                raise UserError(f"{p}: no {need} beside it; predict on a folder written by lorakd export --onnx")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = threads or cores
+        tok = onnx_tokenizer(p.parent)
+        if runtime == "openvino":  # padded to a multiple of 16 tokens: fewer shapes for OpenVINO to prepare
+            run, precision = openvino_runner(p, workers)
+            return SimpleNamespace(tok=tok, max_length=_max_length(tok), run=run, workers=workers, pad_multiple=16,
+                                   device=f"cpu, OpenVINO {p.name} ({precision})")
+        try:
+            # small batches on one thread each, one batch per core at a time: on a CPU this beats
+            # splitting each batch's matrix products across cores (measured: bench/predict_cpu.py)
+            sess = onnx_session(p, 1)
+        except ImportError:
+            raise UserError('running an ONNX model needs onnxruntime: pip install "lorakd[onnx]"') from None
+        run = lambda ids, mask: sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]  # noqa: E731
+        return SimpleNamespace(tok=tok, max_length=_max_length(tok), run=run, workers=workers,
+                               device=f"cpu, onnxruntime {p.name}")
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from . import model as model_lib
+    from .runs import open_trained
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = model_lib.pick_device(device, key="--device")
+    model_lib._quiet_transformers()
+    if kind == "run":
+        cfg, _, model, tok = open_trained(p, dev, backbone)
+        amp, max_length = model_lib.amp_dtype(cfg.train.precision, dev), cfg.data.max_length
+    else:
+        if kind == "adapter":  # base named in adapter_config.json; embedded:* and hub ids resolved here
+            from peft import PeftModel
+
+            base = backbone or json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
+            id2label = {int(i): n for i, n in json.loads((p / "lorakd.json").read_text())["id2label"].items()}
+            src = model_lib.resolve_backbone(base)
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    src, id2label=id2label, label2id={n: i for i, n in id2label.items()}, **model_lib.hub_kwargs(src))
+            except OSError as e:
+                raise model_lib.load_error("base model", base, "weights", e) from None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = PeftModel.from_pretrained(model, p)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(p)
+        tok = AutoTokenizer.from_pretrained(p)
+        amp, max_length = model_lib.amp_dtype("auto", dev), _max_length(tok)
+    model = merged(model.float())
+    if amp is not None:
+        model_lib.freeze_to(model, amp)
+    return SimpleNamespace(tok=tok, max_length=max_length, run=_torch_runner(model, dev, amp), workers=1,
+                           device=str(dev))
+
+
+def logits_of(m, texts, batch_size) -> np.ndarray:
+    """Logits [N, C] in input order; batches of similar length, padded only to their longest text."""
+    encoded = data_lib.encode(m.tok, texts, m.max_length)
+    pad_id = m.tok.pad_token_id or 0
+    order = np.argsort([-len(e) for e in encoded], kind="stable")
+    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+    multiple = getattr(m, "pad_multiple", 1)
+
+    def run(idx):
+        return m.run(*data_lib.pad_rows([encoded[i] for i in idx], pad_id, multiple, m.max_length))
+
+    if m.workers > 1:  # onnxruntime and OpenVINO release the GIL: threads run batches side by side
+        with ThreadPoolExecutor(m.workers) as pool:
+            outs = list(pool.map(run, batches))
+    else:
+        outs = [run(idx) for idx in batches]
+    out = np.empty((len(texts), outs[0].shape[-1]), dtype=np.float32)
+    for idx, logits in zip(batches, outs):
+        out[idx] = logits
+    return out
+
+
+# ---------------------------------------------------------------- predict
+
+def check_out(out_path: Path, input_path: Path, model_path: Path):
+    """--out may replace an earlier predictions file, never what this command reads: the input, or a file of
+    the model (run.json, weights, tokenizer) that a later command would need."""
+    blocker = next((p for p in out_path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"--out {out_path}: {blocker} is a file, not a folder")
+    if out_path.is_dir():
+        raise UserError(f"--out {out_path}: is a folder; name the CSV file to write")
+    if not out_path.exists():
+        return
+    if input_path.exists() and out_path.samefile(input_path):
+        raise UserError(f"--out {out_path}: is the input file; write the predictions to another file")
+    model_dir = (model_path if model_path.is_dir() else model_path.parent).resolve()
+    if model_dir in out_path.resolve().parents and out_path.suffix.lower() != ".csv":
+        raise UserError(f"--out {out_path}: a file of the model in {model_dir}; write the predictions elsewhere")
+
+
+def predict(run_dir, input_path, out_path, device="auto", batch_size=None, label_format="index",
+            backbone=None, threads=0, progress=None, log=print, runtime="onnxruntime") -> dict:
+    """Predict every text of input_path with the model at run_dir (a run, an export or an .onnx file)."""
+    from tqdm import tqdm
+
+    if label_format not in LABEL_FORMATS:
+        raise UserError(f"--labels {label_format!r}: expected one of {', '.join(LABEL_FORMATS)}")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    if threads < 0:
+        raise UserError(f"--threads {threads}: must be >= 0 (0 = one per core)")
+    kind, path = model_kind(run_dir, runtime)
+    names = _labels_of(kind, path)
+    out_path = Path(out_path)
+    check_out(out_path, Path(input_path), path)
+    n, chunks = read_input(input_path)  # a bad file fails here, in a moment, before the model loads
+    m = open_model(kind, path, device, backbone, threads, runtime)
+    # onnxruntime on a CPU: small batches on each core, their activations stay in the core's cache; OpenVINO's
+    # AMX products want more rows (both measured: bench/predict_cpu.py); PyTorch takes 256 at once
+    batch_size = batch_size or ({"onnxruntime": 8, "openvino": 64}[runtime] if kind == "onnx" else 256)
+    t0 = time.perf_counter()
+
+    def write(f):  # atomic: a kill or a full disk leaves the old output; the file gets the usual permissions
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        w = csv.writer(text, lineterminator="\n")
+        w.writerow(["ID", "Label"])
+        for split in chunks():
+            for i, p in zip(split.ids, logits_of(m, split.texts, batch_size).argmax(-1).tolist()):
+                w.writerow([i, {"index": p, "name": names[p], "charcnn": p + 1}[label_format]])
+            bar.update(len(split))
+        text.flush()
+        text.detach()  # the binary file stays open for the fsync and rename
+
+    with tqdm(total=n, unit="text", desc="predict", disable=None if progress is None else not progress) as bar:
+        atomic.write_stream(out_path, write)
+    seconds = time.perf_counter() - t0
+    stats = {"n": n, "seconds": seconds, "texts_per_s": n / max(seconds, 1e-9), "device": m.device}
+    log(f"wrote {n:,} predictions to {out_path} ({stats['texts_per_s']:.0f} texts/s on {m.device})")
+    return stats

@@ -1,0 +1,351 @@
+"""Report: per-run plots, and (across runs and sweeps) results tables, overlaid curves, accuracy vs parameters."""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+from datetime import datetime
+from pathlib import Path
+
+from . import atomic
+from . import config as config_lib
+from .errors import UserError
+from .runs import load_run, read_eval, read_json, read_metrics
+
+
+def _series(records, split, key):
+    pts = [(r["step"], r[key]) for r in records if r.get("split") == split and key in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig, tight=True) -> bytes:
+    buf = io.BytesIO()
+    # "tight" draws the figure twice (once to measure it); a run's own plots use fixed margins instead
+    fig.savefig(buf, format="png", dpi=110, **({"bbox_inches": "tight"} if tight else {}))
+    return buf.getvalue()
+
+
+PLOTS = (("train_loss", "train", "loss", "train loss"),
+         ("val_loss", "validation", "loss", "validation loss"),
+         ("val_accuracy", "validation", "accuracy", "validation accuracy"))
+
+
+def import_plotting():
+    """What plot_run imports (train imports it in a thread while the GPU trains)."""
+    from matplotlib.backends import backend_agg  # noqa: F401
+    from matplotlib.figure import Figure  # noqa: F401
+
+
+def plot_run(run_dir):
+    """plots/train_loss.png, val_loss.png, val_accuracy.png against steps.
+
+    Drawn on bare matplotlib Figures (Agg), not pyplot: every `lorakd train` waits for these, and pyplot
+    adds its import, a backend and global figure state for nothing here."""
+    from matplotlib.figure import Figure
+
+    records = read_metrics(run_dir)
+    out = Path(run_dir) / "plots"
+    for name, split, key, label in PLOTS:
+        xs, ys = _series(records, split, key)
+        fig = Figure(figsize=(5, 3.2))
+        fig.subplots_adjust(left=0.15, right=0.97, bottom=0.15, top=0.9)  # room for labels like "0.8795"
+        ax = fig.subplots()
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.set_title(f"{Path(run_dir).name}: {label}", fontsize=9)
+        ax.grid(alpha=0.3)
+        atomic.write_bytes(out / f"{name}.png", _png(fig, tight=False))
+
+
+# ---------------------------------------------------------------- values and the Pareto front
+
+def fmt_value(key: str, value) -> str:
+    """A config value as one short string: lists joined with '+', an empty layer list is 'all'."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return "all" if key.endswith("layers") else "-"
+        return "+".join(fmt_value(key, v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def pareto_front(points) -> list[int]:
+    """Indices of the (params, accuracy) points that no other point dominates, i.e. none has <= params and
+    >= accuracy with at least one of the two strictly better; sorted by params. Equal points all stay."""
+    front = []
+    for i, (p, a) in enumerate(points):
+        if not any(q <= p and b >= a and (q < p or b > a) for j, (q, b) in enumerate(points) if j != i):
+            front.append(i)
+    return sorted(front, key=lambda i: (points[i][0], points[i][1]))
+
+
+# ---------------------------------------------------------------- collecting runs
+
+def _run_row(run_dir: Path) -> dict:
+    cfg, info = load_run(run_dir)
+    summary = info.get("summary") or {}
+    ev = read_eval(run_dir)
+    # eval.json wins: `lorakd eval` may have added a test split after training
+    val = (ev.get("validation") or {}).get("accuracy", summary.get("validation_accuracy"))
+    test = (ev.get("test") or {}).get("accuracy", summary.get("test_accuracy"))
+    status = info.get("status", "?")
+    return {"name": run_dir.name, "dir": run_dir, "flat": config_lib.flatten(cfg),
+            "status": "unfinished" if status == "running" else status,  # a killed run still says running
+            "trainable": summary.get("trainable", (info.get("params") or {}).get("trainable")),
+            "validation_accuracy": val, "test_accuracy": test, "best_step": summary.get("best_step"),
+            "train_time_s": summary.get("train_time_s"), "samples_per_s": summary.get("samples_per_s")}
+
+
+def _skipped_rows(sweep_dir: Path, rows) -> list[dict]:
+    """Sweep members that have no run to show, from the sweep's sweep.json: over the budget (never trained)
+    or failed before their run folder was written. A failed member that has one is marked failed in `rows`."""
+    path = sweep_dir / "sweep.json"
+    if not path.exists():
+        return []
+    by_dir = {r["dir"].name: r for r in rows}
+    skipped = []
+    for m in read_json(path).get("members", []):
+        status = m.get("status") if isinstance(m, dict) else None
+        if status not in ("over budget", "failed"):
+            continue
+        if m.get("folder") in by_dir:
+            by_dir[m["folder"]]["status"] = status
+            continue
+        cfg_file = sweep_dir / m.get("config", "")
+        flat = config_lib.flatten(config_lib.load(cfg_file)) if cfg_file.is_file() else {}
+        skipped.append({"name": m.get("name", "?"), "dir": None, "flat": flat, "status": status,
+                        "trainable": m.get("trainable"), "validation_accuracy": None, "test_accuracy": None,
+                        "best_step": None, "train_time_s": None, "samples_per_s": None})
+    return skipped
+
+
+def collect(paths) -> list[dict]:
+    """One row per run: run folders (with run.json) as given, sweep folders searched one level down."""
+    rows = []
+    for p in map(Path, paths):
+        if (p / "run.json").exists():
+            rows.append(_run_row(p))
+            continue
+        if not p.is_dir():
+            raise UserError(f"{p}: no such run or sweep folder")
+        found = [_run_row(d) for d in sorted(p.iterdir()) if (d / "run.json").exists()]
+        found += _skipped_rows(p, found)
+        if not found:
+            raise UserError(f"{p}: neither a run folder (no run.json) nor a sweep folder (no run folders in it)")
+        rows += found
+    by_dir = {}  # a run given on its own and inside its sweep folder is one row
+    for r in rows:
+        by_dir.setdefault(r["dir"].resolve() if r["dir"] else id(r), r)
+    rows = list(by_dir.values())
+    # the same folder name from two sweeps: tell them apart by the parent folder
+    names = [r["name"] for r in rows]
+    for r in rows:
+        if names.count(r["name"]) > 1 and r["dir"] is not None:
+            r["name"] = f"{r['dir'].parent.name}/{r['name']}"
+    rows.sort(key=lambda r: (r["validation_accuracy"] is None, -(r["validation_accuracy"] or 0.0), r["name"]))
+    return rows
+
+
+def differing_keys(rows) -> list[str]:
+    """Config keys (in config order) whose values are not the same in every row; the name always differs."""
+    flats = [r["flat"] for r in rows if r["flat"]]
+    keys = []
+    for k in (flats[0] if flats else {}):
+        if k != "name" and len({fmt_value(k, f.get(k)) for f in flats}) > 1:
+            keys.append(k)
+    return keys
+
+
+# ---------------------------------------------------------------- tables
+
+def _table(rows, keys):
+    """(header, rows of cells) shared by Markdown, CSV and HTML."""
+    with_test = any(r["test_accuracy"] is not None for r in rows)
+    header = ["run", *keys, "trainable", "val acc"] + (["test acc"] if with_test else []) + \
+        ["best step", "train s", "samples/s", "status"]
+
+    def num(v, f):
+        return "" if v is None else format(v, f)
+
+    cells = []
+    for r in rows:
+        cells.append([r["name"], *(fmt_value(k, r["flat"].get(k, "")) for k in keys), num(r["trainable"], ","),
+                      num(r["validation_accuracy"], ".4f")] + ([num(r["test_accuracy"], ".4f")] if with_test else [])
+                     + [num(r["best_step"], "d"), num(r["train_time_s"], ".1f"), num(r["samples_per_s"], ".0f"),
+                        r["status"]])
+    return header, cells
+
+
+def markdown(header, cells) -> str:
+    def esc(s):
+        return str(s).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(esc, header)) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" if h in _NUMERIC else "---" for i, h in enumerate(header)) + "|"]
+    lines += ["| " + " | ".join(map(esc, row)) + " |" for row in cells]
+    return "\n".join(lines) + "\n"
+
+
+_NUMERIC = {"trainable", "val acc", "test acc", "best step", "train s", "samples/s"}
+
+
+def csv_text(rows, keys) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["run", *keys, "trainable", "validation_accuracy", "test_accuracy", "best_step", "train_time_s",
+                "samples_per_s", "status", "folder"])
+    for r in rows:
+        w.writerow([r["name"], *(fmt_value(k, r["flat"].get(k, "")) for k in keys)]
+                   + ["" if r[k] is None else r[k] for k in ("trainable", "validation_accuracy", "test_accuracy",
+                                                             "best_step", "train_time_s", "samples_per_s")]
+                   + [r["status"], "" if r["dir"] is None else str(r["dir"])])
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- plots across runs
+
+def _colors(n):
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def curve_plots(rows) -> dict[str, bytes]:
+    """Train loss, validation loss and validation accuracy against steps, every run overlaid."""
+    plt = _pyplot()
+    runs = [r for r in rows if r["dir"] is not None]
+    records = {r["name"]: read_metrics(r["dir"]) for r in runs}
+    colors = _colors(len(runs))
+    out = {}
+    for name, split, key, label in PLOTS:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for r, color in zip(runs, colors):
+            xs, ys = _series(records[r["name"]], split, key)
+            if xs:
+                ax.plot(xs, ys, color=color, lw=1.2, marker="o" if len(xs) < 20 else None, ms=2.5, label=r["name"])
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=5, ncol=2 if len(ax.lines) > 8 else 1)
+        out[name] = _png(fig)
+        plt.close(fig)
+    return out
+
+
+_SHORT_TARGETS = {"query": "q", "key": "k", "value": "v", "dense": "d", "attention.output.dense": "ao",
+                  "output.dense": "o", "intermediate.dense": "i"}
+
+
+def short_label(row, keys) -> str:
+    """A compact name for a plot point from the config keys that differ across runs: r8 qv L0,1,5."""
+    parts = []
+    for k in keys:
+        v = row["flat"].get(k)
+        if k == "model.r":
+            parts.append(f"r{v}")
+        elif k == "model.alpha":
+            parts.append(f"a{v:g}")
+        elif k == "model.targets":
+            short = [_SHORT_TARGETS.get(t, t.split(".")[-1]) for t in v]
+            parts.append("".join(short) if all(len(t) == 1 for t in short) else "+".join(short))
+        elif k == "model.layers":
+            parts.append(f"L{','.join(map(str, v))}" if v else "")
+        elif v is not None:
+            parts.append(f"{k.split('.')[-1]}={fmt_value(k, v)}")
+    return " ".join(p for p in parts if p) or row["name"]
+
+
+def params_plot(rows) -> bytes:
+    """Validation accuracy against trainable parameters; the Pareto front drawn as a red staircase."""
+    plt = _pyplot()
+    pts = [r for r in rows if r["validation_accuracy"] is not None and r["trainable"] is not None]
+    xy = [(r["trainable"], r["validation_accuracy"]) for r in pts]
+    front = pareto_front(xy)
+    keys = [k for k in differing_keys(pts) if k != "name"] if len(pts) > 1 else []
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    if xy:
+        ax.scatter([p for p, _ in xy], [a for _, a in xy], s=14, color="tab:blue", label="runs", zorder=2)
+        fx, fy = [xy[i][0] for i in front], [xy[i][1] for i in front]
+        ax.plot(fx, fy, color="tab:red", drawstyle="steps-post", lw=1, zorder=1)
+        ax.scatter(fx, fy, s=30, facecolors="none", edgecolors="tab:red", label="Pareto front", zorder=3)
+        # many runs: only the front is named (labels of a dense cloud overlap; the table names every run)
+        for i in (range(len(pts)) if len(pts) <= 8 else front):
+            ax.annotate(short_label(pts[i], keys), xy[i], fontsize=6, xytext=(3, 2), textcoords="offset points")
+        if max(p for p, _ in xy) > 20 * max(1, min(p for p, _ in xy)):
+            from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e3:g}k" if v < 1e6 else f"{v / 1e6:g}M"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.legend(fontsize=6, loc="best")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("accuracy vs trainable parameters", fontsize=9)
+    ax.grid(alpha=0.3)
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+# ---------------------------------------------------------------- the report
+
+_CSS = ("body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;font-size:13px}"
+        "th,td{border:1px solid #ccc;padding:3px 7px}th{background:#f0f0f0}td.n{text-align:right}"
+        "img{max-width:100%;margin:4px}.plots{display:flex;flex-wrap:wrap}")
+
+
+def html_page(header, cells, plots: dict[str, bytes], sources) -> str:
+    """One self-contained page: the table and every plot inline as a base64 PNG data URI."""
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td class=\"{'n' if h in _NUMERIC else ''}\">{e(c)}</td>"
+                                     for h, c in zip(header, row)) + "</tr>\n" for row in cells)
+    imgs = "".join(f"<img alt=\"{e(name)}\" src=\"data:image/png;base64,{base64.b64encode(png).decode()}\">\n"
+                   for name, png in plots.items())
+    stamp = datetime.now().strftime("%Y-%m-%d %H:%M")
+    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>lorakd report</title>"
+            f"<style>{_CSS}</style></head><body>\n<h1>lorakd report</h1>\n"
+            f"<p>{len(cells)} runs from {e(', '.join(map(str, sources)))}; {e(stamp)}. "
+            f"Sorted by validation accuracy.</p>\n<table><tr>{head}</tr>\n{body}</table>\n"
+            f"<h2>Plots</h2>\n<div class=\"plots\">\n{imgs}</div>\n</body></html>\n")
+
+
+def report(paths, out_dir="report") -> dict:
+    """results.md, results.csv, four PNG plots and report.html in out_dir; prints the Markdown table."""
+    if not paths:
+        raise UserError("report: give at least one run or sweep folder")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder (--out)")
+    unique = {}  # a folder named twice (or as ./x and x) is one row
+    for p in paths:
+        unique.setdefault(Path(p).resolve(), p)
+    paths = list(unique.values())
+    rows = collect(paths)
+    keys = differing_keys(rows)
+    header, cells = _table(rows, keys)
+    md = markdown(header, cells)
+    plots = {**curve_plots(rows), "accuracy_vs_params": params_plot(rows)}
+    atomic.write_text(out / "results.md", md)
+    atomic.write_text(out / "results.csv", csv_text(rows, keys))
+    for name, png in plots.items():
+        atomic.write_bytes(out / f"{name}.png", png)
+    atomic.write_text(out / "report.html", html_page(header, cells, plots, paths))
+    print(md, end="")
+    print(f"report: {out}")
+    return {"out": out, "rows": rows, "keys": keys, "markdown": md}

@@ -1,0 +1,148 @@
+"""Run folders: one writer at a time; read what a run wrote, refuse foreign formats and backbones, reopen its
+trained model."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from pathlib import Path
+
+from . import RUN_FORMAT
+from . import config as config_lib
+from . import model as model_lib
+from .errors import UserError
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """metrics.jsonl records; a torn line (a kill mid-write) or any line that is not a record is skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    out = []
+    if path.exists():
+        for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+                out.append(rec)
+    return out
+
+
+def read_json(path) -> dict:
+    """A JSON object from a file lorakd wrote; anything else is a one-line error naming the file."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return obj
+
+
+def read_eval(run_dir) -> dict:
+    """eval.json ({split: metrics}), {} when there is none; a split without a numeric accuracy is an error."""
+    path = Path(run_dir) / "eval.json"
+    if not path.exists():
+        return {}
+    evals = read_json(path)
+    for split, m in evals.items():
+        acc = m.get("accuracy") if isinstance(m, dict) else None
+        if not isinstance(acc, (int, float)) or isinstance(acc, bool):
+            raise UserError(f"{path}: split {split!r} has no numeric accuracy; rerun `lorakd eval {run_dir}`")
+    return evals
+
+
+def load_run(run_dir):
+    """(config, run.json) of a run folder, refusing foreign or newer formats."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run folder")
+    if not (run_dir / "run.json").exists() or not (run_dir / "config.yaml").exists():
+        raise UserError(f"{run_dir}: not a lorakd run folder (no run.json/config.yaml)")
+    info = read_json(run_dir / "run.json")
+    if not isinstance(info.get("format"), int):
+        raise UserError(f"{run_dir}/run.json: no run format number; not a lorakd run folder")
+    if info["format"] > RUN_FORMAT:
+        raise UserError(f"{run_dir}: written by a newer lorakd (run format {info['format']}, this one reads "
+                        f"up to {RUN_FORMAT}); upgrade lorakd")
+    for key in ("summary", "params"):
+        if not isinstance(info.get(key, {}), dict):
+            raise UserError(f"{run_dir}/run.json: {key} is not an object; the file is damaged")
+    path = run_dir / "config.yaml"
+    raw = config_lib.read_yaml(path)  # names the file itself
+    try:
+        return config_lib.from_dict(raw), info
+    except UserError as e:  # which run's config: report and sweeps read many
+        raise UserError(f"{path}: {e}") from None
+
+
+def with_backbone(cfg, info, backbone=None):
+    """The run's config, its backbone optionally swapped for an equal copy (a local folder, say).
+    A backbone of another architecture than the one the adapter was trained on is refused."""
+    if backbone:
+        cfg = config_lib.override(cfg, **{"model.backbone": backbone})
+    found = model_lib.backbone_fingerprint(model_lib.backbone_config(cfg.model.backbone, len(cfg.data.label_names)))
+    if info.get("backbone_fingerprint") and found != info["backbone_fingerprint"]:
+        raise UserError(f"backbone {cfg.model.backbone} is not the one this run was trained on "
+                        f"({info.get('backbone')}): its architecture differs")
+    return cfg
+
+
+def open_trained(run_dir, device, backbone=None):
+    """(config, info, model on device in eval mode, tokenizer) of a finished run."""
+    cfg, info = load_run(run_dir)
+    cfg = with_backbone(cfg, info, backbone)
+    model = model_lib.load_trained(cfg, run_dir, len(cfg.data.label_names))
+    return cfg, info, model.to(device).eval(), model_lib.load_tokenizer(cfg.model.backbone)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir):
+    """One writer per run folder: an exclusive flock on RUN/.lock while the block runs, else a UserError.
+
+    The kernel drops a flock when its process dies, so a killed run never leaves its folder locked. The
+    holder's pid is in the file, for the message. Under torchrun only rank 0 locks: the ranks are one run.
+    On leaving, the lock file goes, and the folder too when this made it and nothing was written there."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: exists and is not a folder (--out)")
+    path = run_dir / ".lock"
+    made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    while True:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:  # a holder that made the folder removed it as it left: make it again
+            continue
+        except OSError as e:
+            raise UserError(f"{run_dir}: cannot write ({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"{run_dir}: another lorakd process is writing to this run folder (pid {holder}); "
+                            "wait for it or use another --out") from None
+        try:  # the file we locked must still be the one at the path: a holder removes it as it leaves
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        with contextlib.suppress(OSError):  # the pid is for the message only: a full disk still runs
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before unlocking: a process waiting on this file then sees it gone
+        os.close(fd)
+        for p in made:  # deepest first; stops at the first folder something was written to
+            try:
+                p.rmdir()
+            except OSError:
+                break

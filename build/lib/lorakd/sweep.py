@@ -1,0 +1,572 @@
+"""Sweeps: a grid (or a random sample of it) of configs, budget-checked before anything trains, run in-process
+or one worker process per GPU, resumable. And fit-budget: adapter placements that fill a parameter budget."""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import queue as queue_lib
+import random
+import re
+import subprocess
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import atomic
+from . import config as config_lib
+from . import model as model_lib
+from . import train as train_lib
+from .errors import UserError
+from .report import fmt_value, report
+from .runs import load_run, run_lock
+
+REPO = Path(__file__).resolve().parent.parent
+SWEEPS = Path(__file__).resolve().parent / "sweeps"  # shipped inside the package (pyproject package-data)
+SWEEP_KEYS = ("name", "base", "set", "grid", "random", "members", "out")
+
+
+# ---------------------------------------------------------------- reading a sweep file
+
+def find_sweep(name_or_path) -> Path:
+    """A sweep file, or the name of one in lorakd/sweeps."""
+    found = config_lib.shipped_file(SWEEPS, name_or_path)
+    if not found:
+        raise UserError(f"{name_or_path}: no such sweep file")
+    return found
+
+
+def _mapping(spec, key, path):
+    value = spec.get(key) or {}
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: sweep key {key}: expected a mapping of dotted config keys, got {value!r}")
+    return value
+
+
+def load_sweep(path) -> dict:
+    """The sweep file's keys, checked; each problem names the file and the key."""
+    path = Path(path)
+    spec = config_lib.read_yaml(path)
+    unknown = [k for k in spec if k not in SWEEP_KEYS]
+    if unknown:
+        raise UserError(f"{path}: unknown sweep key {unknown[0]!r} (known: {', '.join(SWEEP_KEYS)})")
+    for key in ("name", "base", "out"):
+        if key in spec and not isinstance(spec[key], str):
+            raise UserError(f"{path}: sweep key {key}: expected text, got {spec[key]!r}")
+    spec.setdefault("name", path.stem)
+    if not _safe(spec["name"]):
+        raise UserError(f"{path}: sweep key name: {spec['name']!r} is empty after removing unsafe characters")
+    _mapping(spec, "set", path)
+    for key, values in _mapping(spec, "grid", path).items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{path}: grid.{key}: expected a non-empty list of values (dotted keys, e.g. "
+                            f"model.r: [4, 8])")
+    members = spec.get("members") or []
+    if not isinstance(members, list) or not all(isinstance(m, dict) for m in members):
+        raise UserError(f"{path}: sweep key members: expected a list of mappings of dotted config keys")
+    rnd = _mapping(spec, "random", path)
+    if rnd:
+        if not spec.get("grid"):
+            raise UserError(f"{path}: sweep key random: samples from the grid, but there is no grid")
+        bad = sorted(set(rnd) - {"samples", "seed"})
+        if bad:
+            raise UserError(f"{path}: random.{bad[0]}: unknown (known: samples, seed)")
+        for key, low in (("samples", 1), ("seed", 0)):
+            v = rnd.get(key, 0 if key == "seed" else None)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise UserError(f"{path}: random.{key}: expected an integer >= {low}, got {v!r}")
+    return spec
+
+
+def _base_path(spec, path: Path):
+    """The base config: relative to the sweep file first, then the working folder, then a preset name."""
+    base = spec.get("base")
+    if not base:
+        return None
+    near = path.parent / base
+    if not Path(base).is_absolute() and near.is_file():
+        return near
+    try:
+        return config_lib.preset_path(base)
+    except UserError:
+        raise UserError(f"{path}: base {base!r}: no such config file (next to the sweep file or here) "
+                        f"or preset") from None
+
+
+def points(spec) -> list[dict]:
+    """Override dicts: the grid's cartesian product (or a seeded sample of it), then the explicit members."""
+    grid = spec.get("grid") or {}
+    pts = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())] if grid else []
+    rnd = spec.get("random") or {}
+    if rnd:
+        keep = random.Random(rnd.get("seed", 0)).sample(range(len(pts)), min(rnd["samples"], len(pts)))
+        pts = [pts[i] for i in sorted(keep)]  # grid order reads better than draw order
+    pts += [dict(m) for m in spec.get("members") or []]
+    return pts or [{}]  # no grid and no members: the base config alone
+
+
+# ---------------------------------------------------------------- member names
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=+,-]+", "-", text).strip("-.")
+
+
+def member_names(flats: list[dict], fallback="base") -> list[str]:
+    """Readable folder names from the keys that differ, e.g. r=4_targets=query+value; unique and safe."""
+    keys = [k for k in flats[0] if k != "name" and len({fmt_value(k, f[k]) for f in flats}) > 1]
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    # model.alpha and distill.alpha both differ: keep the full key for both
+    short = {k: k if last.count(s) > 1 else s for k, s in zip(keys, last)}
+    names = []
+    for f in flats:
+        name = _safe("_".join(f"{short[k]}={fmt_value(k, f[k])}" for k in keys)) or fallback
+        if len(name) > 100:  # long target lists: keep the start readable, a hash keeps it unique
+            name = name[:92] + "-" + hashlib.sha1(name.encode()).hexdigest()[:7]
+        n, i = name, 2
+        while n in names:
+            n, i = f"{name}-{i}", i + 1
+        names.append(n)
+    return names
+
+
+# ---------------------------------------------------------------- planning
+
+_COUNTS: dict = {}
+
+
+def _count(cfg) -> dict:
+    key = (cfg.model, len(cfg.data.label_names))  # sweeps repeat a model config for lr/distill changes
+    if key not in _COUNTS:
+        _COUNTS[key] = model_lib.count_params(cfg.model, len(cfg.data.label_names))
+    return _COUNTS[key]
+
+
+def _describe(point) -> str:
+    return ", ".join(f"{k}={v}" for k, v in point.items()) or "the base config"
+
+
+def plan(path, data=None, out=None, overrides=()):
+    """(spec, sweep folder, members): every member's config built and its parameters counted, nothing run."""
+    path = find_sweep(path)
+    spec = load_sweep(path)
+    base = _base_path(spec, path)
+    raw = config_lib.read_yaml(base) if base else {}
+    fixed = _mapping(spec, "set", path)
+    forced = dict(config_lib.parse_override(o) for o in overrides)  # command-line key=value, over every member
+    if data:
+        forced["data.path"] = data
+    pts = points(spec)
+    for key in sorted({k for pt in pts for k in pt} & set(forced)):  # every member would become the same config
+        given = "--data" if key == "data.path" and data else f"--set {key}"
+        raise UserError(f"{given}: the sweep varies {key} across its members; give it in one place only")
+    members, seen = [], set()
+    for i, point in enumerate(pts):
+        try:
+            merged = config_lib.merge(config_lib.merge(raw, fixed), point)
+            cfg = config_lib.from_dict(config_lib.merge(merged, forced))
+        except UserError as e:
+            named = re.search(r"config (?:key|section) (\S+?):? ", str(e) + " ")  # the key the error is about
+            if named and any(k == named[1] or k.startswith(named[1] + ".") for k in forced):
+                raise UserError(f"--set: {e}") from None  # the command line's key, not the member's
+            raise UserError(f"{path}: member {i + 1} ({_describe(point)}): {e}") from None
+        flat = config_lib.flatten(cfg)
+        key = repr(sorted(flat.items()))
+        if key in seen:  # an explicit member that repeats a grid point trains once
+            print(f"sweep: member {i + 1} ({_describe(point)}) repeats an earlier one; skipped")
+            continue
+        seen.add(key)
+        members.append({"overrides": point, "cfg": cfg, "flat": flat})
+    sweep_dir = Path(out or spec.get("out") or Path("runs") / f"sweep-{_safe(spec['name'])}")
+    for m, name in zip(members, member_names([m["flat"] for m in members], _safe(spec["name"]))):
+        m["name"] = f"{name}-run" if name in RESERVED else name  # the sweep's own files keep their names
+    _keep_folders(sweep_dir, members)
+    for m in members:
+        name = m["name"]
+        m["cfg"] = config_lib.override(m["cfg"], name=f"{spec['name']}-{name}")
+        m["run_dir"] = sweep_dir / name
+        m["config_file"] = sweep_dir / "configs" / f"{name}.yaml"
+        try:
+            counts = _count(m["cfg"])
+        except UserError as e:
+            raise UserError(f"{path}: member {name}: {e}") from None
+        m["trainable"], m["total"] = counts["trainable"], counts["total"]
+        mc = m["cfg"].model
+        over = m["cfg"].role == "student" and mc.budget and m["trainable"] > mc.budget  # as check_budget
+        m["status"] = "over budget" if over else _run_state(m)
+    return spec, sweep_dir, members
+
+
+RESERVED = {"configs", "logs", "report", "sweep.json", "sweep.yaml"}  # what a sweep folder holds besides runs
+
+
+def _config_key(flat) -> str:
+    return repr(sorted((k, v) for k, v in flat.items() if k != "name"))
+
+
+def _keep_folders(sweep_dir, members):
+    """Member names come from the keys that differ across members, so a member added to a sweep can rename
+    the others: a member whose config already has a run folder in the sweep keeps that folder (its run is
+    not repeated), and a new member's name steers clear of the folders kept."""
+    held = {}
+    for d in sorted(sweep_dir.iterdir()) if sweep_dir.is_dir() else ():
+        if d.name not in RESERVED and (d / "run.json").is_file():
+            try:
+                cfg, _ = load_run(d)
+            except UserError:  # not readable as a run: the member that owns the name reports it
+                continue
+            held.setdefault(_config_key(config_lib.flatten(cfg)), d.name)
+    kept = {}
+    for m in members:
+        folder = held.get(_config_key(m["flat"]))
+        if folder is not None and folder not in kept.values():
+            kept[id(m)] = folder
+    taken = set(kept.values())
+    for m in members:
+        if id(m) in kept:
+            m["name"] = kept[id(m)]
+            continue
+        name, i = m["name"], 2
+        while m["name"] in taken:
+            m["name"], i = f"{name}-{i}", i + 1
+        taken.add(m["name"])
+
+
+def _run_state(m) -> str:
+    """done (kept), resume (a run folder that did not finish) or train (nothing there yet)."""
+    run_dir = m["run_dir"]
+    if not (run_dir / "run.json").exists():
+        return "train"
+    cfg, info = load_run(run_dir)
+    k = config_lib.changed_key(cfg, m["cfg"], ignore=("name",))
+    if k:
+        raise UserError(f"{run_dir}: holds a run of another config ({k}: {fmt_value(k, config_lib.flatten(cfg)[k])} "
+                        f"there, {fmt_value(k, m['flat'][k])} in the sweep); remove it or use another --out")
+    return "done" if info.get("status") == "done" else "resume"
+
+
+def _print_table(members, budget_note=True):
+    w = max(12, *(len(m["name"]) for m in members))
+    print(f"{'member':<{w}} {'trainable':>12} {'budget':>12}  status")
+    for m in members:
+        budget = m["cfg"].model.budget if m["cfg"].role == "student" and m["cfg"].model.budget else 0
+        print(f"{m['name']:<{w}} {m['trainable']:>12,} {format(budget, ',') if budget else '-':>12}  {m['status']}")
+    over = [m for m in members if m["status"] == "over budget"]
+    if over and budget_note:
+        print(f"over budget, skipped ({len(over)}):")
+        for m in over:
+            print(f"  {m['name']}: {m['trainable']:,} > {m['cfg'].model.budget:,}")
+
+
+def _record(sweep_dir, spec, path, members):
+    """sweep.json: every member, its counts, status and folder; rewritten after each member finishes."""
+    atomic.write_json(sweep_dir / "sweep.json", {
+        "name": spec["name"], "source": str(path),
+        "members": [{"name": m["name"], "folder": m["name"], "config": f"configs/{m['name']}.yaml",
+                     "overrides": m["overrides"], "trainable": m["trainable"], "total": m["total"],
+                     "budget": m["cfg"].model.budget, "status": m["status"],
+                     **({"validation_accuracy": m["validation_accuracy"]} if "validation_accuracy" in m else {}),
+                     **({"error": m["error"]} if "error" in m else {})} for m in members],
+        "over_budget": [{"name": m["name"], "trainable": m["trainable"], "budget": m["cfg"].model.budget}
+                        for m in members if m["status"] == "over budget"]})
+
+
+# ---------------------------------------------------------------- running
+
+def run_sweep(sweep_path, gpus=1, dry_run=False, data=None, out=None, overrides=()) -> list[dict]:
+    """Plan every member, skip the over-budget ones, train (or resume) the rest, then report."""
+    if gpus < 1:
+        raise UserError(f"--gpus {gpus}: must be at least 1")
+    path = find_sweep(sweep_path)
+    spec, sweep_dir, members = plan(path, data=data, out=out, overrides=overrides)
+    print(f"sweep {spec['name']}: {len(members)} member{'s' if len(members) != 1 else ''} in {sweep_dir}")
+    _print_table(members)
+    if dry_run:
+        return members
+    if not all(m["cfg"].data.path for m in members):
+        raise UserError(f"{path}: no data.path for the members: pass --data DIR (or set data.path in the sweep)")
+    # the sweep's own folder only: each member's folder is locked by whoever trains it (here, or the
+    # `lorakd train` child of a parallel sweep)
+    with run_lock(sweep_dir):
+        _run_members(spec, path, sweep_dir, members, gpus)
+    return members
+
+
+def _run_members(spec, path, sweep_dir, members, gpus):
+    for m in members:
+        atomic.write_text(m["config_file"], config_lib.to_yaml(m["cfg"]))
+    atomic.write_text(sweep_dir / "sweep.yaml", path.read_text(encoding="utf-8"))  # what made this folder
+    _record(sweep_dir, spec, path, members)
+    todo = [m for m in members if m["status"] in ("train", "resume")]
+    if gpus == 1:
+        for i, m in enumerate(todo, 1):
+            print(f"\n== sweep member {i}/{len(todo)}: {m['name']} ({m['status']})")
+            try:
+                with run_lock(m["run_dir"]):
+                    summary = train_lib.train(m["cfg"], m["run_dir"], resume=m["status"] == "resume", plots=True)
+                m.update(status="done", validation_accuracy=summary.get("validation_accuracy"))
+            except UserError as e:  # one bad member (say, a diverged lr) should not stop the others
+                print(f"sweep member {m['name']} failed: {e}")
+                m.update(status="failed", error=str(e))
+            _record(sweep_dir, spec, path, members)
+    else:
+        _run_parallel(todo, gpus, sweep_dir, lambda: _record(sweep_dir, spec, path, members))
+    print()
+    _print_table(members, budget_note=False)
+    if any(m["status"] == "over budget" or (m["run_dir"] / "run.json").exists() for m in members):
+        report([sweep_dir], out_dir=sweep_dir / "report")
+    failed = [m["name"] for m in members if m["status"] == "failed"]
+    if failed:
+        raise UserError(f"{len(failed)} sweep member(s) failed: {', '.join(failed)} (see {sweep_dir}/sweep.json"
+                        + (f" and {sweep_dir}/logs" if gpus > 1 else "") + "); run the sweep again to resume")
+
+
+def _gpu_ids(gpus) -> list[str]:
+    """GPU ids for the children: the first N of CUDA_VISIBLE_DEVICES when it is set, else 0..N-1."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [s.strip() for s in visible.split(",") if s.strip()] if visible else [str(i) for i in range(gpus)]
+    if len(ids) < gpus:
+        raise UserError(f"--gpus {gpus}: CUDA_VISIBLE_DEVICES={visible} lists only {len(ids)}")
+    return ids[:gpus]
+
+
+def _worker_command() -> list[str]:
+    return [sys.executable, "-m", "lorakd.sweep"]
+
+
+def _run_parallel(todo, gpus, sweep_dir, record):
+    """One long-lived worker process per GPU (`python -m lorakd.sweep`, see worker()) trains members one at a
+    time: imports, CUDA start-up and warm caches are paid once per GPU, not once per member. Each member's
+    output goes to logs/NAME.log (a streamed log: it grows while the member trains, so not written atomically)."""
+    env = dict(os.environ)
+    # the workers import this same lorakd, even from a checkout that is not installed
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    answers = queue_lib.Queue()  # (gpu, answer line or None at the worker's end), from one reader thread each
+    workers, busy, idle, todo = {}, {}, _gpu_ids(gpus), list(todo)
+    where = "GPU" if torch.cuda.is_available() else "CPU worker"
+    if where != "GPU":
+        print(f"sweep: no CUDA GPU is visible: --gpus {gpus} runs {gpus} CPU processes side by side, which share "
+              f"this machine's cores (on a CPU one at a time is faster: leave out --gpus)")
+
+    def start(gpu):
+        proc = subprocess.Popen(_worker_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                env={**env, "CUDA_VISIBLE_DEVICES": gpu})
+        threading.Thread(target=_relay, args=(proc, gpu, answers), daemon=True).start()
+        workers[gpu] = proc
+
+    try:
+        while todo or busy:
+            while todo and idle:
+                m, gpu = todo.pop(0), idle.pop(0)
+                if gpu not in workers:
+                    start(gpu)
+                log_path = sweep_dir / "logs" / f"{m['name']}.log"
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                task = {"config": str(m["config_file"]), "run_dir": str(m["run_dir"]), "log": str(log_path),
+                        "resume": m["status"] == "resume"}
+                workers[gpu].stdin.write(json.dumps(task) + "\n")
+                workers[gpu].stdin.flush()
+                busy[gpu] = (m, log_path)
+                print(f"sweep member {m['name']}: started on {where} {gpu} ({m['status']}; log {log_path})")
+            gpu, line = answers.get()
+            if line is None:  # the worker exited (a crash, a kill): a fresh one takes this GPU's next member
+                rc = workers.pop(gpu).wait()
+            if gpu not in busy:
+                continue
+            m, log_path = busy.pop(gpu)
+            if line is not None:
+                rc = json.loads(line)["rc"]
+            idle.append(gpu)
+            _finish(m, rc, log_path)
+            record()
+    finally:  # workers stop when their input closes; an interrupted sweep stops them (they checkpoint on
+        for gpu, proc in workers.items():  # SIGTERM and resume next time)
+            if gpu in busy:
+                proc.terminate()
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+            proc.wait()
+
+
+def _relay(proc, gpu, answers):
+    """A worker's answers into the parent's queue, then None when its output ends (it exited)."""
+    for line in proc.stdout:
+        answers.put((gpu, line))
+    answers.put((gpu, None))
+
+
+def worker():
+    """A parallel sweep's worker on one GPU: trains each member the parent sends (one JSON line on stdin) in
+    this process and answers one JSON line {"rc": 0 | 1} on stdout; a member's own output goes to its log."""
+    answer = os.fdopen(os.dup(1), "w", buffering=1)
+    for line in sys.stdin:
+        task = json.loads(line)
+        run_dir = Path(task["run_dir"])
+        with open(task["log"], "ab", buffering=0) as log:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(log.fileno(), 1)  # the fds, not just sys.stdout: native libraries' output lands there too
+            os.dup2(log.fileno(), 2)
+            rc = 0
+            try:
+                cfg = load_run(run_dir)[0] if task["resume"] else config_lib.load(task["config"])
+                with run_lock(run_dir):
+                    train_lib.train(cfg, run_dir, resume=task["resume"], plots=True)
+                print(f"run folder: {run_dir}")
+            except UserError as e:
+                print(f"error: {e}")
+                rc = 1
+            except Exception:  # noqa: BLE001  one broken member must not take the others on this GPU down
+                traceback.print_exc()
+                rc = 1
+            sys.stdout.flush(), sys.stderr.flush()
+        answer.write(json.dumps({"rc": rc}) + "\n")
+    os._exit(0)  # input closed, every member answered: skip the interpreter's slow teardown (as cli.entry)
+
+
+def _finish(m, rc, log_path):
+    info = load_run(m["run_dir"])[1] if (m["run_dir"] / "run.json").exists() else {}
+    if rc == 0 and info.get("status") == "done":
+        m.update(status="done", validation_accuracy=(info.get("summary") or {}).get("validation_accuracy"))
+        print(f"sweep member {m['name']}: done")
+        return
+    lines = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines() if log_path.exists() else []
+    m.update(status="failed", error=f"exit {rc}: {lines[-1] if lines else 'no output'}")
+    print(f"sweep member {m['name']}: failed ({m['error']})")
+
+
+# ---------------------------------------------------------------- fit-budget
+
+_LAYER = re.compile(r".*?\.[^.]*\.(\d+)\.")  # the first numbered segment, as peft finds a layer index
+
+
+def _in_head(name: str) -> bool:
+    return any(part in model_lib.HEAD_NAMES for part in name.split("."))
+
+
+def backbone_shapes(backbone: str, num_labels: int):
+    """({linear module name: (in, out)}, head parameters, number of layers) from a meta-device model."""
+    from transformers import AutoModelForSequenceClassification
+
+    model_lib._quiet_transformers()
+    hf_config = model_lib.backbone_config(backbone, num_labels)
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(hf_config)
+    head = sum(p.numel() for n, p in model.named_parameters() if _in_head(n))
+    linears = {n: (m.in_features, m.out_features) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and not _in_head(n)}
+    return linears, head, hf_config.num_hidden_layers
+
+
+def lora_cost(linears, targets, layers=()) -> tuple[int, tuple]:
+    """(parameters per unit of rank, modules wrapped): LoRA adds r * (in + out) to each linear module peft
+    matches (name equal to a target or ending in .target; only the given layers, when any are given)."""
+    per_r, hit = 0, []
+    for name, (fin, fout) in linears.items():
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        if layers:
+            m = _LAYER.match(name)
+            if m is None or int(m.group(1)) not in layers:
+                continue
+        per_r += fin + fout
+        hit.append(name)
+    return per_r, tuple(hit)
+
+
+def layer_sets(n: int) -> list[tuple[str, tuple]]:
+    """A few layer placements: all, each half, every other, the first and last few; no two alike."""
+    half, k = n // 2, max(1, n // 6)
+    cands = [("all", ()), ("bottom half", tuple(range(half))), ("top half", tuple(range(n - half, n))),
+             ("every other", tuple(range(0, n, 2))), (f"first+last {k}", tuple(range(k)) + tuple(range(n - k, n)))]
+    out, seen = [], set()
+    for label, layers in cands:
+        key = frozenset(layers or range(n))  # an empty half (one layer) counts as all: dropped
+        if key not in seen:
+            seen.add(key)
+            out.append((label, layers))
+    return out
+
+
+def propose(budget: int, backbone: str, targets, num_labels=4, min_r=1, max_r=None) -> list[dict]:
+    """Every placement (target subset x layer set) at the largest rank that fits (capped at max_r when
+    given, and at the smallest wrapped matrix's own rank: beyond it LoRA adds parameters, not capacity),
+    most parameters first; among equals, more modules at a lower rank first."""
+    linears, head, n_layers = backbone_shapes(backbone, num_labels)
+    for t in targets:
+        if not lora_cost(linears, [t])[1]:
+            names = sorted({n.rsplit(".", 1)[-1] for n in linears})
+            raise UserError(f"--targets: no linear module named {t!r} in {backbone} (names: {', '.join(names)}; "
+                            f"dotted paths like attention.output.dense work)")
+    if head >= budget:
+        raise UserError(f"--budget {budget:,}: the classification head alone has {head:,} parameters")
+    out, seen = [], set()
+    subsets = [s for k in range(1, len(targets) + 1) for s in itertools.combinations(targets, k)]
+    for label, layers in layer_sets(n_layers):
+        for subset in subsets:
+            per_r, hit = lora_cost(linears, subset, layers)
+            if not hit or hit in seen:  # e.g. dense already covers output.dense: same modules, same count
+                continue
+            seen.add(hit)
+            r = min((budget - head) // per_r, min(min(linears[n]) for n in hit))
+            r = r if max_r is None else min(r, max_r)
+            if r >= min_r:
+                out.append({"r": r, "targets": subset, "layers": layers, "layer_set": label, "modules": len(hit),
+                            "trainable": head + r * per_r})
+    out.sort(key=lambda p: (-p["trainable"], -p["modules"], len(p["targets"])))
+    return out
+
+
+def _layers_text(p) -> str:
+    return f"{p['layer_set']} ({','.join(map(str, p['layers']))})" if p["layers"] else "all"
+
+
+def fit_budget(budget=1_000_000, backbone=model_lib.EMBEDDED, targets="query,key,value,dense", num_labels=4,
+               top=15, write=None, min_r=1, max_r=None) -> list[dict]:
+    """Print the placements that use the budget best; with write, save them as a sweep file."""
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    targets = list(dict.fromkeys(targets))
+    for ok, msg in ((budget >= 1, f"--budget {budget}: must be positive"), (bool(targets), "--targets: empty"),
+                    (num_labels >= 2, f"--labels {num_labels}: needs at least 2"),
+                    (top >= 1, f"--top {top}: must be at least 1"), (min_r >= 1, f"--min-r {min_r}: must be >= 1"),
+                    (max_r is None or max_r >= min_r, f"--max-r {max_r}: must be >= --min-r {min_r}")):
+        if not ok:
+            raise UserError(msg)
+    props = propose(budget, backbone, targets, num_labels, min_r, max_r)[:top]
+    if not props:
+        raise UserError(f"no placement of {','.join(targets)} fits {budget:,} parameters at rank >= {min_r}")
+    print(f"{backbone}, {num_labels} labels, budget {budget:,}: the {len(props)} placements with most parameters")
+    tw = max(7, *(len(",".join(p["targets"])) for p in props))
+    lw = max(6, *(len(_layers_text(p)) for p in props))
+    print(f"{'r':>4}  {'targets':<{tw}}  {'layers':<{lw}}  {'modules':>7}  {'trainable':>11}  {'% budget':>8}")
+    for p in props:
+        print(f"{p['r']:>4}  {','.join(p['targets']):<{tw}}  {_layers_text(p):<{lw}}  {p['modules']:>7}  "
+              f"{p['trainable']:>11,}  {100 * p['trainable'] / budget:>7.2f}%")
+    if write:
+        write_fit_sweep(write, props, budget, backbone, num_labels)
+        print(f"sweep file: {write} (run it with: lorakd sweep {write} --data PATH)")
+    return props
+
+
+def write_fit_sweep(path, props, budget, backbone, num_labels):
+    """A sweep file with one member per proposal, on the reference student recipe."""
+    fixed = {"model.backbone": backbone, "model.budget": budget}
+    if num_labels != 4:  # the recipe has the 4 AG News classes; the head's size depends on the count
+        fixed["data.label_names"] = [f"class{i}" for i in range(num_labels)]
+    spec = {"name": _safe(f"fit-{Path(backbone).name}-{budget}"), "base": "agnews-minilm", "set": fixed,
+            "members": [{"model.r": p["r"], "model.targets": list(p["targets"]), "model.layers": list(p["layers"])}
+                        for p in props]}
+    head = (f"# Written by `lorakd fit-budget`: the {len(props)} adapter placements of {backbone} with the most\n"
+            f"# trainable parameters within {budget:,}, on the reference student recipe (preset agnews-minilm).\n"
+            + ("# data.label_names are placeholders: put your class names there.\n" if num_labels != 4 else ""))
+    atomic.write_text(path, head + yaml.safe_dump(spec, sort_keys=False, default_flow_style=None, width=120))
+
+
+if __name__ == "__main__":  # a parallel sweep's worker (see _run_parallel)
+    worker()

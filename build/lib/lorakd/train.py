@@ -1,0 +1,659 @@
+"""Train: the loop, its one-screen step, CUDA-graph replay of that step, checkpoints and exact resume.
+
+`train()` is the loop; `setup()` builds what it runs on (data, model, optimizer, step); `TrainState` is the
+resumable state with its save/load; `RunLog` writes metrics.jsonl, TensorBoard and the progress bar."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from . import RUN_FORMAT, __version__, atomic, dist
+from . import config as config_lib
+from . import data as data_lib
+from . import distill
+from . import model as model_lib
+from .errors import UserError
+from .evaluate import autocast, format_table, logits_for, metrics
+from .runs import load_run, read_metrics
+
+
+# ---------------------------------------------------------------- the step
+
+def make_step(model, optimizer, flat_grad, store, teacher_probs, acc, share, cfg, amp, world):
+    """The whole training step on a batch given by indices into the token store. No host syncs inside,
+    so it can be replayed as a CUDA graph; the loss parts add into `acc` on the device. `share` (a device
+    scalar) is this process's part of the global batch times the process count: shards of uneven size
+    then still average to the global batch's mean gradient."""
+    dc, clip, device = cfg.distill, cfg.train.grad_clip, store.ids.device
+    ready_mask = model_lib.needs_ready_mask(model)
+
+    def step(idx, width, key=None):  # key: the graph key (GraphedStep's); the plain step needs none
+        flat_grad.zero_()
+        ids, mask = store.batch(idx, width)
+        if ready_mask:
+            mask = model_lib.additive_mask(mask)
+        with autocast(device, amp):
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        soft = None if teacher_probs is None else teacher_probs[idx]
+        loss, ce, kd = distill.student_loss(logits, store.labels[idx], soft, dc.alpha, dc.temperature)
+        (loss * share if world > 1 else loss).backward()
+        if world > 1:  # data parallel: average gradients over processes (torch.distributed, NCCL or gloo)
+            torch.distributed.all_reduce(flat_grad)
+            flat_grad.div_(world)
+        if clip:  # clip_grad_norm_ over the one flat buffer, with no host sync
+            flat_grad.mul_((clip / (flat_grad.norm() + 1e-6)).clamp(max=1.0))
+        optimizer.step()
+        parts = torch.stack([loss.detach(), ce.detach(), kd.detach()])
+        acc.add_(parts * share if world > 1 else parts)  # weighted like the gradient: the global batch's mean
+
+    return step
+
+
+class GraphedStep:
+    """Replays `step` as one CUDA graph per (batch, width) shape. Capturing the first shape first runs the
+    step eagerly on a side stream (lazy state, cuBLAS workspaces); weights, optimizer state and loss sums are
+    then restored, so warm-up leaves no trace in training. In a multi-process run the key is the global
+    batch's shape, the same on every process: all capture (and run their warm-up all-reduces) together.
+
+    A backbone whose forward cannot be captured (a host sync or CPU copy inside, say) falls back to the
+    plain step with one log line under cuda_graphs=auto, and is a one-line error under cuda_graphs=on."""
+
+    def __init__(self, step, params, optimizer, acc, required=False, log=print, later_warmups=0):
+        self.step, self.params, self.optimizer, self.acc = step, params, optimizer, acc
+        self.required, self.log, self.later_warmups = required, log, later_warmups
+        self.graphs, self.pool, self.plain = {}, None, False
+        self.capture_s = 0.0  # time spent capturing, reported apart from steady-state replay
+
+    def __call__(self, idx, width, key=None):
+        if self.plain:
+            return self.step(idx, width)
+        key = key or (idx.shape[0], width)
+        if key not in self.graphs:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            captured = self._capture(idx, width)
+            torch.cuda.synchronize()
+            self.capture_s += time.perf_counter() - t0
+            if captured is None:
+                return self.step(idx, width)
+            self.graphs[key] = captured
+        graph, static_idx = self.graphs[key]
+        static_idx.copy_(idx, non_blocking=True)
+        graph.replay()
+
+    def _capture(self, idx, width):
+        # The first shape runs two eager warm-ups (the process's lazy state: optimizer state, cuBLAS handles and
+        # workspaces). A later shape runs train.capture_warmups (default 0: every capture uses the same capture
+        # stream, whose workspaces exist, and allocates from the graphs' pool). A later shape that fails to
+        # capture without one (lazy state of its own: DeBERTa-v2's relative positions for a new length) is
+        # captured again after one eager run before the step is declared uncapturable.
+        tries = [2] if not self.graphs else [self.later_warmups] + ([1] if self.later_warmups == 0 else [])
+        for n, warmups in enumerate(tries):
+            try:
+                return self._record(idx, width, warmups)
+            except Exception as e:  # noqa: BLE001  any failure inside capture means: this shape did not capture
+                if n + 1 < len(tries):
+                    continue
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                if self.required:
+                    raise UserError(f"train.cuda_graphs=on: this backbone's step cannot be captured as a CUDA "
+                                    f"graph ({why}); use train.cuda_graphs=auto or off") from None
+                self.log(f"CUDA graphs off: the step cannot be captured ({why}); training with the plain step")
+                self.plain = True
+                return None
+
+    def _record(self, idx, width, warmups):
+        saved_params = [p.detach().clone() for p in self.params]
+        saved_state = {p: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
+                       for p, s in self.optimizer.state.items()}
+        saved_acc, saved_rng = self.acc.clone(), torch.cuda.get_rng_state()
+        static_idx = idx.clone()
+        try:
+            if warmups:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(warmups):
+                        self.step(static_idx, width)
+                torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):  # graphs replay one at a time: they share a pool
+                self.step(static_idx, width)
+            self.pool = graph.pool()
+            return graph, static_idx
+        finally:  # warm-up (and a failed capture) leave no trace: weights, optimizer state, loss sums restored,
+            # and the random state too, so dropout draws the same masks as in the plain step
+            with torch.no_grad():
+                for p, v in zip(self.params, saved_params):
+                    p.copy_(v)
+                for p, s in self.optimizer.state.items():
+                    for k, v in s.items():
+                        if torch.is_tensor(v):  # state born during warm-up is zeroed: as fresh as before
+                            v.copy_(saved_state[p][k]) if p in saved_state else v.zero_()
+                self.acc.copy_(saved_acc)
+            torch.cuda.set_rng_state(saved_rng)
+
+
+# ---------------------------------------------------------------- optimizer and schedule
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, lr: float, lr_end: float = 1e-7) -> float:
+    """Multiplier of the base lr at optimizer step `step` (0-based), as transformers' schedules define it."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    if schedule == "polynomial":  # power 1 down to lr_end, transformers' default
+        if step > total:
+            return lr_end / lr
+        return ((lr - lr_end) * (1 - progress) + lr_end) / lr
+    return 1.0  # constant (after warmup)
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW, decay on weights but not biases or LayerNorm (as transformers.Trainer); on a GPU fused and
+    capturable, with the lr in a device tensor so the schedule can change it between graph replays."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    no_decay = [p for n, p in named if n.endswith("bias") or "LayerNorm" in n or "layer_norm" in n]
+    decay = [p for n, p in named if all(p is not q for q in no_decay)]
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if device.type == "cuda":
+        lr = torch.tensor(cfg.train.lr, device=device)
+        opt = torch.optim.AdamW(groups, lr=lr, fused=True, capturable=True)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.train.lr)
+    return opt, [p for _, p in named]
+
+
+def set_lr(optimizer, value: float):
+    for g in optimizer.param_groups:
+        if torch.is_tensor(g["lr"]):
+            g["lr"].fill_(value)
+        else:
+            g["lr"] = value
+
+
+def flat_gradients(params, device):
+    """One buffer holding every gradient (params' .grad are views into it): one all-reduce, one norm."""
+    flat = torch.zeros(sum(p.numel() for p in params), device=device)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset: offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return flat
+
+
+# ---------------------------------------------------------------- resumable state
+
+@dataclass
+class TrainState:
+    """Everything a killed run needs to continue exactly where it was, beside the weights and optimizer."""
+    step: int = 0
+    acc_steps: int = 0  # steps summed into the loss accumulator since the last train-loss record
+    train_time: float = 0.0
+    samples: int = 0
+    best: dict = field(default_factory=lambda: {"accuracy": -1.0, "step": 0})
+    best_state: list | None = None  # the trainable weights at the best validation accuracy (CPU)
+    best_metrics: dict | None = None  # their validation metrics: the run's result, not evaluated again
+
+    def save(self, path, params, optimizer, acc, device):
+        atomic.torch_save(path, {
+            "step": self.step, "acc_steps": self.acc_steps, "acc": acc.cpu(), "train_time": self.train_time,
+            "samples": self.samples, "best": self.best, "best_state": self.best_state,
+            "best_metrics": self.best_metrics,
+            "trainable": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}})
+
+    @classmethod
+    def load(cls, path, params, optimizer, acc, device) -> "TrainState":
+        saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors, numbers, dicts: no code
+        with torch.no_grad():
+            for p, v in zip(params, saved["trainable"]):
+                p.copy_(v)
+        lr_tensor = optimizer.param_groups[0]["lr"]
+        optimizer.load_state_dict(saved["optimizer"])
+        for g in optimizer.param_groups:  # keep the device lr tensor the captured graphs read
+            g["lr"] = lr_tensor
+        acc.copy_(saved["acc"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        if device.type == "cuda" and saved["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(saved["rng"]["cuda"], device)
+        return cls(saved["step"], saved["acc_steps"], saved["train_time"], saved["samples"], saved["best"],
+                   saved["best_state"], saved.get("best_metrics"))
+
+
+# ---------------------------------------------------------------- the run log
+
+class RunLog:
+    """metrics.jsonl (+ TensorBoard) and the progress bar; only rank 0 writes. A train-loss record is the
+    loop's one host sync per log_every steps, and where a loss that turned NaN or infinite stops the run."""
+
+    def __init__(self, run_dir, rank, world, total, initial, steps_per_epoch, with_kd, tensorboard):
+        from tqdm import tqdm
+
+        self.path, self.rank, self.world = Path(run_dir) / "metrics.jsonl", rank, world
+        self.steps_per_epoch, self.with_kd = steps_per_epoch, with_kd
+        self.writer = None
+        if tensorboard and rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.bar = tqdm(total=total, initial=initial, disable=rank != 0 or None, dynamic_ncols=True, mininterval=1.0)
+
+    def record(self, rec):
+        if self.rank != 0:
+            return
+        atomic.append_line(self.path, json.dumps(rec))
+        if self.writer:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.writer.add_scalar(f"{rec['split']}/{k}", v, rec["step"])
+
+    def train_loss(self, st: TrainState, acc, lr, ckpt_path):
+        """Record the mean loss since the last record (and reset the sums); stop on a diverged loss."""
+        if st.acc_steps == 0:
+            return
+        loss, ce, kd = (dist.reduce_mean(acc.clone(), self.world) / st.acc_steps).tolist()
+        if not all(math.isfinite(v) for v in (loss, ce, kd)):
+            kept = f"the last good checkpoint is kept in {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written"
+            raise UserError(f"training loss became {loss} by step {st.step}; stopped ({kept}); try a lower train.lr")
+        rec = {"step": st.step, "epoch": round(st.step / self.steps_per_epoch, 4), "split": "train", "loss": loss,
+               "lr": lr, "samples_per_s": st.samples / max(st.train_time, 1e-9)}
+        if self.with_kd:
+            rec.update(ce=ce, kd=kd)
+        self.record(rec)
+        acc.zero_()
+        st.acc_steps = 0
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rec['samples_per_s']:.0f}")
+
+    def close(self):
+        self.bar.close()
+        if self.writer:
+            self.writer.close()
+
+
+class StopOnSigterm:
+    """A SIGTERM (a scheduler's or the GPU's owner's) is noted, and the loop checkpoints and exits."""
+
+    def __init__(self, active):
+        self.active, self.signal, self.old = active, None, None
+
+    def __enter__(self):
+        if self.active:
+            self.old = signal.signal(signal.SIGTERM, self._note)
+        return self
+
+    def _note(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        if self.active:
+            signal.signal(signal.SIGTERM, self.old)
+
+
+# ---------------------------------------------------------------- wall-clock phases
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc): the interpreter and imports before lorakd runs."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Phases:
+    """Wall-clock seconds per phase of a run, as a user waits for them (run.json's summary["phases_s"]).
+    Only perf_counter around whole phases: no device syncs are added (an evaluation syncs by itself).
+
+    `start` is process start to train() (interpreter, imports, config) for the process's first run only: a
+    later run in the same process (the pipeline's student, a sweep's next member) waited for none of it."""
+    first_run = True
+
+    def __init__(self):
+        self.s = {"start": process_age_s() if Phases.first_run else 0.0}
+        Phases.first_run = False
+        self.t = time.perf_counter()
+
+    def total(self):
+        """Start to now, as the marks add up (None where /proc could not say when the process started)."""
+        return None if self.s["start"] is None else round(sum(self.s.values()), 3)
+
+    def mark(self, name):
+        """Add the time since the last mark to `name`."""
+        now = time.perf_counter()
+        self.s[name] = self.s.get(name, 0.0) + now - self.t
+        self.t = now
+
+    def rounded(self):
+        return {k: None if v is None else round(v, 3) for k, v in self.s.items()}
+
+
+# ---------------------------------------------------------------- set-up
+
+def warm_spec(cfg, device, world):
+    """What train.prewarm warms on a GPU while the imports run (model.start_device): the backbone's widths,
+    this process's batch (at most 64 rows), each padded width the length buckets can give (at most 8, the widest
+    first), and the run's precision."""
+    if not cfg.train.prewarm or device.type != "cuda" or torch.cuda.is_initialized():
+        return None  # a process that has run on its GPU before (a pipeline's student, a sweep's next run) is warm
+    dims = model_lib.warm_dims(cfg.model.backbone)
+    dc = cfg.data
+    multiple = data_lib.pad_multiple(dc.pad_multiple, dc.max_length, device.type, cfg.train.batch_size)
+    widths = sorted({data_lib.pad_length(n, multiple, dc.max_length) for n in range(1, dc.max_length + 1)}, reverse=True)
+    bf16 = model_lib.amp_dtype(cfg.train.precision, device) is not None
+    return dims and (dims, max(1, min(64, cfg.train.batch_size // world)), widths[:8], bf16)
+
+
+def update_info(run_dir: Path, **fields):
+    """run.json with `fields` set (a None value removes the key), written atomically; `finished` stamped
+    when the status becomes final."""
+    info = json.loads((run_dir / "run.json").read_text())
+    if fields.get("status") in ("done", "failed"):
+        fields["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    info.update(fields)
+    atomic.write_json(run_dir / "run.json", {k: v for k, v in info.items() if k not in fields or v is not None})
+
+
+def library_versions() -> dict:
+    """What ran the run (run.json): Python and the libraries whose versions change its numbers or its speed."""
+    import platform
+
+    import peft
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}
+
+
+def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
+    """Everything the loop runs on: processes, run folder, data, model, optimizer, the step, resumed state."""
+    phases = phases or Phases()
+    rank, world, local_rank = dist.env()
+    device = model_lib.pick_device(cfg.train.device, local_rank)
+    context = model_lib.start_device(device, warm_spec(cfg, device, world))  # overlaps the imports and build below
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init(device, world)
+    if rank != 0:
+        log = lambda *a, **k: None  # noqa: E731  only rank 0 talks and writes
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    if tc.batch_size % world:
+        raise UserError(f"train.batch_size {tc.batch_size} does not split over {world} processes")
+    if tc.cuda_graphs == "on" and device.type != "cuda":
+        raise UserError("train.cuda_graphs=on needs a CUDA device")
+    num_labels = len(cfg.data.label_names)
+    ckpt_path = run_dir / "checkpoint" / "state.pt"
+    if not resume and (run_dir / "run.json").exists():
+        raise UserError(f"{run_dir}: a run already exists here; use --resume {run_dir} or another --out")
+    if not resume and run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):
+        raise UserError(f"{run_dir}: a folder with other files in it; give a new or empty folder (--out)")
+    phases.mark("setup")
+
+    torch.manual_seed(tc.seed)
+    model = model_lib.build(cfg.model, num_labels)  # the same initial weights on every process
+    counts = model_lib.summarize_params(model)  # what count_params gives without weights, from the model itself
+    model_lib.check_budget(cfg, counts)
+    phases.mark("build")
+    splits = data_lib.load_splits(cfg.data, tc.seed)
+    tok = model_lib.load_tokenizer(cfg.model.backbone)
+    hf_config = model_lib.backbone_config(cfg.model.backbone, num_labels)  # the fingerprint load_run checks
+    limit = model_lib.max_tokens(tok, hf_config)
+    if limit and cfg.data.max_length > limit:  # longer inputs would fail inside the model's position table
+        raise UserError(f"data.max_length {cfg.data.max_length}: {cfg.model.backbone} takes at most {limit} tokens")
+    train_rows, teacher_probs = distill.student_rows(cfg, splits, device, log, tok)
+    splits["train"] = train_rows
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    multiple = data_lib.pad_multiple(cfg.data.pad_multiple, cfg.data.max_length, device.type, tc.batch_size)
+    stores = {name: data_lib.TokenStore(data_lib.encode(tok, s.texts, cfg.data.max_length), s.labels, pad_id, device,
+                                        multiple)
+              for name, s in splits.items() if len(s) and name != "unlabelled"}
+    phases.mark("data")
+    dist.barrier(world)  # every process has checked the folder before rank 0 writes to it
+    if rank == 0 and not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(run_dir / "config.yaml", config_lib.to_yaml(cfg))
+        atomic.write_json(run_dir / "run.json", {
+            "format": RUN_FORMAT, "lorakd": __version__, "name": cfg.name, "role": cfg.role,
+            "backbone": cfg.model.backbone, "backbone_fingerprint": model_lib.backbone_fingerprint(hf_config),
+            "params": counts, "versions": library_versions(), "status": "running",
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    elif rank == 0:  # a resumed run runs again, whatever stopped it
+        update_info(run_dir, status="running", error=None, finished=None)
+    log(f"run folder: {run_dir}")
+    if world > 1:  # what each process runs: small shards make latency-bound steps (README: when it pays)
+        log(f"data parallel: {world} processes ({device.type}), {tc.batch_size // world} rows each of every "
+            f"global batch of {tc.batch_size}")
+    log(f"trainable parameters: {counts['trainable']:,} of {counts['total']:,}"
+        + (f" (budget {cfg.model.budget:,})" if cfg.role == "student" and cfg.model.budget else ""))
+
+    torch.manual_seed(tc.seed + rank)  # dropout masks differ across processes
+    amp = model_lib.amp_dtype(tc.precision, device)
+    if amp is not None:
+        model_lib.freeze_to(model, amp)
+    if context is not None:
+        context.stop.set()  # a warm-up still running ends after its current shape
+        context.join()
+    model.to(device).train()
+    if tc.compile:
+        # inductor fuses the elementwise kernels around the matmuls. Each padded width compiles once (shapes
+        # become dynamic after the second), in the warm-up steps before a CUDA graph captures it: compiling is
+        # seconds per shape, so it only pays on long runs. Off by default (README: levers).
+        model.compile()
+    optimizer, params = make_optimizer(model, cfg, device)
+    flat_grad = flat_gradients(params, device)
+    acc, share = torch.zeros(3, device=device), torch.ones((), device=device)
+    if world > 1:
+        torch.distributed.all_reduce(torch.zeros(1, device=device))  # communicator up before any capture
+    step = make_step(model, optimizer, flat_grad, stores["train"], teacher_probs, acc, share, cfg, amp, world)
+    if device.type == "cuda" and tc.cuda_graphs != "off":
+        step = GraphedStep(step, params, optimizer, acc, required=tc.cuda_graphs == "on", log=log,
+                           later_warmups=tc.capture_warmups)
+
+    # A last batch smaller than the process count would leave a process idle: it is dropped.
+    full, rest = divmod(len(stores["train"]), tc.batch_size)
+    steps_per_epoch = full + (rest >= world)
+    total = tc.max_steps or math.ceil(tc.epochs * steps_per_epoch)
+    state = TrainState()
+    if resume and ckpt_path.exists():
+        state = TrainState.load(ckpt_path, params, optimizer, acc, device)
+        log(f"resumed at step {state.step} of {total}")
+    if rank == 0:  # records after the checkpoint are replayed by the resumed run: drop them
+        kept = [r for r in read_metrics(run_dir) if resume and r["step"] <= state.step]
+        atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+    phases.mark("device")
+    return SimpleNamespace(
+        phases=phases, cfg=cfg, run_dir=run_dir, ckpt_path=ckpt_path, rank=rank, world=world, device=device, log=log, amp=amp,
+        splits=splits, stores=stores, counts=counts, model=model, params=params, optimizer=optimizer, acc=acc,
+        share=share, step=step, with_kd=teacher_probs is not None, state=state, total=total,
+        steps_per_epoch=steps_per_epoch, warmup=math.ceil(tc.warmup_ratio * total),
+        eval_every=tc.eval_every or steps_per_epoch)
+
+
+def epoch_batches(run, epoch):
+    """The epoch's global batches and this process's shards of them, the shards already on the device."""
+    tc, store = run.cfg.train, run.stores["train"]
+    batches = data_lib.batch_order(store.lengths_np, tc.batch_size, tc.seed, epoch, run.cfg.data.group_by_length)
+    batches = [b for b in batches if len(b) >= run.world]
+    shards = [b[run.rank::run.world] for b in batches]
+    starts = np.cumsum([0] + [len(b) for b in shards])
+    on_device = torch.as_tensor(np.concatenate(shards), device=run.device)  # one copy per epoch, none per step
+    return [(on_device[starts[i]: starts[i + 1]], b) for i, b in enumerate(batches)]
+
+
+# ---------------------------------------------------------------- the loop
+
+def train(cfg, run_dir, resume=False, log=print, plots=False) -> dict:
+    """Train one run into run_dir; returns its summary (also in run.json). plots: also draw plots/*.png
+    (rank 0), timed with the other phases in summary["phases_s"]."""
+    phases = Phases()
+    run_dir = Path(run_dir)
+    if resume:
+        _, info = load_run(run_dir)  # refuses a missing, foreign or newer-format folder
+        if info.get("status") == "done":
+            log(f"{run_dir}: already finished")
+            return info["summary"]
+    run = setup(cfg, run_dir, resume, log, phases)
+    try:
+        return _train_loop(run, plots)
+    except Exception as e:  # a diverged or crashed run says so in run.json; a killed one still says running
+        if run.rank == 0:
+            mark_failed(run_dir, e)
+        raise
+
+
+def mark_failed(run_dir: Path, error: Exception):
+    try:  # best effort: the error itself is what the user must see
+        update_info(run_dir, status="failed", error=" ".join(str(error).split())[:500] or type(error).__name__)
+    except (OSError, ValueError):
+        pass
+
+
+def _train_loop(run, plots) -> dict:
+    cfg, run_dir, log, phases = run.cfg, run.run_dir, run.log, run.phases
+    tc, st, store = cfg.train, run.state, run.stores["train"]
+    runlog = RunLog(run_dir, run.rank, run.world, run.total, st.step, run.steps_per_epoch, run.with_kd, tc.tensorboard)
+    if plots and run.rank == 0:  # matplotlib imports while the GPU trains (the host mostly waits), not after
+        threading.Thread(target=_import_plotting, daemon=True).start()
+    batches, batches_epoch, lr = None, None, tc.lr
+    with StopOnSigterm(run.rank == 0 or run.world == 1) as stop:
+        try:
+            while st.step < run.total:
+                epoch, pos = divmod(st.step, run.steps_per_epoch)
+                if batches_epoch != epoch:
+                    batches, batches_epoch = epoch_batches(run, epoch), epoch
+                idx, rows = batches[pos]
+                lr = tc.lr * lr_factor(st.step, run.total, run.warmup, tc.schedule, tc.lr)
+                t0 = time.perf_counter()
+                set_lr(run.optimizer, lr)
+                if run.world > 1:
+                    run.share.fill_(len(idx) * run.world / len(rows))
+                width = store.width(rows)  # the global batch's: every process has the same shape
+                run.step(idx, width, (len(rows), width))
+                st.step, st.acc_steps, st.samples = st.step + 1, st.acc_steps + 1, st.samples + len(rows)
+                last = st.step == run.total
+                log_now, eval_now = last or st.step % tc.log_every == 0, last or st.step % run.eval_every == 0
+                if run.device.type == "cuda" and (log_now or eval_now):
+                    torch.cuda.synchronize(run.device)  # time only where we would sync anyway
+                st.train_time += time.perf_counter() - t0
+                runlog.bar.update(1)
+                if log_now:
+                    runlog.train_loss(st, run.acc, lr, run.ckpt_path)
+                if eval_now:
+                    phases.mark("train_loop")
+                    evaluate_and_keep_best(run, runlog)
+                if (tc.checkpoint_every and st.step % tc.checkpoint_every == 0) or stop.signal:
+                    phases.mark("train_loop")
+                    save_checkpoint(run, runlog, lr)
+                    phases.mark("checkpoints")
+                if stop.signal:
+                    run.log(f"stopped by signal at step {st.step}; continue with: lorakd train --resume {run_dir}")
+                    sys.exit(143)
+        finally:
+            runlog.close()
+    phases.mark("train_loop")
+    return finish(run, plots)
+
+
+def _import_plotting():
+    try:
+        from .report import import_plotting
+        import_plotting()
+    except Exception:  # noqa: BLE001  plot_run imports again and reports a real failure
+        pass
+
+
+def evaluate_and_keep_best(run, runlog):
+    """Validation metrics into the log; the best weights so far kept in memory and saved as the adapter."""
+    if "validation" not in run.stores:
+        return
+    st, store = run.state, run.stores["validation"]
+    rows = dist.shard(len(store), run.rank, run.world)
+    logits = logits_for(run.model, store, run.cfg.train.eval_batch_size, run.amp, rows)
+    logits = dist.gather_rows(logits, rows, len(store), run.world, run.device)
+    m = metrics(logits, run.splits["validation"].labels, run.cfg.data.label_names)
+    run.phases.mark("eval")
+    runlog.record({"step": st.step, "epoch": round(st.step / run.steps_per_epoch, 4), "split": "validation",
+                   "loss": m["loss"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
+    run.log(f"step {st.step}/{run.total}  validation accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}")
+    if m["accuracy"] > st.best["accuracy"]:
+        st.best = {"accuracy": m["accuracy"], "step": st.step}
+        st.best_state = [p.detach().to("cpu", copy=True) for p in run.params]
+        st.best_metrics = m
+        save_weights(run)
+    run.phases.mark("files")
+
+
+def save_weights(run):
+    if run.rank == 0:
+        full = run.cfg.model.full_finetune
+        model_lib.save_trained(run.model, run.run_dir / ("model" if full else "adapter"), full)
+
+
+def save_checkpoint(run, runlog, lr):
+    if not torch.isfinite(run.acc).all():  # never checkpoint a diverged model: the log check names the step
+        runlog.train_loss(run.state, run.acc, lr, run.ckpt_path)
+    if run.rank == 0:
+        run.state.save(run.ckpt_path, run.params, run.optimizer, run.acc, run.device)
+
+
+def finish(run, plots=False) -> dict:
+    """The best weights back in the model, final evaluation, eval.json, plots, and the run marked done."""
+    st, cfg, phases = run.state, run.cfg, run.phases
+    if st.best_state is not None:  # the best checkpoint by validation accuracy is the run's result
+        with torch.no_grad():
+            for p, v in zip(run.params, st.best_state):
+                p.copy_(v.to(run.device))
+    else:
+        save_weights(run)
+    phases.mark("files")
+    results = {"validation": st.best_metrics} if st.best_metrics else {}  # the best weights' own evaluation
+    for name in ("validation", "test"):
+        if name in run.stores and name not in results and run.rank == 0:
+            results[name] = metrics(logits_for(run.model, run.stores[name], cfg.train.eval_batch_size, run.amp),
+                                    run.splits[name].labels, cfg.data.label_names)
+    for name, m in results.items():
+        run.log(format_table(name, m))
+    phases.mark("eval")
+    summary = {"best_step": st.best["step"], "steps": st.step, "train_time_s": round(st.train_time, 3),
+               "samples_per_s": st.samples / max(st.train_time, 1e-9),
+               "graph_capture_s": round(getattr(run.step, "capture_s", 0.0), 3),  # this process's, since (re)start
+               "cuda_graphs": len(getattr(run.step, "graphs", {})), "trainable": run.counts["trainable"],
+               "total": run.counts["total"], "world_size": run.world,
+               "device": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu"}
+    for name, m in results.items():
+        summary[f"{name}_accuracy"] = m["accuracy"]
+    if run.rank == 0:
+        atomic.write_json(run.run_dir / "eval.json", results)
+        phases.mark("files")
+        if plots:
+            from .report import plot_run
+
+            plot_run(run.run_dir)
+            phases.mark("plots")
+        # graph_capture is part of train_loop, so not in the total
+        summary["phases_s"] = {**phases.rounded(), "graph_capture": summary["graph_capture_s"], "total": phases.total()}
+        update_info(run.run_dir, status="done", summary=summary)
+        run.ckpt_path.unlink(missing_ok=True)
+        if run.ckpt_path.parent.is_dir() and not any(run.ckpt_path.parent.iterdir()):
+            run.ckpt_path.parent.rmdir()  # a finished run keeps no empty checkpoint/ folder
+    dist.barrier(run.world)
+    return summary
