@@ -9,8 +9,10 @@ The recipe (teacher and student lr, batch, epochs, LoRA shape, distill alpha and
 the same pipeline preset lorakd runs, and the rows come from lorakd's own reader: the same train/validation carve,
 the same labelled rows and the same transfer rows (the train rows data.labelled leaves out, plus the preset's
 augmented copies) as `lorakd pipeline --config PRESET data.labelled=N train.seed=SEED`. --labelled 0: all labels.
---max-steps N caps each Trainer (a CPU smoke test, a time-limited GPU call); the JSON then holds each phase's
-samples/s and `extrapolated_full_s`, the wall time with every capped phase scaled to its full steps.
+--max-steps N caps each Trainer (a CPU smoke test, a time-limited GPU call), and --deadline-s S stops whichever
+phase is training once the command has run S seconds (then it evaluates and writes the JSON); a capped run's JSON
+holds each phase's samples/s and `extrapolated_full_s`: the wall time with every capped phase's missing steps added
+at the steady per-step time of its second half.
 Writes OUT/trainer-way-labelled<N>.json (N = 0: all labels).
 """
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,  # noqa: E402
-                          Trainer, TrainingArguments)
+                          Trainer, TrainerCallback, TrainingArguments)
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -135,8 +137,22 @@ def training_args(t, out_dir, seed, max_steps):
     return TrainingArguments(**kwargs)
 
 
-def train_phase(trainer, n_rows, t, max_steps):
-    """trainer.train(), timed: steps run, the steps a full run takes, samples/s, peak GPU memory."""
+class StepClock(TrainerCallback):
+    """The time each optimizer step ends; stops training once the command has run deadline_s (0 = never),
+    so a time-limited call still evaluates and writes its JSON."""
+
+    def __init__(self, deadline_s):
+        self.deadline_s, self.ends = deadline_s, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.time())
+        if self.deadline_s and self.ends[-1] - T0 > self.deadline_s:
+            control.should_training_stop = True
+
+
+def train_phase(trainer, clock, n_rows, t):
+    """trainer.train(), timed: steps run, the steps a full run takes, samples/s, peak GPU memory, and the
+    seconds a full run's phase would take (the steps not run at the steady per-step time of the second half)."""
     if GPU:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -146,9 +162,12 @@ def train_phase(trainer, n_rows, t, max_steps):
         torch.cuda.synchronize()
     train_s = time.time() - t0
     full_steps = math.ceil(t.epochs * math.ceil(n_rows / t.batch_size))
+    half = clock.ends[len(clock.ends) // 2:]
+    step_s = (half[-1] - half[0]) / (len(half) - 1) if len(half) > 1 else train_s / max(out.global_step, 1)
     return {"rows": n_rows, "steps": out.global_step, "full_steps": full_steps, "train_s": round(train_s, 2),
-            "samples_per_s": round(out.global_step * t.batch_size / train_s, 1), "peak_gb": peak_gb(),
-            "capped": bool(max_steps) and out.global_step < full_steps}
+            "samples_per_s": round(out.global_step * t.batch_size / train_s, 1),
+            "steady_samples_per_s": round(t.batch_size / step_s, 1), "peak_gb": peak_gb(),
+            "full_train_s": round(train_s + max(full_steps - out.global_step, 0) * step_s, 2)}
 
 
 def accuracy(trainer, rows, labels):
@@ -195,9 +214,10 @@ def run(args):
     transformers.set_seed(args.seed)
     teacher = AutoModelForSequenceClassification.from_pretrained(t_src, num_labels=len(student_cfg.data.label_names))
     tt = teacher_cfg.train
+    steps = StepClock(args.deadline_s)
     trainer = Trainer(model=teacher, args=training_args(tt, tmp / "teacher", args.seed, args.max_steps),
-                      train_dataset=teacher_train, data_collator=DataCollatorWithPadding(t_tok))
-    res["phases"]["teacher_train"] = train_phase(trainer, len(teacher_train), tt, args.max_steps)
+                      train_dataset=teacher_train, data_collator=DataCollatorWithPadding(t_tok), callbacks=[steps])
+    res["phases"]["teacher_train"] = train_phase(trainer, steps, len(teacher_train), tt)
     clock.lap("teacher_train")
     res["teacher_acc"] = accuracy(trainer, teacher_val, val.labels)
     clock.lap("teacher_eval")
@@ -213,10 +233,11 @@ def run(args):
     student = get_peft_model(student, LoraConfig(task_type="SEQ_CLS", r=m.r, lora_alpha=m.alpha,
                                                  lora_dropout=m.dropout, target_modules=list(m.targets)))
     res["student_trainable"] = student.get_nb_trainable_parameters()[0]
+    steps = StepClock(args.deadline_s)
     trainer = DistillTrainer(model=student, args=training_args(st, tmp / "student", args.seed, args.max_steps),
-                             train_dataset=student_train, data_collator=PairCollator(s_tok, t_tok),
+                             train_dataset=student_train, data_collator=PairCollator(s_tok, t_tok), callbacks=[steps],
                              teacher=teacher, alpha=dc.alpha, temperature=dc.temperature)
-    res["phases"]["student_train"] = train_phase(trainer, len(student_train), st, args.max_steps)
+    res["phases"]["student_train"] = train_phase(trainer, steps, len(student_train), st)
     clock.lap("student_train")
     res["student_acc"] = accuracy(trainer, student_val, val.labels)
     clock.lap("student_eval")
@@ -236,6 +257,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", default="bench/results")
     p.add_argument("--max-steps", type=int, default=0, help="cap each Trainer's steps (0 = full epochs)")
+    p.add_argument("--deadline-s", type=float, default=0, help="stop training once the command has run this long, "
+                   "then evaluate and write the JSON (a call's time limit; 0 = none)")
     p.add_argument("overrides", nargs="*", help="key=value for the preset, as `lorakd pipeline` takes them")
     args = p.parse_args(argv)
     try:
@@ -245,26 +268,28 @@ def main(argv=None):
         sys.exit(2)
     wall = time.time() - T0
     phases = res.pop("phases")
-    # a capped phase scaled to its full steps: the rest of the command (imports, data, evaluation) runs in full
-    extra = sum(ph["train_s"] * (ph["full_steps"] / max(ph["steps"], 1) - 1) for ph in phases.values() if ph["capped"])
+    # each capped phase at its full steps; the rest of the command (imports, data, evaluation) already ran in full
+    capped = any(ph["steps"] < ph["full_steps"] for ph in phases.values())
+    extra = sum(ph["full_train_s"] - ph["train_s"] for ph in phases.values())
     out = {"regime": "all labels" if not args.labelled else f"labelled={args.labelled}", "seed": args.seed,
            "config": args.config, "overrides": args.overrides, "wall_s": round(wall, 2),
            "phases_s": {**clock.phases, "total": round(wall, 2)}, "teacher_acc": res.pop("teacher_acc"),
-           "student_acc": res.pop("student_acc"), "max_steps": args.max_steps,
-           "extrapolated_full_s": round(wall + extra, 1) if args.max_steps else None,
+           "student_acc": res.pop("student_acc"), "max_steps": args.max_steps, "deadline_s": args.deadline_s,
+           "capped": capped, "extrapolated_full_s": round(wall + extra, 1) if capped else None,
            "train_phases": phases, "peak_gb": max(ph["peak_gb"] for ph in phases.values()), **res,
            "device": torch.cuda.get_device_name() if GPU else "cpu",
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}}
     path = Path(args.out) / f"trainer-way-labelled{args.labelled}.json"
     atomic.write_json(path, out)
     print(f"\n{out['regime']}, seed {args.seed}, {out['device']}: wall {out['wall_s']} s"
-          + (f" (max_steps {args.max_steps}; full run about {out['extrapolated_full_s']} s)" if args.max_steps else ""))
+          + (f" (capped; the full run about {out['extrapolated_full_s']} s)" if capped else ""))
     print("phase            seconds")
     for k, v in out["phases_s"].items():
         print(f"{k:<16} {v:>8}")
-    print("train phase      rows     steps  full_steps  samples/s  peak_gb")
+    print("train phase      rows     steps  full_steps  samples/s  steady/s  full_train_s  peak_gb")
     for k, ph in phases.items():
-        print(f"{k:<16} {ph['rows']:<8} {ph['steps']:<6} {ph['full_steps']:<11} {ph['samples_per_s']:<10} {ph['peak_gb']}")
+        print(f"{k:<16} {ph['rows']:<8} {ph['steps']:<6} {ph['full_steps']:<11} {ph['samples_per_s']:<10} "
+              f"{ph['steady_samples_per_s']:<9} {ph['full_train_s']:<13} {ph['peak_gb']}")
     print(f"teacher_acc {out['teacher_acc']}  student_acc {out['student_acc']}  rows {out['rows']}  -> {path}")
 
 
