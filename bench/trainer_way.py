@@ -3,7 +3,7 @@ of the teacher, then a Trainer subclass whose loss runs the teacher forward on e
 logits), with a PEFT LoRA student. Issue 30's peer for `lorakd pipeline`.
 
     python bench/trainer_way.py --teacher-backbone DIR --student-backbone DIR --data DIR --labelled 8791
-        [--config presets/pipeline-mpnet.yaml] [--seed 42] [--out bench/results] [--max-steps N] [key=value ...]
+        [--config pipeline-mpnet] [--seed 42] [--out bench/results] [--max-steps N] [--deadline-s S] [key=value ...]
 
 The recipe (teacher and student lr, batch, epochs, LoRA shape, distill alpha and T, distill.augment) is read from
 the same pipeline preset lorakd runs, and the rows come from lorakd's own reader: the same train/validation carve,
@@ -212,7 +212,10 @@ def run(args):
 
     # ---- teacher: a stock Trainer, full fine-tune
     transformers.set_seed(args.seed)
+    # .float(): transformers 5 loads a bf16 checkpoint (the GPU carry's) as bf16; Trainer's bf16 is autocast over
+    # fp32 weights, as lorakd trains
     teacher = AutoModelForSequenceClassification.from_pretrained(t_src, num_labels=len(student_cfg.data.label_names))
+    teacher = teacher.float()
     tt = teacher_cfg.train
     steps = StepClock(args.deadline_s)
     trainer = Trainer(model=teacher, args=training_args(tt, tmp / "teacher", args.seed, args.max_steps),
@@ -230,7 +233,7 @@ def run(args):
     transformers.set_seed(args.seed)
     m, st, dc = student_cfg.model, student_cfg.train, student_cfg.distill
     student = AutoModelForSequenceClassification.from_pretrained(s_src, num_labels=len(student_cfg.data.label_names))
-    student = get_peft_model(student, LoraConfig(task_type="SEQ_CLS", r=m.r, lora_alpha=m.alpha,
+    student = get_peft_model(student.float(), LoraConfig(task_type="SEQ_CLS", r=m.r, lora_alpha=m.alpha,
                                                  lora_dropout=m.dropout, target_modules=list(m.targets)))
     res["student_trainable"] = student.get_nb_trainable_parameters()[0]
     steps = StepClock(args.deadline_s)
@@ -279,8 +282,15 @@ def main(argv=None):
            "train_phases": phases, "peak_gb": max(ph["peak_gb"] for ph in phases.values()), **res,
            "device": torch.cuda.get_device_name() if GPU else "cpu",
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}}
-    path = Path(args.out) / f"trainer-way-labelled{args.labelled}.json"
-    atomic.write_json(path, out)
+    name = f"trainer-way-labelled{args.labelled}"
+    try:  # bench/result_files.py (main since 72216ca): the current file and a timestamped copy in scratch/
+        from result_files import result_paths, write_result
+        paths = result_paths(name, args.out, out["device"])
+        write_result(paths, out)
+    except ImportError:  # a tree before it
+        paths = (Path(args.out) / f"{name}.json",)
+        atomic.write_json(paths[0], out)
+    path = paths[0]
     print(f"\n{out['regime']}, seed {args.seed}, {out['device']}: wall {out['wall_s']} s"
           + (f" (capped; the full run about {out['extrapolated_full_s']} s)" if capped else ""))
     print("phase            seconds")
