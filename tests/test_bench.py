@@ -51,3 +51,32 @@ def test_a_variants_list_value_keeps_its_commas(gain):
     assert gain.parse_variant("mix4:distill.augment_ops=[delete,swap,mix],distill.augment=4") == (
         "mix4", ["distill.augment_ops=[delete,swap,mix]", "distill.augment=4"])
     assert gain.parse_variant("ce_lr:train.lr=5e-4,train.epochs=20") == ("ce_lr", ["train.lr=5e-4", "train.epochs=20"])
+
+
+@pytest.mark.slow  # a subprocess importing transformers, peft and Trainer: 20-50 s on a shared CPU
+def test_trainer_way_runs_on_lorakd_rows_and_extrapolates(tmp_path, tiny_backbone, tiny_data):
+    """bench/trainer_way.py under a deadline already passed when training starts: each Trainer stops after its
+    first step, and the run still evaluates and writes its JSON, with the same labelled, transfer (the rest plus
+    the preset's 2 augmented copies of each labelled row) and validation rows as lorakd, phases that add up to
+    the wall time, and each capped phase's missing steps added to the extrapolated time."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(REPO / "bench" / "trainer_way.py"), "--teacher-backbone", str(tiny_backbone),
+           "--student-backbone", str(tiny_backbone), "--data", str(tiny_data), "--labelled", "100",
+           "--deadline-s", "0.5", "--out", str(tmp_path), "data.max_length=32", "data.val_fraction=0.1"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((tmp_path / "trainer-way-labelled100.json").read_text())
+    assert out["rows"] == {"labelled": 100, "transfer": 360 - 100 + 2 * 100, "validation": 40}
+    assert out["student_trainable"] > 0 and 0 <= out["teacher_acc"] <= 1 and 0 <= out["student_acc"] <= 1
+    steps = {k: (p["steps"], p["full_steps"]) for k, p in out["train_phases"].items()}
+    assert steps == {"teacher_train": (1, 14), "student_train": (1, 72)}  # 2 epochs of 100 / 16; 3 of 560 / 24
+    phases = {k: v for k, v in out["phases_s"].items() if k != "total"}
+    assert sum(phases.values()) == pytest.approx(out["wall_s"], abs=0.1)
+    assert out["capped"] and all(p["full_train_s"] > p["train_s"] for p in out["train_phases"].values())
+    assert out["extrapolated_full_s"] == pytest.approx(out["wall_s"] + sum(
+        p["full_train_s"] - p["train_s"] for p in out["train_phases"].values()), abs=0.2)
