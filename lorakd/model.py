@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, brief
 
 EMBEDDED = "embedded:minilm"
 MPNET = "embedded:mpnet"
@@ -269,12 +269,82 @@ def hub_kwargs(src: str) -> dict:
     return {"local_files_only": True} if not Path(src).exists() and hub_out_of_reach() else {}
 
 
+# attention implementations built into transformers; any other name (a hub kernel, "org/repo") is code fetched
+# and run at load
+BUILTIN_ATTENTION = (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+ATTENTION_KEYS = ("attn_implementation", "_attn_implementation", "_attn_implementation_internal")
+FOLDER_FILES = ("config.json", "tokenizer_config.json", "adapter_config.json", "lorakd.json")
+
+
+def _remote_code(obj, where) -> str | None:
+    """What in a model folder's JSON (nested configs too) would run code from elsewhere, in words; None when
+    nothing would."""
+    stack = [obj]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        if not isinstance(node, dict):
+            continue
+        if "auto_map" in node:
+            return f"{where} asks for code of its own (auto_map)"
+        for key in ATTENTION_KEYS:
+            values = node.get(key)
+            for v in values.values() if isinstance(values, dict) else [values]:
+                if v not in BUILTIN_ATTENTION:
+                    return f"{where} names attention {brief(v)}, a kernel fetched from the hub"
+        stack.extend(node.values())
+    return None
+
+
+def check_folder(src) -> str:
+    """src, once a local model folder's JSON files ask for no code from outside transformers: a config.json with
+    auto_map (a .py of the folder's own) or an attention kernel from the hub is refused before anything loads.
+    Every from_pretrained also passes trust_remote_code=False (safe_kwargs), so a hub id never runs code and
+    transformers never asks on stdin."""
+    folder = Path(src)
+    for name in FOLDER_FILES if folder.is_dir() else ():
+        f = folder / name
+        if not f.is_file():
+            continue
+        if f.stat().st_size > 64 << 20:
+            raise UserError(f"{f}: {f.stat().st_size:,} bytes; a model folder's JSON file over 64 MB is refused")
+        try:
+            obj = json.loads(f.read_bytes())
+        except (ValueError, RecursionError):
+            raise UserError(f"{f}: not valid JSON") from None
+        why = _remote_code(obj, f)
+        if why:
+            raise UserError(f"{why}; lorakd runs no code from a model folder (trust_remote_code is off)")
+    return str(src)
+
+
+def safe_kwargs(src) -> dict:
+    """from_pretrained's keywords for src, once check_folder passed it: never remote code; the local cache only
+    for a hub id while the hub is out of reach."""
+    check_folder(src)
+    return {"trust_remote_code": False, **hub_kwargs(src)}
+
+
+def check_attention(hf_config, name):
+    """A config loaded from the hub gets the attention check a local folder gets from check_folder."""
+    why = _remote_code({k: getattr(hf_config, k, None) for k in ATTENTION_KEYS[1:]}, name)
+    if why:
+        raise UserError(f"{why}; lorakd runs no code from a model folder (trust_remote_code is off)")
+    return hf_config
+
+
 def load_error(key: str, name: str, what: str, e: Exception) -> UserError:
     """The one-line error for a backbone that did not load; `key` names the option or config key."""
     if hub_kwargs(resolve_backbone(name)):
         return UserError(f"{key} {name}: not in the local Hugging Face cache, and the hub is out of reach; "
                          f"pass a local model folder, or connect")
-    return UserError(f"{key} {name}: cannot load its {what} ({str(e).splitlines()[0][:160]})")
+    return UserError(f"{key} {name}: cannot load its {what} ({first_line(e)})")
+
+
+def first_line(e: BaseException, limit=160) -> str:
+    """An exception's first line for a one-line message (its type when it says nothing)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
 
 
 def backbone_config(name: str, num_labels: int):
@@ -287,8 +357,8 @@ def backbone_config(name: str, num_labels: int):
     else:
         src = resolve_backbone(name)
         try:
-            cfg = AutoConfig.from_pretrained(src, **hub_kwargs(src))
-        except OSError as e:
+            cfg = check_attention(AutoConfig.from_pretrained(src, **safe_kwargs(src)), name)
+        except (OSError, ValueError) as e:  # ValueError: a hub config that asks for remote code
             raise load_error("model.backbone", name, "config", e) from None
     cfg.num_labels = num_labels
     return cfg
@@ -423,26 +493,32 @@ def load_tokenizer(backbone: str):
         raise UserError(f"{backbone}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...) in this model "
                         "folder (model.backbone); copy them from the base model")
     try:
-        return AutoTokenizer.from_pretrained(src, **hub_kwargs(src))
-    except OSError as e:
+        return AutoTokenizer.from_pretrained(src, **safe_kwargs(src))
+    except UserError:
+        raise
+    except BaseException as e:  # the Rust tokenizer's panic on a bad tokenizer.json is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
         raise load_error("model.backbone", backbone, "tokenizer", e) from None
 
 
 def build(mcfg, num_labels: int):
     """Backbone with pretrained weights (fp32) and adapters attached."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     _quiet_transformers()
     src = resolve_backbone(mcfg.backbone)
     try:
-        config = AutoConfig.from_pretrained(src, num_labels=num_labels, **hub_kwargs(src))
+        config = check_attention(AutoConfig.from_pretrained(src, num_labels=num_labels, **safe_kwargs(src)),
+                                 mcfg.backbone)
         if mcfg.backbone_dropout >= 0:  # BERT/RoBERTa names and DistilBERT's, whichever this config has
             for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
                 if hasattr(config, key):
                     setattr(config, key, mcfg.backbone_dropout)
         base = AutoModelForSequenceClassification.from_pretrained(src, config=config, **attention(mcfg),
-                                                                  **hub_kwargs(src))
-    except OSError as e:
+                                                                  **safe_kwargs(src))
+    except (OSError, SafetensorError) as e:
         raise load_error("model.backbone", mcfg.backbone, "weights", e) from None
     except ValueError as e:  # an attention this architecture lacks (say, sdpa for MPNet)
         if mcfg.attention == "auto":
@@ -556,12 +632,12 @@ def save_trained(model, out_dir: Path, full_finetune: bool):
 
     from safetensors import SafetensorError
 
-    from .atomic import file_mode
+    from .atomic import file_mode, folder
 
     out_dir = Path(out_dir)
     tmp = None
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        folder(out_dir)  # adapter/ or model/ planted as a link elsewhere is refused
         tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
         to_save = model
         if full_finetune:
@@ -584,6 +660,7 @@ def save_trained(model, out_dir: Path, full_finetune: bool):
 
 def load_trained(cfg, run_dir: Path, num_labels: int):
     """The model a run folder holds: its backbone plus adapter/ (or model/ for a full fine-tune)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification
 
     _quiet_transformers()
@@ -592,7 +669,10 @@ def load_trained(cfg, run_dir: Path, num_labels: int):
         src = run_dir / "model"
         if not (src / "config.json").exists():
             raise UserError(f"{run_dir}: no trained model in model/ (did training finish?)")
-        return graph_safe(AutoModelForSequenceClassification.from_pretrained(src).float())
+        try:
+            return graph_safe(AutoModelForSequenceClassification.from_pretrained(src, **safe_kwargs(src)).float())
+        except (OSError, SafetensorError) as e:
+            raise load_error("run", str(run_dir), "weights", e) from None
     from peft import PeftModel
 
     src = run_dir / "adapter"
@@ -601,14 +681,15 @@ def load_trained(cfg, run_dir: Path, num_labels: int):
     src_base = resolve_backbone(cfg.model.backbone)
     try:
         base = AutoModelForSequenceClassification.from_pretrained(src_base, num_labels=num_labels,
-                                                                  **hub_kwargs(src_base))
-    except OSError as e:
+                                                                  **safe_kwargs(src_base))
+    except (OSError, SafetensorError) as e:
         raise load_error("backbone", cfg.model.backbone, "weights", e) from None
     base = graph_safe(base.float())
+    check_folder(src)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             return PeftModel.from_pretrained(base, src)
-        except RuntimeError as e:  # shape mismatch: the adapter belongs to another backbone
+        except (RuntimeError, SafetensorError) as e:  # shape mismatch: the adapter belongs to another backbone
             raise UserError(f"{run_dir}: the adapter does not fit backbone {cfg.model.backbone} "
-                            f"({str(e).splitlines()[0][:160]})") from None
+                            f"({first_line(e)})") from None

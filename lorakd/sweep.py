@@ -22,7 +22,7 @@ from . import atomic
 from . import config as config_lib
 from . import model as model_lib
 from . import train as train_lib
-from .errors import UserError
+from .errors import UserError, brief
 from .report import fmt_value, report
 from .runs import load_run, run_lock
 
@@ -62,8 +62,9 @@ def load_sweep(path) -> dict:
         if key in spec and not isinstance(spec[key], str):
             raise UserError(f"{path}: sweep key {key}: expected text, got {spec[key]!r}")
     spec.setdefault("name", path.stem)
-    if not _safe(spec["name"]):
-        raise UserError(f"{path}: sweep key name: {spec['name']!r} is empty after removing unsafe characters")
+    if not _safe(spec["name"]) or not config_lib.safe_name(spec["name"]):
+        raise UserError(f"{path}: sweep key name: {brief(spec['name'])} must be a plain folder name (no '/', "
+                        f"'..' or leading '.')")
     _mapping(spec, "set", path)
     for key, values in _mapping(spec, "grid", path).items():
         if not isinstance(values, list) or not values:
@@ -99,6 +100,19 @@ def _base_path(spec, path: Path):
     except UserError:
         raise UserError(f"{path}: base {base!r}: no such config file (next to the sweep file or here) "
                         f"or preset") from None
+
+
+def _spec_out(spec, path: Path):
+    """The sweep file's own `out:`, a folder inside the one holding the file (--out on the command line goes
+    anywhere): a sweep file from elsewhere must not write outside it."""
+    out = spec.get("out")
+    if not out:
+        return None
+    home = path.parent.resolve()
+    if Path(out).is_absolute() or not (home / out).resolve().is_relative_to(home):  # '..' or a link out of it
+        raise UserError(f"{path}: sweep key out: {brief(out)} must be a folder inside {path.parent} (no absolute "
+                        f"path, no '..', no link out of it); pass --out to write elsewhere")
+    return path.parent / out
 
 
 def points(spec) -> list[dict]:
@@ -184,7 +198,7 @@ def plan(path, data=None, out=None, overrides=()):
             continue
         seen.add(key)
         members.append({"overrides": point, "cfg": cfg, "flat": flat})
-    sweep_dir = Path(out or spec.get("out") or Path("runs") / f"sweep-{_safe(spec['name'])}")
+    sweep_dir = Path(out) if out else _spec_out(spec, path) or Path("runs") / f"sweep-{_safe(spec['name'])}"
     for m, name in zip(members, member_names([m["flat"] for m in members], _safe(spec["name"]))):
         m["name"] = f"{name}-run" if name in RESERVED else name  # the sweep's own files keep their names
     _keep_folders(sweep_dir, members)
