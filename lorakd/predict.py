@@ -264,8 +264,9 @@ def onnx_tokenizer(folder: Path):
     from tokenizers import Tokenizer
 
     model_lib.check_folder(folder)
-    try:
+    try:  # and one text through it: a bad post-processor panics at the first encode, not at load
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        tok.encode("a probe text")
     except BaseException as e:  # a bad file: an Exception, or the Rust panic (pyo3's PanicException, a BaseException)
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
@@ -349,9 +350,10 @@ def open_model(kind, p: Path, device="auto", backbone=None, threads=0, runtime="
                 model = AutoModelForSequenceClassification.from_pretrained(p, **model_lib.safe_kwargs(p))
             except (OSError, SafetensorError) as e:
                 raise UserError(f"{p}: cannot load its weights ({model_lib.first_line(e)})") from None
-        kwargs = model_lib.safe_kwargs(p)
+        tok_kwargs = model_lib.safe_kwargs(p)  # outside the try: its own UserError stays as it is
         try:
-            tok = AutoTokenizer.from_pretrained(p, **kwargs)
+            tok = AutoTokenizer.from_pretrained(p, **tok_kwargs)
+            tok("a probe text", truncation=True, max_length=8)  # a bad post-processor panics at the first encode
         except BaseException as e:  # the Rust tokenizer's panic on a bad tokenizer.json is a BaseException
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise

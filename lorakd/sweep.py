@@ -109,9 +109,9 @@ def _spec_out(spec, path: Path):
     if not out:
         return None
     home = path.parent.resolve()
-    if Path(out).is_absolute() or not (home / out).resolve().is_relative_to(home):  # '..' or a link out of it
-        raise UserError(f"{path}: sweep key out: {brief(out)} must be a folder inside {path.parent} (no absolute "
-                        f"path, no '..', no link out of it); pass --out to write elsewhere")
+    if not (home / out).resolve().is_relative_to(home):  # '..', an absolute path elsewhere, a link out of it
+        raise UserError(f"{path}: sweep key out: {brief(out)} is not a folder inside {path.parent}; a sweep file "
+                        f"writes only beside itself (pass --out to write elsewhere)")
     return path.parent / out
 
 
