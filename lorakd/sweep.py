@@ -382,7 +382,7 @@ def _run_parallel(todo, gpus, sweep_dir, record):
                 if gpu not in workers:
                     start(gpu)
                 log_path = sweep_dir / "logs" / f"{m['name']}.log"
-                log_path.parent.mkdir(parents=True, exist_ok=True)
+                atomic.folder(log_path.parent)
                 task = {"config": str(m["config_file"]), "run_dir": str(m["run_dir"]), "log": str(log_path),
                         "resume": m["status"] == "resume"}
                 workers[gpu].stdin.write(json.dumps(task) + "\n")
@@ -425,7 +425,8 @@ def worker():
     for line in sys.stdin:
         task = json.loads(line)
         run_dir = Path(task["run_dir"])
-        with open(task["log"], "ab", buffering=0) as log:
+        fd = os.open(task["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)  # never a link
+        with open(fd, "ab", buffering=0) as log:
             sys.stdout.flush(), sys.stderr.flush()
             os.dup2(log.fileno(), 1)  # the fds, not just sys.stdout: native libraries' output lands there too
             os.dup2(log.fileno(), 2)
