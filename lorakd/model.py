@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError, brief
+from .errors import UserError
+from .trust import ATTENTION_KEYS, check_folder, first_line, remote_code
 
 EMBEDDED = "embedded:minilm"
 MPNET = "embedded:mpnet"
@@ -269,56 +270,6 @@ def hub_kwargs(src: str) -> dict:
     return {"local_files_only": True} if not Path(src).exists() and hub_out_of_reach() else {}
 
 
-# attention implementations built into transformers; any other name (a hub kernel, "org/repo") is code fetched
-# and run at load
-BUILTIN_ATTENTION = (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
-ATTENTION_KEYS = ("attn_implementation", "_attn_implementation", "_attn_implementation_internal")
-FOLDER_FILES = ("config.json", "tokenizer_config.json", "adapter_config.json", "lorakd.json")
-
-
-def _remote_code(obj, where) -> str | None:
-    """What in a model folder's JSON (nested configs too) would run code from elsewhere, in words; None when
-    nothing would."""
-    stack = [obj]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, list):
-            stack.extend(node)
-        if not isinstance(node, dict):
-            continue
-        if "auto_map" in node:
-            return f"{where} asks for code of its own (auto_map)"
-        for key in ATTENTION_KEYS:
-            values = node.get(key)
-            for v in values.values() if isinstance(values, dict) else [values]:
-                if v not in BUILTIN_ATTENTION:
-                    return f"{where} names attention {brief(v)}, a kernel fetched from the hub"
-        stack.extend(node.values())
-    return None
-
-
-def check_folder(src) -> str:
-    """src, once a local model folder's JSON files ask for no code from outside transformers: a config.json with
-    auto_map (a .py of the folder's own) or an attention kernel from the hub is refused before anything loads.
-    Every from_pretrained also passes trust_remote_code=False (safe_kwargs), so a hub id never runs code and
-    transformers never asks on stdin."""
-    folder = Path(src)
-    for name in FOLDER_FILES if folder.is_dir() else ():
-        f = folder / name
-        if not f.is_file():
-            continue
-        if f.stat().st_size > 64 << 20:
-            raise UserError(f"{f}: {f.stat().st_size:,} bytes; a model folder's JSON file over 64 MB is refused")
-        try:
-            obj = json.loads(f.read_bytes())
-        except (ValueError, RecursionError):
-            raise UserError(f"{f}: not valid JSON") from None
-        why = _remote_code(obj, f)
-        if why:
-            raise UserError(f"{why}; lorakd runs no code from a model folder (trust_remote_code is off)")
-    return str(src)
-
-
 def safe_kwargs(src) -> dict:
     """from_pretrained's keywords for src, once check_folder passed it: never remote code; the local cache only
     for a hub id while the hub is out of reach."""
@@ -328,7 +279,7 @@ def safe_kwargs(src) -> dict:
 
 def check_attention(hf_config, name):
     """A config loaded from the hub gets the attention check a local folder gets from check_folder."""
-    why = _remote_code({k: getattr(hf_config, k, None) for k in ATTENTION_KEYS[1:]}, name)
+    why = remote_code({k: getattr(hf_config, k, None) for k in ATTENTION_KEYS[1:]}, name)
     if why:
         raise UserError(f"{why}; lorakd runs no code from a model folder (trust_remote_code is off)")
     return hf_config
@@ -340,11 +291,6 @@ def load_error(key: str, name: str, what: str, e: Exception) -> UserError:
         return UserError(f"{key} {name}: not in the local Hugging Face cache, and the hub is out of reach; "
                          f"pass a local model folder, or connect")
     return UserError(f"{key} {name}: cannot load its {what} ({first_line(e)})")
-
-
-def first_line(e: BaseException, limit=160) -> str:
-    """An exception's first line for a one-line message (its type when it says nothing)."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
 
 
 def backbone_config(name: str, num_labels: int):

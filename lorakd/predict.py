@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import json
 import os
 import queue
 import time
@@ -19,6 +18,7 @@ import numpy as np
 from . import atomic
 from . import data as data_lib
 from .errors import UserError
+from .trust import check_folder, first_line, read_json
 
 LABEL_FORMATS = ("index", "name", "charcnn")  # 0..K-1 | class name | 1..K
 CHUNK = 2048  # texts read, tokenised, predicted and written at a time: memory stays bounded for any input
@@ -163,8 +163,6 @@ def _labels_of(kind, p: Path) -> list[str]:
         from .runs import load_run
 
         return list(load_run(p)[0].data.label_names)
-    from .runs import read_json
-
     folder = p.parent if kind == "onnx" else p
     src = folder / ("lorakd.json" if kind == "adapter" else "config.json")
     if not src.exists():
@@ -253,17 +251,16 @@ def onnx_tokenizer(folder: Path):
     tokenizer transformers' fast tokenizers run, without importing transformers and torch (about 5 s of a fresh
     `lorakd predict` on this 2-core CPU). Same ids as AutoTokenizer: tests/test_export.py. A folder without
     tokenizer.json (a slow tokenizer only) gets AutoTokenizer."""
-    from . import model as model_lib
-    from .runs import read_json
-
     config = read_json(folder / "tokenizer_config.json")
     if not (folder / "tokenizer.json").exists():
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(folder, **model_lib.safe_kwargs(folder))
+        from .model import safe_kwargs
+
+        return AutoTokenizer.from_pretrained(folder, **safe_kwargs(folder))
     from tokenizers import Tokenizer
 
-    model_lib.check_folder(folder)
+    check_folder(folder)
     try:  # and one text through it: a bad post-processor panics at the first encode, not at load
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         tok.encode("a probe text")
@@ -271,7 +268,7 @@ def onnx_tokenizer(folder: Path):
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         raise UserError(f"{folder / 'tokenizer.json'}: not a tokenizer file the tokenizers library reads "
-                        f"({model_lib.first_line(e)})") from None
+                        f"({first_line(e)})") from None
     tok.no_padding()  # batches pad themselves (data.pad_rows)
     pad = config.get("pad_token")
     pad = pad.get("content") if isinstance(pad, dict) else pad
@@ -315,7 +312,7 @@ def open_model(kind, p: Path, device="auto", backbone=None, threads=0, runtime="
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from . import model as model_lib
-    from .runs import open_trained, read_json
+    from .runs import open_trained
 
     if threads:
         torch.set_num_threads(threads)
@@ -338,18 +335,18 @@ def open_model(kind, p: Path, device="auto", backbone=None, threads=0, runtime="
                     src, id2label=id2label, label2id={n: i for i, n in id2label.items()}, **model_lib.safe_kwargs(src))
             except (OSError, SafetensorError) as e:
                 raise model_lib.load_error("base model", base, "weights", e) from None
-            model_lib.check_folder(p)
+            check_folder(p)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:
                     model = PeftModel.from_pretrained(model, p)
                 except (RuntimeError, SafetensorError) as e:
-                    raise UserError(f"{p}: the adapter does not load ({model_lib.first_line(e)})") from None
+                    raise UserError(f"{p}: the adapter does not load ({first_line(e)})") from None
         else:
             try:
                 model = AutoModelForSequenceClassification.from_pretrained(p, **model_lib.safe_kwargs(p))
             except (OSError, SafetensorError) as e:
-                raise UserError(f"{p}: cannot load its weights ({model_lib.first_line(e)})") from None
+                raise UserError(f"{p}: cannot load its weights ({first_line(e)})") from None
         tok_kwargs = model_lib.safe_kwargs(p)  # outside the try: its own UserError stays as it is
         try:
             tok = AutoTokenizer.from_pretrained(p, **tok_kwargs)
@@ -357,7 +354,7 @@ def open_model(kind, p: Path, device="auto", backbone=None, threads=0, runtime="
         except BaseException as e:  # the Rust tokenizer's panic on a bad tokenizer.json is a BaseException
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
-            raise UserError(f"{p}: cannot load its tokenizer ({model_lib.first_line(e)})") from None
+            raise UserError(f"{p}: cannot load its tokenizer ({first_line(e)})") from None
         amp, max_length = model_lib.amp_dtype("auto", dev), _max_length(tok)
     model = merged(model.float())
     if amp is not None:

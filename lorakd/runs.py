@@ -15,6 +15,7 @@ from . import atomic
 from . import config as config_lib
 from . import model as model_lib
 from .errors import UserError
+from .trust import read_json
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -30,17 +31,6 @@ def read_metrics(run_dir) -> list[dict]:
             if isinstance(rec, dict) and isinstance(rec.get("step"), int):
                 out.append(rec)
     return out
-
-
-def read_json(path) -> dict:
-    """A JSON object from a file lorakd wrote; anything else is a one-line error naming the file."""
-    try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path}: not valid JSON") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return obj
 
 
 def read_eval(run_dir) -> dict:

@@ -849,8 +849,8 @@ def test_a_config_name_is_a_folder_name_not_a_path(capsys, tmp_path, tiny_yaml, 
 
 @pytest.mark.parametrize("out", ["../elsewhere", "/tmp/elsewhere-sweep"])
 def test_a_sweep_files_out_stays_beside_it(capsys, tmp_path, tiny_yaml, out):
-    sweep = write(tmp_path / "s" / "s.yaml", f"base: {tiny_yaml}\nout: {out}\ngrid:\n  model.r: [2, 4]\n") \
-        if (tmp_path / "s").mkdir() is None else None
+    (tmp_path / "s").mkdir()
+    sweep = write(tmp_path / "s" / "s.yaml", f"base: {tiny_yaml}\nout: {out}\ngrid:\n  model.r: [2, 4]\n")
     assert "sweep key out" in cli_error(capsys, "sweep", sweep, "--dry-run")
     inside = write(tmp_path / "s" / "t.yaml", f"base: {tiny_yaml}\nout: here\ngrid:\n  model.r: [2, 4]\n")
     from lorakd.sweep import plan
