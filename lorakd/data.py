@@ -273,6 +273,8 @@ def _read_parquet(path: Path, names, need_labels=True) -> Split:
                 raise UserError(too_big)
             batches.append(batch)
         df = pa.Table.from_batches(batches, schema=pf.schema_arrow).to_pandas()
+        for c in texts:  # categories back to plain values (references to them: no copies), a missing one None
+            df[c] = df[c].astype(object).where(df[c].notna(), None)
     except UserError:
         raise
     except Exception as e:  # pyarrow raises many types for a broken file
