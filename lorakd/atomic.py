@@ -4,10 +4,17 @@ A file gets the permissions of any file the user writes: the temporary file is c
 the kernel takes the umask (and a default ACL) off it, where tempfile.mkstemp would make it 0600 and hide
 results from the group. Reading the umask instead would mean setting it, and it is shared by all threads.
 A write that fails (a full disk, a read-only folder) is one UserError naming the file and the cause; the
-old file stays as it was and no temporary file is left behind."""
+old file stays as it was and no temporary file is left behind.
+
+A run folder may come from someone else: every write lands in a real folder (folder() refuses a symbolic link
+or anything else in its place) and never follows a link planted at the file's own name (os.replace swaps the
+link itself; appends open with O_NOFOLLOW)."""
 import contextlib
+import errno
 import json
 import os
+import re
+import stat
 from pathlib import Path
 
 from .errors import UserError
@@ -28,7 +35,29 @@ def file_mode() -> int:
 
 
 def _cannot_write(path, e: OSError) -> UserError:
+    if e.errno == errno.ELOOP:  # O_NOFOLLOW met a link
+        return UserError(f"{path}: a symbolic link; lorakd does not write through links (remove it)")
     return UserError(f"{path}: cannot write ({e.strerror or e})")
+
+
+def folder(path) -> Path:
+    """path as a real folder lorakd may write into, made (with its parents) when missing. A symbolic link there,
+    or anything else that is not a folder, is refused: a shared run folder with `checkpoint -> ~/elsewhere`
+    would have lorakd write, and delete, in ~/elsewhere."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file, or a link to no folder, in the way
+        pass
+    except OSError as e:
+        raise _cannot_write(path, e) from None
+    st = os.lstat(path)  # FileNotFoundError: removed meanwhile, for the caller to retry or report
+    if stat.S_ISLNK(st.st_mode):
+        raise UserError(f"{path}: a symbolic link; lorakd writes only into real folders (give the folder it "
+                        f"points to, or remove the link)")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{path}: exists and is not a folder")
+    return path
 
 
 def _open_temp(path: Path):
@@ -45,7 +74,7 @@ def _replace_with(path, write):
     path = Path(path)
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        folder(path.parent)
         tmp, fd = _open_temp(path)
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -113,9 +142,26 @@ def torch_save(path, obj):
 
 def append_line(path, line: str):
     """Append one line; a torn last line (kill mid-write) is dropped by the readers."""
-    try:
-        with open(path, "a", encoding="utf-8") as f:
+    folder(Path(path).parent)
+    try:  # O_NOFOLLOW: a link planted at the file's name is refused (ELOOP), not appended through
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UserError(f"{path}: not a regular file; lorakd appends only to its own files")
             f.write(line.rstrip("\n") + "\n")
             f.flush()
     except OSError as e:
         raise _cannot_write(path, e) from None
+
+
+# a cell a spreadsheet would run as a formula (OWASP's list); a plain number such as -1 stays a number
+_FORMULA = re.compile(r"[=+\-@\t\r]")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def csv_cell(value):
+    """A CSV cell a spreadsheet shows as text: a string starting with =, +, -, @, tab or CR gets a leading
+    single quote (unless it is a plain number); numbers and other values pass unchanged."""
+    if isinstance(value, str) and _FORMULA.match(value) and not _NUMBER.fullmatch(value):
+        return "'" + value
+    return value

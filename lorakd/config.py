@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, brief
 
 AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
 PRESETS = Path(__file__).resolve().parent / "presets"  # shipped inside the package (pyproject package-data)
@@ -113,9 +113,44 @@ CHOICES = {
 AUGMENT_OPS = ("delete", "swap", "mask", "mix")
 
 
+MAX_YAML_NODES = 100_000  # values a config or sweep file may hold once its aliases are expanded
+
+
 class _Loader(yaml.SafeLoader):
     """YAML with only true/false as booleans (as YAML 1.2): `on`, `off`, `yes`, `no` stay text, so
-    train.cuda_graphs: on means "on"; a bool key still takes them (see _coerce)."""
+    train.cuda_graphs: on means "on"; a bool key still takes them (see _coerce).
+
+    Aliases (*name) are read, but what they expand to is counted: a few lines of nested aliases (a "billion
+    laughs") would otherwise become gigabytes once the values are checked, copied or shown in a message."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        _expanded_size(node)
+        return node
+
+
+def _expanded_size(root) -> int:
+    """The number of values a YAML node holds with every alias expanded; past MAX_YAML_NODES, or a value
+    that holds itself, a YAMLError. Each node is counted once (memo), so this is quick whatever the total."""
+    def children(node):
+        return [] if isinstance(node, yaml.ScalarNode) else [
+            n for item in node.value for n in (item if isinstance(item, tuple) else (item,))]
+
+    sizes, on_path, stack = {}, set(), [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            on_path.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children(node))
+            if sizes[id(node)] > MAX_YAML_NODES:
+                raise yaml.YAMLError(f"aliases expand past {MAX_YAML_NODES:,} values")
+        elif id(node) in on_path:
+            raise yaml.YAMLError("an alias inside the value it names")
+        elif id(node) not in sizes:
+            on_path.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children(node))
+    return sizes[id(root)]
 
 
 _Loader.yaml_implicit_resolvers = {c: [(tag, rx) for tag, rx in rs if tag != "tag:yaml.org,2002:bool"]
@@ -134,17 +169,17 @@ def _coerce(value, tp, key):
         if value is None:
             value = []
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"config key {key}: expected a list, got {value!r}")
+            raise UserError(f"config key {key}: expected a list, got {brief(value)}")
         return tuple(_coerce(v, item_tp, key) for v in value)
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
             return value.lower() in ("true", "yes", "on", "1")
-        raise UserError(f"config key {key}: expected true or false, got {value!r}")
+        raise UserError(f"config key {key}: expected true or false, got {brief(value)}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise UserError(f"config key {key}: expected an integer, got {value!r}")
+            raise UserError(f"config key {key}: expected an integer, got {brief(value)}")
         if isinstance(value, int) and abs(value) >= 2 ** 63:
             raise UserError(f"config key {key}: {value} is too large")
         if isinstance(value, int):  # as is: a float would round a large one
@@ -152,30 +187,30 @@ def _coerce(value, tp, key):
         try:
             f = float(value)
         except ValueError:
-            raise UserError(f"config key {key}: expected an integer, got {value!r}") from None
+            raise UserError(f"config key {key}: expected an integer, got {brief(value)}") from None
         if not math.isfinite(f) or f != int(f):
-            raise UserError(f"config key {key}: expected an integer, got {value!r}")
+            raise UserError(f"config key {key}: expected an integer, got {brief(value)}")
         return int(f)
     if tp is float:
         if isinstance(value, bool):
-            raise UserError(f"config key {key}: expected a number, got {value!r}")
+            raise UserError(f"config key {key}: expected a number, got {brief(value)}")
         try:
             f = float(value)
         except (TypeError, ValueError, OverflowError):
-            raise UserError(f"config key {key}: expected a number, got {value!r}") from None
+            raise UserError(f"config key {key}: expected a number, got {brief(value)}") from None
         if not math.isfinite(f):
-            raise UserError(f"config key {key}: expected a finite number, got {value!r}")
+            raise UserError(f"config key {key}: expected a finite number, got {brief(value)}")
         return f
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
-            raise UserError(f"config key {key}: expected text, got {value!r}")
+            raise UserError(f"config key {key}: expected text, got {brief(value)}")
         return str(value)
     raise TypeError(tp)
 
 
 def _build(cls, raw, prefix=""):
     if not isinstance(raw, dict):
-        raise UserError(f"config section {prefix.rstrip('.') or '(top)'}: expected a mapping, got {raw!r}")
+        raise UserError(f"config section {prefix.rstrip('.') or '(top)'}: expected a mapping, got {brief(raw)}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(raw) - known, key=str)  # YAML keys may be numbers or null
@@ -255,6 +290,8 @@ def read_yaml(path) -> dict:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise UserError(f"{path}: not valid YAML (nested too deeply)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -303,11 +340,21 @@ def override(cfg: Config, **dotted) -> Config:
     return from_dict(merge(to_dict(cfg), dotted))
 
 
+def safe_name(name) -> bool:
+    """A run's, pipeline's or sweep's `name` is a folder name, not a path: one component, no '/', '\\', NUL or
+    line break, not '.', '..' nor hidden (a config from elsewhere must not place a run outside runs/)."""
+    return (isinstance(name, str) and 0 < len(name) <= 200 and name.isprintable() and not name.startswith(".")
+            and not any(c in name for c in "/\\"))
+
+
 def validate(cfg: Config):
     flat = flatten(cfg)
+    if not safe_name(cfg.name):
+        raise UserError(f"config key name: {brief(cfg.name)} must be a plain folder name (no '/', '..', leading "
+                        f"'.' or line break), e.g. minilm-r6")
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
-            raise UserError(f"config key {key}: {flat[key]!r} is not one of {', '.join(allowed)}")
+            raise UserError(f"config key {key}: {brief(flat[key])} is not one of {', '.join(allowed)}")
     m, t, d, dc = cfg.model, cfg.train, cfg.data, cfg.distill
     checks = [
         (m.r >= 1, "model.r", "must be at least 1"),
@@ -358,7 +405,7 @@ def validate(cfg: Config):
     ]
     for ok, key, msg in checks:
         if not ok:
-            raise UserError(f"config key {key}: {flat[key]!r} {msg}")
+            raise UserError(f"config key {key}: {brief(flat[key])} {msg}")
 
 
 def shipped_file(folder: Path, name_or_path) -> Path | None:

@@ -238,13 +238,45 @@ def _frame_to_split(df, names, where, need_labels=True) -> Split:
     return _rows_to_split(recs, list(df.columns), names, where, need_labels)
 
 
+PARQUET_FLOOR, PARQUET_PER_FILE_BYTE = 256 << 20, 16  # decoded bytes a parquet file may give: 256 MiB + 16x it
+PARQUET_BATCH = 4096  # rows decoded at a time
+
+
 def _read_parquet(path: Path, names, need_labels=True) -> Split:
-    import pandas as pd
+    """A parquet file read in batches, its text columns kept dictionary-encoded, and what it decodes to
+    counted before it is built: a small file whose one long value repeats a million times (dictionary
+    encoding) would otherwise take gigabytes. Past PARQUET_FLOOR + PARQUET_PER_FILE_BYTE x its size: refused."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
     if not path.exists():
         raise UserError(f"{path}: no such file")
+    limit = PARQUET_FLOOR + PARQUET_PER_FILE_BYTE * path.stat().st_size
+    too_big = (f"{path}: decodes to more than {limit:,} bytes ({PARQUET_FLOOR >> 20} MiB + {PARQUET_PER_FILE_BYTE}x "
+               f"the file); lorakd refuses it (split the file, or use CSV)")
     try:
-        df = pd.read_parquet(path)
+        pf = pq.ParquetFile(path)
+        meta = pf.metadata
+        pages = sum(meta.row_group(g).column(c).total_uncompressed_size
+                    for g in range(meta.num_row_groups) for c in range(meta.num_columns))
+        if pages > limit:
+            raise UserError(too_big)
+        texts = [f.name for f in pf.schema_arrow if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+        pf = pq.ParquetFile(path, read_dictionary=texts)
+        batches, size = [], 0
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH):
+            for col in batch.columns:  # a dictionary column's values as they will be copied, row by row
+                size += col.nbytes if not pa.types.is_dictionary(col.type) else 8 * len(col) + (pc.sum(
+                    pc.take(pc.binary_length(col.dictionary), col.indices)).as_py() or 0)
+            if size > limit:
+                raise UserError(too_big)
+            batches.append(batch)
+        df = pa.Table.from_batches(batches, schema=pf.schema_arrow).to_pandas()
+        for c in texts:  # categories back to plain values (references to them: no copies), a missing one None
+            df[c] = df[c].astype(object).where(df[c].notna(), None)
+    except UserError:
+        raise
     except Exception as e:  # pyarrow raises many types for a broken file
         raise UserError(f"{path}: not a readable parquet file ({type(e).__name__})") from None
     return _frame_to_split(df, names, str(path), need_labels)

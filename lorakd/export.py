@@ -563,7 +563,8 @@ def _calibration_texts(cfg, log=print, n=256) -> list[str]:
 
 def _replace_folder(tmp: Path, out: Path):
     """Put the finished folder in place: an earlier export there is replaced, anything else is refused."""
-    if out.exists():
+    if os.path.lexists(out):
+        atomic.folder(out)  # a link planted at export/ is refused, not followed
         if not out.is_dir():
             raise UserError(f"{out}: exists and is not a folder (--out)")
         if any(out.iterdir()) and not (out / "lorakd.json").exists():

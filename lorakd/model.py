@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .trust import ATTENTION_KEYS, check_folder, first_line, remote_code
 
 EMBEDDED = "embedded:minilm"
 MPNET = "embedded:mpnet"
@@ -269,12 +270,27 @@ def hub_kwargs(src: str) -> dict:
     return {"local_files_only": True} if not Path(src).exists() and hub_out_of_reach() else {}
 
 
+def safe_kwargs(src) -> dict:
+    """from_pretrained's keywords for src, once check_folder passed it: never remote code; the local cache only
+    for a hub id while the hub is out of reach."""
+    check_folder(src)
+    return {"trust_remote_code": False, **hub_kwargs(src)}
+
+
+def check_attention(hf_config, name):
+    """A config loaded from the hub gets the attention check a local folder gets from check_folder."""
+    why = remote_code({k: getattr(hf_config, k, None) for k in ATTENTION_KEYS[1:]}, name)
+    if why:
+        raise UserError(f"{why}; lorakd runs no code from a model folder (trust_remote_code is off)")
+    return hf_config
+
+
 def load_error(key: str, name: str, what: str, e: Exception) -> UserError:
     """The one-line error for a backbone that did not load; `key` names the option or config key."""
     if hub_kwargs(resolve_backbone(name)):
         return UserError(f"{key} {name}: not in the local Hugging Face cache, and the hub is out of reach; "
                          f"pass a local model folder, or connect")
-    return UserError(f"{key} {name}: cannot load its {what} ({str(e).splitlines()[0][:160]})")
+    return UserError(f"{key} {name}: cannot load its {what} ({first_line(e)})")
 
 
 def backbone_config(name: str, num_labels: int):
@@ -287,8 +303,8 @@ def backbone_config(name: str, num_labels: int):
     else:
         src = resolve_backbone(name)
         try:
-            cfg = AutoConfig.from_pretrained(src, **hub_kwargs(src))
-        except OSError as e:
+            cfg = check_attention(AutoConfig.from_pretrained(src, **safe_kwargs(src)), name)
+        except (OSError, ValueError) as e:  # ValueError: a hub config that asks for remote code
             raise load_error("model.backbone", name, "config", e) from None
     cfg.num_labels = num_labels
     return cfg
@@ -423,26 +439,34 @@ def load_tokenizer(backbone: str):
         raise UserError(f"{backbone}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...) in this model "
                         "folder (model.backbone); copy them from the base model")
     try:
-        return AutoTokenizer.from_pretrained(src, **hub_kwargs(src))
-    except OSError as e:
+        tok = AutoTokenizer.from_pretrained(src, **safe_kwargs(src))
+        tok("a probe text", truncation=True, max_length=8)  # a bad post-processor panics at the first encode
+        return tok
+    except UserError:
+        raise
+    except BaseException as e:  # the Rust tokenizer's panic on a bad tokenizer.json is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
         raise load_error("model.backbone", backbone, "tokenizer", e) from None
 
 
 def build(mcfg, num_labels: int):
     """Backbone with pretrained weights (fp32) and adapters attached."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     _quiet_transformers()
     src = resolve_backbone(mcfg.backbone)
     try:
-        config = AutoConfig.from_pretrained(src, num_labels=num_labels, **hub_kwargs(src))
+        config = check_attention(AutoConfig.from_pretrained(src, num_labels=num_labels, **safe_kwargs(src)),
+                                 mcfg.backbone)
         if mcfg.backbone_dropout >= 0:  # BERT/RoBERTa names and DistilBERT's, whichever this config has
             for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
                 if hasattr(config, key):
                     setattr(config, key, mcfg.backbone_dropout)
         base = AutoModelForSequenceClassification.from_pretrained(src, config=config, **attention(mcfg),
-                                                                  **hub_kwargs(src))
-    except OSError as e:
+                                                                  **safe_kwargs(src))
+    except (OSError, SafetensorError) as e:
         raise load_error("model.backbone", mcfg.backbone, "weights", e) from None
     except ValueError as e:  # an attention this architecture lacks (say, sdpa for MPNet)
         if mcfg.attention == "auto":
@@ -556,12 +580,12 @@ def save_trained(model, out_dir: Path, full_finetune: bool):
 
     from safetensors import SafetensorError
 
-    from .atomic import file_mode
+    from .atomic import file_mode, folder
 
     out_dir = Path(out_dir)
     tmp = None
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        folder(out_dir)  # adapter/ or model/ planted as a link elsewhere is refused
         tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
         to_save = model
         if full_finetune:
@@ -584,6 +608,7 @@ def save_trained(model, out_dir: Path, full_finetune: bool):
 
 def load_trained(cfg, run_dir: Path, num_labels: int):
     """The model a run folder holds: its backbone plus adapter/ (or model/ for a full fine-tune)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification
 
     _quiet_transformers()
@@ -592,7 +617,10 @@ def load_trained(cfg, run_dir: Path, num_labels: int):
         src = run_dir / "model"
         if not (src / "config.json").exists():
             raise UserError(f"{run_dir}: no trained model in model/ (did training finish?)")
-        return graph_safe(AutoModelForSequenceClassification.from_pretrained(src).float())
+        try:
+            return graph_safe(AutoModelForSequenceClassification.from_pretrained(src, **safe_kwargs(src)).float())
+        except (OSError, SafetensorError) as e:
+            raise load_error("run", str(run_dir), "weights", e) from None
     from peft import PeftModel
 
     src = run_dir / "adapter"
@@ -601,14 +629,15 @@ def load_trained(cfg, run_dir: Path, num_labels: int):
     src_base = resolve_backbone(cfg.model.backbone)
     try:
         base = AutoModelForSequenceClassification.from_pretrained(src_base, num_labels=num_labels,
-                                                                  **hub_kwargs(src_base))
-    except OSError as e:
+                                                                  **safe_kwargs(src_base))
+    except (OSError, SafetensorError) as e:
         raise load_error("backbone", cfg.model.backbone, "weights", e) from None
     base = graph_safe(base.float())
+    check_folder(src)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             return PeftModel.from_pretrained(base, src)
-        except RuntimeError as e:  # shape mismatch: the adapter belongs to another backbone
+        except (RuntimeError, SafetensorError) as e:  # shape mismatch: the adapter belongs to another backbone
             raise UserError(f"{run_dir}: the adapter does not fit backbone {cfg.model.backbone} "
-                            f"({str(e).splitlines()[0][:160]})") from None
+                            f"({first_line(e)})") from None

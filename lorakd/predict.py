@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import json
 import os
 import queue
 import time
@@ -19,6 +18,7 @@ import numpy as np
 from . import atomic
 from . import data as data_lib
 from .errors import UserError
+from .trust import check_folder, first_line, read_json
 
 LABEL_FORMATS = ("index", "name", "charcnn")  # 0..K-1 | class name | 1..K
 CHUNK = 2048  # texts read, tokenised, predicted and written at a time: memory stays bounded for any input
@@ -167,8 +167,11 @@ def _labels_of(kind, p: Path) -> list[str]:
     src = folder / ("lorakd.json" if kind == "adapter" else "config.json")
     if not src.exists():
         raise UserError(f"{folder}: no {src.name}; export the model with `lorakd export`")
-    id2label = json.loads(src.read_text())["id2label"]
-    return [id2label[str(i)] for i in range(len(id2label))]
+    id2label = read_json(src).get("id2label")
+    names = [id2label.get(str(i)) for i in range(len(id2label))] if isinstance(id2label, dict) else [None]
+    if not all(isinstance(n, str) for n in names):
+        raise UserError(f"{src}: id2label does not name classes 0..K-1; export the model with `lorakd export`")
+    return names
 
 
 def _max_length(tok) -> int:
@@ -248,14 +251,24 @@ def onnx_tokenizer(folder: Path):
     tokenizer transformers' fast tokenizers run, without importing transformers and torch (about 5 s of a fresh
     `lorakd predict` on this 2-core CPU). Same ids as AutoTokenizer: tests/test_export.py. A folder without
     tokenizer.json (a slow tokenizer only) gets AutoTokenizer."""
-    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config = read_json(folder / "tokenizer_config.json")
     if not (folder / "tokenizer.json").exists():
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(folder)
+        from .model import safe_kwargs
+
+        return AutoTokenizer.from_pretrained(folder, **safe_kwargs(folder))
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    check_folder(folder)
+    try:  # and one text through it: a bad post-processor panics at the first encode, not at load
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        tok.encode("a probe text")
+    except BaseException as e:  # a bad file: an Exception, or the Rust panic (pyo3's PanicException, a BaseException)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise UserError(f"{folder / 'tokenizer.json'}: not a tokenizer file the tokenizers library reads "
+                        f"({first_line(e)})") from None
     tok.no_padding()  # batches pad themselves (data.pad_rows)
     pad = config.get("pad_token")
     pad = pad.get("content") if isinstance(pad, dict) else pad
@@ -289,10 +302,13 @@ def open_model(kind, p: Path, device="auto", backbone=None, threads=0, runtime="
             sess = onnx_session(p, 1)
         except ImportError:
             raise UserError('running an ONNX model needs onnxruntime: pip install "lorakd[onnx]"') from None
+        except Exception as e:  # onnxruntime's refusals (a broken graph, external data outside the folder)
+            raise UserError(f"{p}: onnxruntime cannot load this model ({' '.join(str(e).split())[:200]})") from None
         run = lambda ids, mask: sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]  # noqa: E731
         return SimpleNamespace(tok=tok, max_length=_max_length(tok), run=run, workers=workers,
                                device=f"cpu, onnxruntime {p.name}")
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from . import model as model_lib
@@ -309,20 +325,36 @@ def open_model(kind, p: Path, device="auto", backbone=None, threads=0, runtime="
         if kind == "adapter":  # base named in adapter_config.json; embedded:* and hub ids resolved here
             from peft import PeftModel
 
-            base = backbone or json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
-            id2label = {int(i): n for i, n in json.loads((p / "lorakd.json").read_text())["id2label"].items()}
+            base = backbone or read_json(p / "adapter_config.json").get("base_model_name_or_path")
+            if not isinstance(base, str):
+                raise UserError(f"{p}/adapter_config.json: no base_model_name_or_path; pass --backbone")
+            id2label = dict(enumerate(_labels_of(kind, p)))
             src = model_lib.resolve_backbone(base)
             try:
                 model = AutoModelForSequenceClassification.from_pretrained(
-                    src, id2label=id2label, label2id={n: i for i, n in id2label.items()}, **model_lib.hub_kwargs(src))
-            except OSError as e:
+                    src, id2label=id2label, label2id={n: i for i, n in id2label.items()}, **model_lib.safe_kwargs(src))
+            except (OSError, SafetensorError) as e:
                 raise model_lib.load_error("base model", base, "weights", e) from None
+            check_folder(p)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                model = PeftModel.from_pretrained(model, p)
+                try:
+                    model = PeftModel.from_pretrained(model, p)
+                except (RuntimeError, SafetensorError) as e:
+                    raise UserError(f"{p}: the adapter does not load ({first_line(e)})") from None
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(p)
-        tok = AutoTokenizer.from_pretrained(p)
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(p, **model_lib.safe_kwargs(p))
+            except (OSError, SafetensorError) as e:
+                raise UserError(f"{p}: cannot load its weights ({first_line(e)})") from None
+        tok_kwargs = model_lib.safe_kwargs(p)  # outside the try: its own UserError stays as it is
+        try:
+            tok = AutoTokenizer.from_pretrained(p, **tok_kwargs)
+            tok("a probe text", truncation=True, max_length=8)  # a bad post-processor panics at the first encode
+        except BaseException as e:  # the Rust tokenizer's panic on a bad tokenizer.json is a BaseException
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise UserError(f"{p}: cannot load its tokenizer ({first_line(e)})") from None
         amp, max_length = model_lib.amp_dtype("auto", dev), _max_length(tok)
     model = merged(model.float())
     if amp is not None:
@@ -401,7 +433,8 @@ def predict(run_dir, input_path, out_path, device="auto", batch_size=None, label
         w.writerow(["ID", "Label"])
         for split in chunks():
             for i, p in zip(split.ids, logits_of(m, split.texts, batch_size).argmax(-1).tolist()):
-                w.writerow([i, {"index": p, "name": names[p], "charcnn": p + 1}[label_format]])
+                label = {"index": p, "name": names[p], "charcnn": p + 1}[label_format]
+                w.writerow([atomic.csv_cell(i), atomic.csv_cell(label)])  # IDs and names: never a formula
             bar.update(len(split))
         text.flush()
         text.detach()  # the binary file stays open for the fsync and rename

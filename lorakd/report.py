@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import atomic
 from . import config as config_lib
-from .errors import UserError
+from .errors import UserError, brief
 from .runs import load_run, read_eval, read_json, read_metrics
 
 
@@ -40,6 +40,14 @@ PLOTS = (("train_loss", "train", "loss", "train loss"),
          ("val_accuracy", "validation", "accuracy", "validation accuracy"))
 
 
+def _plain_text():
+    """Plot text as typed: a run or config name holding `$...$` is not parsed as TeX (mathtext), which would fail
+    on a name like `$\\bogus{$` and lose the plot, or the run with it."""
+    import matplotlib
+
+    return matplotlib.rc_context({"text.parse_math": False, "text.usetex": False})
+
+
 def import_plotting():
     """What plot_run imports (train imports it in a thread while the GPU trains)."""
     from matplotlib.backends import backend_agg  # noqa: F401
@@ -55,17 +63,18 @@ def plot_run(run_dir):
 
     records = read_metrics(run_dir)
     out = Path(run_dir) / "plots"
-    for name, split, key, label in PLOTS:
-        xs, ys = _series(records, split, key)
-        fig = Figure(figsize=(5, 3.2))
-        fig.subplots_adjust(left=0.15, right=0.97, bottom=0.15, top=0.9)  # room for labels like "0.8795"
-        ax = fig.subplots()
-        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3)
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
-        ax.set_title(f"{Path(run_dir).name}: {label}", fontsize=9)
-        ax.grid(alpha=0.3)
-        atomic.write_bytes(out / f"{name}.png", _png(fig, tight=False))
+    with _plain_text():
+        for name, split, key, label in PLOTS:
+            xs, ys = _series(records, split, key)
+            fig = Figure(figsize=(5, 3.2))
+            fig.subplots_adjust(left=0.15, right=0.97, bottom=0.15, top=0.9)  # room for labels like "0.8795"
+            ax = fig.subplots()
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3)
+            ax.set_xlabel("step")
+            ax.set_ylabel(label)
+            ax.set_title(f"{Path(run_dir).name}: {label}", fontsize=9)
+            ax.grid(alpha=0.3)
+            atomic.write_bytes(out / f"{name}.png", _png(fig, tight=False))
 
 
 # ---------------------------------------------------------------- values and the Pareto front
@@ -100,12 +109,13 @@ def _run_row(run_dir: Path) -> dict:
     # eval.json wins: `lorakd eval` may have added a test split after training
     val = (ev.get("validation") or {}).get("accuracy", summary.get("validation_accuracy"))
     test = (ev.get("test") or {}).get("accuracy", summary.get("test_accuracy"))
-    status = info.get("status", "?")
+    status = str(info.get("status", "?"))
     return {"name": run_dir.name, "dir": run_dir, "flat": config_lib.flatten(cfg),
             "status": "unfinished" if status == "running" else status,  # a killed run still says running
-            "trainable": summary.get("trainable", (info.get("params") or {}).get("trainable")),
-            "validation_accuracy": val, "test_accuracy": test, "best_step": summary.get("best_step"),
-            "train_time_s": summary.get("train_time_s"), "samples_per_s": summary.get("samples_per_s")}
+            "trainable": _number(summary.get("trainable", (info.get("params") or {}).get("trainable"))),
+            "validation_accuracy": _number(val), "test_accuracy": _number(test),
+            "best_step": _number(summary.get("best_step"), int), "train_time_s": _number(summary.get("train_time_s")),
+            "samples_per_s": _number(summary.get("samples_per_s"))}
 
 
 def _skipped_rows(sweep_dir: Path, rows) -> list[dict]:
@@ -115,20 +125,41 @@ def _skipped_rows(sweep_dir: Path, rows) -> list[dict]:
     if not path.exists():
         return []
     by_dir = {r["dir"].name: r for r in rows}
+    members = read_json(path).get("members", [])
+    if not isinstance(members, list):
+        raise UserError(f"{path}: members is not a list; the file is damaged")
     skipped = []
-    for m in read_json(path).get("members", []):
+    for i, m in enumerate(members, 1):
         status = m.get("status") if isinstance(m, dict) else None
         if status not in ("over budget", "failed"):
             continue
-        if m.get("folder") in by_dir:
+        if isinstance(m.get("folder"), str) and m["folder"] in by_dir:
             by_dir[m["folder"]]["status"] = status
             continue
-        cfg_file = sweep_dir / m.get("config", "")
-        flat = config_lib.flatten(config_lib.load(cfg_file)) if cfg_file.is_file() else {}
-        skipped.append({"name": m.get("name", "?"), "dir": None, "flat": flat, "status": status,
-                        "trainable": m.get("trainable"), "validation_accuracy": None, "test_accuracy": None,
+        cfg_file = _member_config(sweep_dir, m.get("config", ""), f"{path}: member {i}")
+        flat = config_lib.flatten(config_lib.load(cfg_file)) if cfg_file and cfg_file.is_file() else {}
+        skipped.append({"name": str(m.get("name", "?")), "dir": None, "flat": flat, "status": status,
+                        "trainable": _number(m.get("trainable")), "validation_accuracy": None, "test_accuracy": None,
                         "best_step": None, "train_time_s": None, "samples_per_s": None})
     return skipped
+
+
+def _member_config(sweep_dir: Path, name, where):
+    """A member's config file named by sweep.json: a file inside the sweep folder (configs/NAME.yaml), else a
+    one-line error; a sweep.json from elsewhere must not have report read any file it names."""
+    if not isinstance(name, str):
+        raise UserError(f"{where}: config is {brief(name)}, not a file name; the file is damaged")
+    if not name:
+        return None
+    home = sweep_dir.resolve()
+    if Path(name).is_absolute() or not (home / name).resolve().is_relative_to(home):
+        raise UserError(f"{where}: config {brief(name)} is outside the sweep folder; refused")
+    return sweep_dir / name
+
+
+def _number(value, kinds=(int, float)):
+    """A count or score read from a file lorakd wrote: a number, else None (a damaged file shows a blank)."""
+    return value if isinstance(value, kinds) and not isinstance(value, bool) else None
 
 
 def collect(paths) -> list[dict]:
@@ -189,8 +220,8 @@ def _table(rows, keys):
 
 
 def markdown(header, cells) -> str:
-    def esc(s):
-        return str(s).replace("|", "\\|")
+    def esc(s):  # a name's raw HTML shows as text wherever the Markdown is rendered
+        return html.escape(str(s), quote=False).replace("|", "\\|")
 
     lines = ["| " + " | ".join(map(esc, header)) + " |",
              "|" + "|".join("---" if i == 0 else "---:" if h in _NUMERIC else "---" for i, h in enumerate(header)) + "|"]
@@ -206,11 +237,11 @@ def csv_text(rows, keys) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["run", *keys, "trainable", "validation_accuracy", "test_accuracy", "best_step", "train_time_s",
                 "samples_per_s", "status", "folder"])
-    for r in rows:
-        w.writerow([r["name"], *(fmt_value(k, r["flat"].get(k, "")) for k in keys)]
+    for r in rows:  # names and values come from run folders: no cell may be a spreadsheet formula
+        w.writerow(map(atomic.csv_cell, [r["name"], *(fmt_value(k, r["flat"].get(k, "")) for k in keys)]
                    + ["" if r[k] is None else r[k] for k in ("trainable", "validation_accuracy", "test_accuracy",
                                                              "best_step", "train_time_s", "samples_per_s")]
-                   + [r["status"], "" if r["dir"] is None else str(r["dir"])])
+                   + [r["status"], "" if r["dir"] is None else str(r["dir"])]))
     return buf.getvalue()
 
 
@@ -340,7 +371,8 @@ def report(paths, out_dir="report") -> dict:
     keys = differing_keys(rows)
     header, cells = _table(rows, keys)
     md = markdown(header, cells)
-    plots = {**curve_plots(rows), "accuracy_vs_params": params_plot(rows)}
+    with _plain_text():
+        plots = {**curve_plots(rows), "accuracy_vs_params": params_plot(rows)}
     atomic.write_text(out / "results.md", md)
     atomic.write_text(out / "results.csv", csv_text(rows, keys))
     for name, png in plots.items():

@@ -3,15 +3,19 @@ trained model."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import stat
 from pathlib import Path
 
 from . import RUN_FORMAT
+from . import atomic
 from . import config as config_lib
 from . import model as model_lib
 from .errors import UserError
+from .trust import read_json
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -27,17 +31,6 @@ def read_metrics(run_dir) -> list[dict]:
             if isinstance(rec, dict) and isinstance(rec.get("step"), int):
                 out.append(rec)
     return out
-
-
-def read_json(path) -> dict:
-    """A JSON object from a file lorakd wrote; anything else is a one-line error naming the file."""
-    try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path}: not valid JSON") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return obj
 
 
 def read_eval(run_dir) -> dict:
@@ -97,6 +90,25 @@ def open_trained(run_dir, device, backbone=None):
     return cfg, info, model.to(device).eval(), model_lib.load_tokenizer(cfg.model.backbone)
 
 
+def _open_lock(path: Path) -> int:
+    """RUN/.lock opened for writing, never through a link or onto another kind of file: a `.lock` planted in a
+    shared run folder (a link to ~/.bashrc, a hard link, a FIFO) would have the pid written over its target."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY, 0o666)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(f"{path}: a symbolic link; lorakd's lock file is its own (remove the link)") from None
+        raise UserError(f"{path.parent}: cannot write ({e.strerror or e})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+        os.close(fd)
+        raise UserError(f"{path}: not a plain file of its own (a FIFO, a device or a hard link); lorakd's lock "
+                        f"file is its own (remove it)")
+    return fd
+
+
 @contextlib.contextmanager
 def run_lock(run_dir):
     """One writer per run folder: an exclusive flock on RUN/.lock while the block runs, else a UserError.
@@ -114,12 +126,10 @@ def run_lock(run_dir):
     made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     while True:
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            atomic.folder(run_dir)  # a link planted as the run folder is refused
+            fd = _open_lock(path)
         except FileNotFoundError:  # a holder that made the folder removed it as it left: make it again
             continue
-        except OSError as e:
-            raise UserError(f"{run_dir}: cannot write ({e.strerror or e})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -128,7 +138,7 @@ def run_lock(run_dir):
             raise UserError(f"{run_dir}: another lorakd process is writing to this run folder (pid {holder}); "
                             "wait for it or use another --out") from None
         try:  # the file we locked must still be the one at the path: a holder removes it as it leaves
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            if os.lstat(path).st_ino == os.fstat(fd).st_ino:
                 break
         except FileNotFoundError:
             pass

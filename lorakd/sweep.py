@@ -22,7 +22,7 @@ from . import atomic
 from . import config as config_lib
 from . import model as model_lib
 from . import train as train_lib
-from .errors import UserError
+from .errors import UserError, brief
 from .report import fmt_value, report
 from .runs import load_run, run_lock
 
@@ -59,8 +59,9 @@ def load_sweep(path) -> dict:
         if key in spec and not isinstance(spec[key], str):
             raise UserError(f"{path}: sweep key {key}: expected text, got {spec[key]!r}")
     spec.setdefault("name", path.stem)
-    if not _safe(spec["name"]):
-        raise UserError(f"{path}: sweep key name: {spec['name']!r} is empty after removing unsafe characters")
+    if not _safe(spec["name"]) or not config_lib.safe_name(spec["name"]):
+        raise UserError(f"{path}: sweep key name: {brief(spec['name'])} must be a plain folder name (no '/', "
+                        f"'..' or leading '.')")
     _mapping(spec, "set", path)
     for key, values in _mapping(spec, "grid", path).items():
         if not isinstance(values, list) or not values:
@@ -96,6 +97,19 @@ def _base_path(spec, path: Path):
     except UserError:
         raise UserError(f"{path}: base {base!r}: no such config file (next to the sweep file or here) "
                         f"or preset") from None
+
+
+def _spec_out(spec, path: Path):
+    """The sweep file's own `out:`, a folder inside the one holding the file (--out on the command line goes
+    anywhere): a sweep file from elsewhere must not write outside it."""
+    out = spec.get("out")
+    if not out:
+        return None
+    home = path.parent.resolve()
+    if not (home / out).resolve().is_relative_to(home):  # '..', an absolute path elsewhere, a link out of it
+        raise UserError(f"{path}: sweep key out: {brief(out)} is not a folder inside {path.parent}; a sweep file "
+                        f"writes only beside itself (pass --out to write elsewhere)")
+    return path.parent / out
 
 
 def points(spec) -> list[dict]:
@@ -181,7 +195,7 @@ def plan(path, data=None, out=None, overrides=()):
             continue
         seen.add(key)
         members.append({"overrides": point, "cfg": cfg, "flat": flat})
-    sweep_dir = Path(out or spec.get("out") or Path("runs") / f"sweep-{_safe(spec['name'])}")
+    sweep_dir = Path(out) if out else _spec_out(spec, path) or Path("runs") / f"sweep-{_safe(spec['name'])}"
     for m, name in zip(members, member_names([m["flat"] for m in members], _safe(spec["name"]))):
         m["name"] = f"{name}-run" if name in RESERVED else name  # the sweep's own files keep their names
     _keep_folders(sweep_dir, members)
@@ -365,7 +379,7 @@ def _run_parallel(todo, gpus, sweep_dir, record):
                 if gpu not in workers:
                     start(gpu)
                 log_path = sweep_dir / "logs" / f"{m['name']}.log"
-                log_path.parent.mkdir(parents=True, exist_ok=True)
+                atomic.folder(log_path.parent)
                 task = {"config": str(m["config_file"]), "run_dir": str(m["run_dir"]), "log": str(log_path),
                         "resume": m["status"] == "resume"}
                 workers[gpu].stdin.write(json.dumps(task) + "\n")
@@ -408,7 +422,8 @@ def worker():
     for line in sys.stdin:
         task = json.loads(line)
         run_dir = Path(task["run_dir"])
-        with open(task["log"], "ab", buffering=0) as log:
+        fd = os.open(task["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)  # never a link
+        with open(fd, "ab", buffering=0) as log:
             sys.stdout.flush(), sys.stderr.flush()
             os.dup2(log.fileno(), 1)  # the fds, not just sys.stdout: native libraries' output lands there too
             os.dup2(log.fileno(), 2)

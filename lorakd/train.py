@@ -402,6 +402,8 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
         raise UserError("train.cuda_graphs=on needs a CUDA device")
     num_labels = len(cfg.data.label_names)
     ckpt_path = run_dir / "checkpoint" / "state.pt"
+    if resume and os.path.lexists(ckpt_path.parent):  # a planted link: resume would write and delete through it
+        atomic.folder(ckpt_path.parent)
     if not resume and (run_dir / "run.json").exists():
         raise UserError(f"{run_dir}: a run already exists here; use --resume {run_dir} or another --out")
     if not resume and run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):
@@ -646,10 +648,14 @@ def finish(run, plots=False) -> dict:
     if run.rank == 0:
         atomic.write_json(run.run_dir / "eval.json", results)
         phases.mark("files")
-        if plots:
+        if plots:  # a plot is a view of the run, not its result: one that fails leaves the run done
             from .report import plot_run
 
-            plot_run(run.run_dir)
+            try:
+                plot_run(run.run_dir)
+            except Exception as e:  # noqa: BLE001
+                why = (str(e).splitlines() or [""])[0][:160]
+                run.log(f"plots: not drawn ({type(e).__name__}: {why}); the run is done")
             phases.mark("plots")
         # graph_capture is part of train_loop, so not in the total
         summary["phases_s"] = {**phases.rounded(), "graph_capture": summary["graph_capture_s"], "total": phases.total()}

@@ -624,3 +624,330 @@ def test_cli_error_names_the_option_given(capsys, tmp_path, trained_run):
     assert one_line_error(plan, spec, None, None, ["model.r=8"]).startswith("--set model.r: the sweep varies model.r")
     # a pipeline's teacher trains on labels alone: its distill keys would do nothing
     assert "distill.* keys are the student's" in one_line_error(split_configs, {}, ["teacher.distill.alpha=0.3"])
+
+
+# ---------------------------------------------------------------- untrusted run folders, configs, exports (issue 32)
+# Each attack is a tiny file or link the test makes; each ends in one line (exit 2 through the CLI) and leaves
+# the victim (a file or folder outside the run) exactly as it was.
+
+VICTIM = b"the user's own file\n"
+
+
+@pytest.fixture
+def shared_run(tmp_path, trained_run):
+    """A finished run handed over by someone else: a copy the attacker could have planted anything in."""
+    run = tmp_path / "shared"
+    shutil.copytree(trained_run, run)
+    return run
+
+
+@pytest.fixture
+def victim(tmp_path):
+    return write(tmp_path / "victim.txt", VICTIM)
+
+
+def test_a_planted_lock_link_is_refused(capsys, shared_run, victim):
+    (shared_run / ".lock").symlink_to(victim)
+    assert "symbolic link" in cli_error(capsys, "eval", shared_run)
+    assert victim.read_bytes() == VICTIM
+
+
+@pytest.mark.parametrize("kind", ["hard link", "fifo"])
+def test_a_lock_that_is_not_a_plain_file_of_its_own_is_refused(tmp_path, victim, kind):
+    run = tmp_path / "run"
+    run.mkdir()
+    if kind == "fifo":
+        os.mkfifo(run / ".lock")
+    else:
+        os.link(victim, run / ".lock")
+    with pytest.raises(UserError, match="not a plain file of its own"):
+        with runs.run_lock(run):
+            pass
+    assert victim.read_bytes() == VICTIM
+
+
+def test_a_planted_run_folder_link_is_refused(tmp_path, shared_run):
+    link = tmp_path / "link"
+    link.symlink_to(shared_run)
+    assert "a symbolic link" in one_line_error(lambda: runs.run_lock(link).__enter__())
+    assert not (shared_run / ".lock").exists()
+
+
+def test_a_planted_checkpoint_link_is_refused_on_resume(capsys, tmp_path, shared_run):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    write(elsewhere / "state.pt", VICTIM)
+    (shared_run / "checkpoint").symlink_to(elsewhere)
+    info = json.loads((shared_run / "run.json").read_text())
+    write(shared_run / "run.json", json.dumps({**info, "status": "running"}))  # a run killed mid-way
+    assert "checkpoint: a symbolic link" in cli_error(capsys, "train", "--resume", shared_run)
+    assert [p.name for p in elsewhere.iterdir()] == ["state.pt"] and (elsewhere / "state.pt").read_bytes() == VICTIM
+
+
+def test_links_planted_at_file_names_are_replaced_not_followed(capsys, tmp_path, shared_run, victim):
+    """eval.json and a predictions file that are links: the link is replaced, the file it named is kept."""
+    from lorakd import atomic
+
+    evals = (shared_run / "eval.json").replace(tmp_path / "their-eval.json")  # eval reads it, then writes it
+    (shared_run / "eval.json").symlink_to(evals)
+    before = evals.read_bytes()
+    main(["eval", str(shared_run)])
+    assert not (shared_run / "eval.json").is_symlink() and evals.read_bytes() == before
+    out = tmp_path / "pred.csv"
+    out.symlink_to(victim)
+    main(["predict", str(shared_run), "--input", str(write(tmp_path / "in.csv", "id,text\n1,goal\n")),
+          "--out", str(out)])
+    assert not out.is_symlink() and victim.read_bytes() == VICTIM
+    (shared_run / "metrics.jsonl").unlink()
+    (shared_run / "metrics.jsonl").symlink_to(victim)  # appended to while training
+    assert "a symbolic link" in one_line_error(atomic.append_line, shared_run / "metrics.jsonl", "{}")
+    assert victim.read_bytes() == VICTIM
+
+
+@pytest.mark.parametrize("folder_name", ["plots", "export"])
+def test_a_planted_folder_link_is_refused(capsys, tmp_path, shared_run, folder_name):
+    from lorakd.report import plot_run
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    write(elsewhere / "lorakd.json", "{}")  # what an earlier export holds: export would replace it
+    (shared_run / folder_name).symlink_to(elsewhere, target_is_directory=True)
+    if folder_name == "plots":
+        assert "plots: a symbolic link" in one_line_error(plot_run, shared_run)
+    else:
+        assert "export: a symbolic link" in cli_error(capsys, "export", shared_run)
+    assert [p.name for p in elsewhere.iterdir()] == ["lorakd.json"]
+
+
+def model_folder(tmp_path, tiny_backbone, name="exported", **config_extra):
+    """An exported-model folder (config.json + model.safetensors + tokenizer) from the tiny backbone."""
+    folder = tmp_path / name
+    shutil.copytree(tiny_backbone, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update({"id2label": {"0": "World", "1": "Sports"}, "label2id": {"World": 0, "Sports": 1}}, **config_extra)
+    write(folder / "config.json", json.dumps(cfg))
+    return folder
+
+
+EVIL = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\nfrom transformers import BertConfig as EvilConfig\n"
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    ({"auto_map": {"AutoConfig": "evil.EvilConfig"}}, "asks for code of its own (auto_map)"),
+    ({"attn_implementation": "kernels-community/flash-attn"}, "a kernel fetched from the hub"),
+    ({"text_config": {"auto_map": {"AutoModel": "evil.M"}}}, "auto_map"),
+], ids=["auto-map", "hub-kernel", "nested-auto-map"])
+def test_a_model_folder_that_asks_for_code_is_refused_before_loading(capsys, tmp_path, tiny_backbone, monkeypatch,
+                                                                     extra, fragment):
+    import io
+    import sys
+
+    marker = tmp_path / "marker"
+    folder = model_folder(tmp_path, tiny_backbone, **extra)
+    write(folder / "evil.py", EVIL.format(marker=str(marker)))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 10))  # a "yes" waiting: never read
+    assert fragment in cli_error(capsys, "params", "--model", folder)
+    inp = write(tmp_path / "in.csv", "id,text\n1,goal\n")
+    assert fragment in cli_error(capsys, "predict", folder, "--input", inp, "--out", tmp_path / "p.csv")
+    assert not marker.exists() and sys.stdin.read() == "y\n" * 10
+
+
+def test_every_from_pretrained_passes_trust_remote_code_false():
+    """The one way lorakd opens a model folder (model.safe_kwargs) is the only one in the sources."""
+    import re
+    from pathlib import Path
+
+    import lorakd
+
+    for src in Path(lorakd.__file__).parent.glob("*.py"):
+        text = src.read_text()
+        for m in re.finditer(r"\.from_pretrained\(", text):
+            depth, end = 1, m.end()
+            while depth:  # to the call's closing parenthesis
+                depth += {"(": 1, ")": -1}.get(text[end], 0)
+                end += 1
+            call = text[m.end(): end - 1]
+            if "DIR" in call or call.startswith(("base, ", "model, p", "model, src")):
+                continue  # a model card's text; peft's adapter (check_folder runs first)
+            assert "safe_kwargs" in call or "tok_kwargs" in call, (src.name, call)
+
+
+BAD_TOKENIZER = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "[NOPE]", "type_id": 0}}],
+                 "pair": [], "special_tokens": {}}  # the Rust code panics at the first encode
+
+
+@pytest.mark.parametrize("attack", ["onnx-garbage", "safetensors-header", "tokenizer-panic-onnx",
+                                    "tokenizer-panic-hf", "id2label-missing"])
+def test_a_broken_export_is_one_line(capsys, tmp_path, tiny_backbone, attack):
+    folder = model_folder(tmp_path, tiny_backbone)
+    target = folder
+    if attack.startswith("onnx") or attack == "tokenizer-panic-onnx":
+        (folder / "model.safetensors").unlink()
+        target = write(folder / "model.int8.onnx", b"\x08\x07garbage that is not a graph")
+    if attack == "safetensors-header":
+        write(folder / "model.safetensors", (2 ** 40).to_bytes(8, "little") + b"{}")
+    if attack.startswith("tokenizer-panic"):
+        tok = json.loads((folder / "tokenizer.json").read_text())
+        tok["post_processor"] = BAD_TOKENIZER
+        write(folder / "tokenizer.json", json.dumps(tok))
+    if attack == "id2label-missing":
+        write(folder / "config.json", json.dumps({"model_type": "bert"}))
+    inp = write(tmp_path / "in.csv", "id,text\n1,goal\n")
+    line = cli_error(capsys, "predict", target, "--input", inp, "--out", tmp_path / "p.csv")
+    assert str(folder) in line
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_csv_cells_never_start_a_formula(tmp_path, tiny_backbone):
+    from lorakd import atomic
+    from lorakd.predict import predict
+
+    assert [atomic.csv_cell(c) for c in ("=1+1", "@SUM(A1)", "+x", "-x", "\tx", "\rx", "-5", "+1.5e3", "a=b", -5)] \
+        == ["'=1+1", "'@SUM(A1)", "'+x", "'-x", "'\tx", "'\rx", "-5", "+1.5e3", "a=b", -5]
+    folder = model_folder(tmp_path, tiny_backbone, id2label={"0": '=HYPERLINK("http://x")', "1": "@evil"})
+    inp = write(tmp_path / "in.csv", 'id,text\n=1+1,goal\n@SUM(A1),peace\n-5,match\n')
+    predict(folder, inp, tmp_path / "p.csv", label_format="name", log=lambda *a: None)
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["'=1+1", "'@SUM(A1)", "-5"]
+    assert all(r.split(",", 1)[1].startswith(("'=", "'@", "\"'=")) for r in rows[1:])
+
+
+def test_names_reach_reports_and_plots_as_plain_text(tmp_path, shared_run):
+    from lorakd.report import plot_run, report
+
+    odd = tmp_path / "$\\bogus{$=cmd|'calc'!A0<img src=x>"
+    shared_run.rename(odd)
+    plot_run(odd)  # mathtext would fail on `$\bogus{$`
+    out = report([str(odd)], out_dir=tmp_path / "report")["out"]
+    assert (out / "accuracy_vs_params.png").stat().st_size > 0
+    assert "\n'$\\bogus" not in (out / "results.csv").read_text()
+    assert (out / "results.csv").read_text().splitlines()[1].startswith("$\\bogus{$=cmd")  # `$` is no formula
+    md = (out / "results.md").read_text()
+    assert "<img" not in md and "&lt;img src=x&gt;" in md
+
+
+def test_a_run_whose_plots_fail_is_still_done(tmp_path, tiny_config, monkeypatch):
+    from lorakd import report
+
+    def fail(run_dir):
+        raise ValueError("mathtext exploded")
+    monkeypatch.setattr(report, "plot_run", fail)
+    said = []
+    train_lib.train(tiny_config(**{"train.max_steps": 2}), tmp_path / "run", plots=True, log=said.append)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "done"
+    assert any("plots: not drawn (ValueError: mathtext exploded)" in str(s) for s in said)
+
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/abs", ".hidden", "a/b", "..", "a\nb"])
+def test_a_config_name_is_a_folder_name_not_a_path(capsys, tmp_path, tiny_yaml, name):
+    assert "config key name" in one_line_error(config.load, None, [], {"name": name})
+    pipe = write(tmp_path / "p.yaml", f"{tiny_yaml.read_text()}teacher:\n  train:\n    max_steps: 1\n")
+    if "\n" not in name:  # (YAML reads a key=value's line break as a space)
+        assert "config key name" in cli_error(capsys, "pipeline", "--config", pipe, f"name={name}")
+    assert not (tmp_path.parent / "x").exists() and not os.path.exists("/tmp/abs")
+
+
+@pytest.mark.parametrize("out", ["../elsewhere", "/tmp/elsewhere-sweep"])
+def test_a_sweep_files_out_stays_beside_it(capsys, tmp_path, tiny_yaml, out):
+    (tmp_path / "s").mkdir()
+    sweep = write(tmp_path / "s" / "s.yaml", f"base: {tiny_yaml}\nout: {out}\ngrid:\n  model.r: [2, 4]\n")
+    assert "sweep key out" in cli_error(capsys, "sweep", sweep, "--dry-run")
+    inside = write(tmp_path / "s" / "t.yaml", f"base: {tiny_yaml}\nout: here\ngrid:\n  model.r: [2, 4]\n")
+    from lorakd.sweep import plan
+
+    assert plan(inside)[1] == tmp_path / "s" / "here"
+
+
+@pytest.mark.parametrize("entry,fragment", [({"config": 5}, "not a file name"),
+                                            ({"config": "../../../../../../etc/passwd"}, "outside the sweep folder"),
+                                            ("just text", None)])
+def test_a_malformed_sweep_json_is_one_line(capsys, tmp_path, shared_run, entry, fragment):
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    shared_run.rename(sweep_dir / "member")
+    member = {"name": "x", "folder": "gone", "status": "failed", **entry} if isinstance(entry, dict) else entry
+    write(sweep_dir / "sweep.json", json.dumps({"members": [member]}))
+    if fragment is None:  # an entry that is not a member: skipped
+        main(["report", str(sweep_dir), "--out", str(tmp_path / "r")])
+    else:
+        assert fragment in cli_error(capsys, "report", sweep_dir, "--out", tmp_path / "r")
+
+
+ALIAS_BOMB = "name: {" + ", ".join(
+    ["k0: &a0 [" + ",".join(["lol"] * 10) + "]"] +
+    [f"k{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]) + "}\n"
+
+
+def test_yaml_alias_bombs_are_refused_wherever_yaml_is_read(capsys, tmp_path, shared_run, tiny_yaml):
+    bomb = write(tmp_path / "bomb.yaml", ALIAS_BOMB)
+    assert "aliases expand past" in cli_error(capsys, "train", "--config", bomb, "--out", tmp_path / "r")
+    write(shared_run / "config.yaml", ALIAS_BOMB)
+    assert "aliases expand past" in cli_error(capsys, "eval", shared_run)
+    sweep = write(tmp_path / "s.yaml", f"base: {tiny_yaml}\ngrid:\n  model.r: [2]\nmembers: " +
+                  ALIAS_BOMB.removeprefix("name: "))
+    assert "aliases expand past" in cli_error(capsys, "sweep", sweep, "--dry-run")
+    assert "an alias inside the value it names" in one_line_error(config.load, write(tmp_path / "loop.yaml",
+                                                                                     "name: &a [*a]\n"))
+    small = config.load(write(tmp_path / "ok.yaml", "model: {targets: &t [query, value]}\n"))  # aliases still work
+    assert small.model.targets == ("query", "value")
+
+
+def test_a_long_value_is_cut_short_in_the_message(tmp_path):
+    msg = one_line_error(config.load, write(tmp_path / "c.yaml", "name: [" + ",".join(["x" * 50] * 5000) + "]\n"))
+    assert "config key name" in msg and len(msg) < 300
+
+
+ARRAY_BOMB = b"\x80\x02cnumpy\nndarray\nJ\x00\x84\xd7\x17\x85U\x01O\x86R."  # numpy.ndarray((4e8,), 'O')
+BYTES_BOMB = b"\x80\x02c__builtin__\nbytearray\nJ\x00\x94\x35\x77\x85R."  # bytearray(2_000_000_000)
+
+
+class ShortObjectArray:
+    """An object array whose pickled items do not fill its shape: numpy copies them unchecked and crashes."""
+
+    def __reduce__(self):
+        import numpy as np
+
+        return (np.ndarray.__reduce__(np.zeros(0, object))[0], (np.ndarray, (0,), b"b"),
+                (1, (100,), np.dtype("O"), False, [1, 2]))
+
+
+def dictionary_bomb(path):
+    """847 bytes of parquet: one 1 MB text, dictionary-encoded, in 8,000 rows (8 GB decoded)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = pa.array(["x" * 1_000_000] * 8000).dictionary_encode()
+    pq.write_table(pa.table({"text": texts, "label": [0] * 8000}), path, compression="zstd")
+
+
+@pytest.mark.parametrize("name,content,fragment", [
+    ("in.pkl", BYTES_BOMB, "a bytearray of 2,000,000,000 bytes"),
+    ("in.pkl", ARRAY_BOMB, "a numpy array of shape (400000000,) (object)"),
+    ("in.pkl", b"\x80\x02](" + BYTES_BOMB[2:-1] * 10 + b"e.", "a bytearray of 2,000,000,000 bytes"),
+    ("in.pkl", pickled(ShortObjectArray()), "whose items do not fill it"),
+    ("in.pkl", pickled(["goal " * 200_000] * 100_000), "the texts it holds"),
+    ("in.parquet", dictionary_bomb, "decodes to more than"),
+], ids=["bytearray", "object-array", "list-of-bombs", "short-object-array", "one-text-many-times", "parquet"])
+def test_memory_bombs_stop_before_they_allocate(tmp_path, name, content, fragment):
+    path = write(tmp_path / name, content)
+    msg = one_line_error(READERS["labelled" if name.endswith("parquet") else "unlabelled"], path)
+    assert fragment in msg and str(path) in msg
+
+
+def test_memory_bombs_stay_under_the_stated_bound(tmp_path):
+    """Peak memory of a fresh process reading every bomb: what it imports plus a few MB (measured in
+    README: Security), far from the gigabytes each asks for."""
+    import subprocess
+    import sys
+
+    files = [write(tmp_path / "a.pkl", BYTES_BOMB), write(tmp_path / "b.pkl", ARRAY_BOMB),
+             write(tmp_path / "c.parquet", dictionary_bomb), write(tmp_path / "d.yaml", ALIAS_BOMB)]
+    code = ("import resource, sys\nfrom lorakd import config, data\nfrom lorakd.errors import UserError\n"
+            "import pyarrow.parquet, pandas\nbase = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "for f in sys.argv[1:]:\n    try:\n"
+            "        config.load(f) if f.endswith('.yaml') else data.read_file(f, ('a', 'b'), f.endswith('.parquet'))\n"
+            "    except UserError:\n        pass\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)\n")
+    grown_mb = int(subprocess.run([sys.executable, "-c", code, *map(str, files)], capture_output=True, text=True,
+                                  check=True).stdout)
+    assert grown_mb < 100, grown_mb

@@ -148,7 +148,7 @@ def test_random_yaml_text_gives_config_or_user_error(scratch, text):
 
 TEXT = st.text(max_size=16)
 VALID = st.fixed_dictionaries({
-    "name": TEXT, "role": st.sampled_from(config.CHOICES["role"]),
+    "name": TEXT.filter(config.safe_name),  # a folder name, not a path "role": st.sampled_from(config.CHOICES["role"]),
     "data": st.fixed_dictionaries({
         "path": TEXT, "val_fraction": st.floats(0, 0.99), "max_length": st.integers(8, 4096),
         "max_train_samples": st.integers(0, 10**9), "repeat": st.integers(1, 100),

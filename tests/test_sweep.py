@@ -115,7 +115,7 @@ def test_sweep_parallel_real_worker(tiny_config, tmp_path, monkeypatch):
     members = sweep.run_sweep(path, gpus=2)
     assert [m["status"] for m in members] == ["done"] * 3
     seq = sweep.run_sweep(write_sweep(tmp_path / "seq", tiny_config, set={"train.max_steps": 6}, grid=grid,
-                                      out=str(tmp_path / "seq-out")))
+                                      out=str(tmp_path / "seq" / "out")))
     for m, s in zip(members, seq):
         losses = [[(r["step"], r["split"], r["loss"]) for r in read_metrics(x["run_dir"])] for x in (m, s)]
         assert losses[0] == losses[1] and len(losses[0]) > 1  # the same losses, step by step
