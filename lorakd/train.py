@@ -287,6 +287,7 @@ class RunLog:
         if st.acc_steps == 0:
             return
         loss, ce, kd = (dist.reduce_mean(acc.clone(), self.world) / st.acc_steps).tolist()
+        lr = float(lr)  # on a GPU the schedule's copy of the device lr: read here, where the loop syncs anyway
         if not all(math.isfinite(v) for v in (loss, ce, kd)):
             kept = f"the last good checkpoint is kept in {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written"
             raise UserError(f"training loss became {loss} by step {st.step}; stopped ({kept}); try a lower train.lr")
