@@ -60,7 +60,7 @@ class TrainConfig:
     log_every: int = 20  # steps between train-loss records
     eval_every: int = 0  # steps between evaluations; 0 = each epoch
     early_stop_patience: int = 0  # stop after N evaluations without a better validation accuracy; 0 = off
-    checkpoint_every: int = 200  # steps between resumable checkpoints; 0 = only on SIGTERM
+    checkpoint_every: int = 200  # steps between resumable checkpoints; 0 = only on SIGTERM or Ctrl-C
     eval_batch_size: int = 256
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on GPU) | bf16 | fp32

@@ -32,8 +32,8 @@ from .runs import load_run, read_metrics
 
 @dataclass(eq=False)
 class Step:
-    """The whole training step on a batch given by indices into the token store. No host syncs inside, so it
-    can be replayed as a CUDA graph; the loss parts add into `acc` on the device. `share` (a device scalar) is
+    """The training step on a batch given by indices into the token store. No host syncs inside, so a whole
+    step can be replayed as a CUDA graph; the loss parts add into `acc` on the device. `share` (a device scalar) is
     this batch's part of the optimizer step's rows times the process count: shards of uneven size, and
     micro-batches of unequal size, then still average to the mean gradient over the step's rows. Its buffers
     (one flat gradient, `acc`, `share`) are made here."""
