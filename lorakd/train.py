@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -247,7 +248,13 @@ class TrainState:
         for g, lr in zip(optimizer.param_groups, lrs):
             if torch.is_tensor(lr):  # the device lr tensor the captured graphs read stays, with the saved value
                 g["lr"] = lr.copy_(g["lr"])
-        scheduler.load_state_dict(saved["scheduler"])
+        if "scheduler" in saved:
+            scheduler.load_state_dict(saved["scheduler"])
+        else:  # a checkpoint from before the schedule was saved in it: the schedule's place is the step
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "scheduler stepped before the optimizer": on purpose
+                for _ in range(saved["step"]):
+                    scheduler.step()
         acc.copy_(saved["acc"])
         torch.set_rng_state(saved["rng"]["torch"])
         if device.type == "cuda" and saved["rng"].get("cuda") is not None:

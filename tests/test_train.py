@@ -303,6 +303,22 @@ def test_early_stopping_stops_keeps_the_best_and_resumes_exactly(tiny_config, tm
     assert _final(tmp_path / "resumed") == _final(tmp_path / "uninterrupted")
 
 
+def test_a_checkpoint_without_the_schedule_resumes_exactly(tiny_config, tmp_path, monkeypatch):
+    """A checkpoint written before the lr schedule's state was kept in it resumes with the schedule at its step."""
+    cfg = tiny_config(**{"train.epochs": 1, "train.log_every": 3})
+    train(cfg, tmp_path / "uninterrupted", log=lambda *a: None)
+    _stop_by_signal_at(monkeypatch, 20, signal.SIGTERM)
+    with pytest.raises(SystemExit):
+        train(cfg, tmp_path / "older", log=lambda *a: None)
+    monkeypatch.undo()
+    ckpt = tmp_path / "older" / "checkpoint" / "state.pt"
+    saved = torch.load(ckpt, weights_only=True)
+    del saved["scheduler"]
+    torch.save(saved, ckpt)
+    train(cfg, tmp_path / "older", resume=True, log=lambda *a: None)
+    assert _final(tmp_path / "older") == _final(tmp_path / "uninterrupted")
+
+
 def test_early_stopping_needs_a_validation_split(tiny_config, tmp_path):
     with pytest.raises(UserError, match="train.early_stop_patience: early stopping needs a validation split"):
         train(tiny_config(**{"train.early_stop_patience": 2, "data.val_fraction": 0.0}), tmp_path / "run")
