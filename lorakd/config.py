@@ -48,7 +48,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     lr: float = 2e-4
-    batch_size: int = 24  # global: split across processes in multi-GPU runs
+    batch_size: int = 24  # global: split across processes in multi-GPU runs; with grad_accum, one micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step (effective batch batch_size * N); steps count updates
     epochs: float = 3.0
     max_steps: int = 0  # 0 = from epochs
     weight_decay: float = 0.01
@@ -58,7 +59,8 @@ class TrainConfig:
     seed: int = 42
     log_every: int = 20  # steps between train-loss records
     eval_every: int = 0  # steps between evaluations; 0 = each epoch
-    checkpoint_every: int = 200  # steps between resumable checkpoints; 0 = only on SIGTERM
+    early_stop_patience: int = 0  # stop after N evaluations without a better validation accuracy; 0 = off
+    checkpoint_every: int = 200  # steps between resumable checkpoints; 0 = only on SIGTERM or Ctrl-C
     eval_batch_size: int = 256
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on GPU) | bf16 | fp32
@@ -372,7 +374,9 @@ def validate(cfg: Config):
         (t.grad_clip >= 0, "train.grad_clip", "must be >= 0"),
         (m.backbone_dropout == -1.0 or 0.0 <= m.backbone_dropout < 1.0, "model.backbone_dropout",
          "must be in [0, 1), or -1 for the backbone's own"),
+        (t.grad_accum >= 1, "train.grad_accum", "must be at least 1"),
         (t.log_every >= 1, "train.log_every", "must be at least 1"),
+        (t.early_stop_patience >= 0, "train.early_stop_patience", "must be >= 0 (0 = off)"),
         (t.eval_every >= 0, "train.eval_every", "must be >= 0"),
         (t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0"),
         (t.eval_batch_size >= 1, "train.eval_batch_size", "must be at least 1"),

@@ -33,7 +33,7 @@ def student_loss(logits, labels, teacher_probs, alpha: float, temperature: float
     labelled = labels >= 0
     ce_rows = F.cross_entropy(logits, labels.clamp(min=0), reduction="none") * labelled
     log_student = F.log_softmax(logits / temperature, dim=-1)
-    kd_rows = temperature ** 2 * (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_student).sum(-1)
+    kd_rows = temperature ** 2 * F.kl_div(log_student, teacher_probs, reduction="none").sum(-1)
     loss_rows = torch.where(labelled, alpha * ce_rows + (1 - alpha) * kd_rows, kd_rows)
     return loss_rows.mean(), ce_rows.sum() / labelled.sum().clamp(min=1), kd_rows.mean()
 
@@ -166,20 +166,22 @@ def _open_teacher(t_cfg, teacher_dir, device):
 def run_logits(model, run_cfg, split, device) -> torch.Tensor:
     """A trained model's logits [N, C] over a split, CHUNK texts at a time (memory stays bounded), split
     across processes in a multi-GPU run and gathered."""
-    from .evaluate import logits_for
+    from .evaluate import logits_for, progress_bar
 
     rank, world, _ = dist.env()
     dist.init(device, world)  # the pipeline labels rows before any training process group exists
     tok = model_lib.load_tokenizer(run_cfg.model.backbone)
     amp = model_lib.amp_dtype(run_cfg.train.precision, device)
-    chunks = []
-    for start in range(0, len(split), CHUNK):
-        texts = split.texts[start: start + CHUNK]
-        store = data_lib.TokenStore(data_lib.encode(tok, texts, run_cfg.data.max_length), None,
-                                    tok.pad_token_id or 0, device)
-        rows = dist.shard(len(store), rank, world)
-        part = logits_for(model, store, run_cfg.train.eval_batch_size, amp, rows)
-        chunks.append(dist.gather_rows(part, rows, len(store), world, device))
+    chunks, starts = [], range(0, len(split), CHUNK)
+    mine = sum(len(dist.shard(min(CHUNK, len(split) - s), rank, world)) for s in starts)  # this process's rows
+    with progress_bar(mine, "teacher logits") as bar:
+        for start in starts:
+            texts = split.texts[start: start + CHUNK]
+            store = data_lib.TokenStore(data_lib.encode(tok, texts, run_cfg.data.max_length), None,
+                                        tok.pad_token_id or 0, device)
+            rows = dist.shard(len(store), rank, world)
+            part = logits_for(model, store, run_cfg.train.eval_batch_size, amp, rows, bar)
+            chunks.append(dist.gather_rows(part, rows, len(store), world, device))
     return torch.cat(chunks)
 
 

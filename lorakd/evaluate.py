@@ -14,9 +14,21 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=False)
 
 
+def progress_bar(total: int, desc: str):
+    """A bar over `total` rows for an evaluation or a teacher's pass, as the training bar: on rank 0 and on a
+    terminal only. It leaves no line behind, so the metric lines after it stand alone."""
+    from tqdm import tqdm
+
+    from . import dist
+
+    return tqdm(total=total, desc=desc, unit="rows", leave=False, dynamic_ncols=True, mininterval=1.0,
+                disable=dist.env()[0] != 0 or None)
+
+
 @torch.inference_mode()
-def logits_for(model, store, batch_size, amp_dtype=None, indices=None) -> torch.Tensor:
-    """float32 logits [N, C] on the CPU, batches sorted by length so little is padded."""
+def logits_for(model, store, batch_size, amp_dtype=None, indices=None, bar=None) -> torch.Tensor:
+    """float32 logits [N, C] on the CPU, batches sorted by length so little is padded; `bar` (progress_bar)
+    counts the rows."""
     idx_all = np.arange(len(store)) if indices is None else np.asarray(indices)
     order = idx_all[np.argsort(-store.lengths_np[idx_all], kind="stable")]
     device = store.ids.device
@@ -30,6 +42,8 @@ def logits_for(model, store, batch_size, amp_dtype=None, indices=None) -> torch.
         ids, mask = store.batch(torch.as_tensor(idx, device=device), store.width(idx))
         with autocast(device, amp_dtype):
             chunks.append((idx, model(input_ids=ids, attention_mask=mask).logits.float()))
+        if bar is not None:
+            bar.update(len(idx))
     for idx, logits in chunks:
         out[[pos[int(i)] for i in idx]] = logits.cpu()
     model.train(was_training)
@@ -93,8 +107,9 @@ def evaluate_run(run_dir, split="validation", device="auto", backbone=None, log=
     s = splits[split]
     store = data_lib.TokenStore(data_lib.encode(tok, s.texts, cfg.data.max_length), s.labels,
                                 tok.pad_token_id or 0, dev)
-    m = metrics(logits_for(model, store, cfg.train.eval_batch_size, amp_dtype(cfg.train.precision, dev)),
-                s.labels, cfg.data.label_names)
+    with progress_bar(len(store), split) as bar:
+        logits = logits_for(model, store, cfg.train.eval_batch_size, amp_dtype(cfg.train.precision, dev), bar=bar)
+    m = metrics(logits, s.labels, cfg.data.label_names)
     log(format_table(split, m))
     path = Path(run_dir) / "eval.json"
     results = read_eval(run_dir)

@@ -126,8 +126,7 @@ def _warm_step(device, hidden, heads, inter, batch=24, length=64, bf16=True):
     loss = F.cross_entropy(logits, torch.zeros(batch, dtype=torch.long, device=device)) + F.kl_div(
         F.log_softmax(logits / 2, -1), soft, reduction="batchmean")
     loss.backward()
-    grads = torch.cat([p.grad.flatten() for p in params])
-    grads.mul_((1.0 / (grads.norm() + 1e-6)).clamp(max=1.0))
+    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)  # as the training step clips
     cuda = device.type == "cuda"  # as make_optimizer's on a GPU (the CPU runs it in tests)
     torch.optim.AdamW(params, lr=torch.tensor(1e-4, device=device), fused=cuda, capturable=cuda).step()
     if cuda:

@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,46 +20,76 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from . import RUN_FORMAT, __version__, atomic, dist
+from . import RUN_FORMAT, STARTED, __version__, atomic, dist
 from . import config as config_lib
 from . import data as data_lib
 from . import distill
 from . import model as model_lib
 from .errors import UserError
-from .evaluate import autocast, format_table, logits_for, metrics
+from .evaluate import autocast, format_table, logits_for, metrics, progress_bar
 from .runs import load_run, read_metrics
 
 
 # ---------------------------------------------------------------- the step
 
-def make_step(model, optimizer, flat_grad, store, teacher_probs, acc, share, cfg, amp, world):
-    """The whole training step on a batch given by indices into the token store. No host syncs inside,
-    so it can be replayed as a CUDA graph; the loss parts add into `acc` on the device. `share` (a device
-    scalar) is this process's part of the global batch times the process count: shards of uneven size
-    then still average to the global batch's mean gradient."""
-    dc, clip, device = cfg.distill, cfg.train.grad_clip, store.ids.device
-    ready_mask = model_lib.needs_ready_mask(model)
+@dataclass(eq=False)
+class Step:
+    """The training step on a batch given by indices into the token store. No host syncs inside, so a whole
+    step can be replayed as a CUDA graph; the loss parts add into `acc` on the device. `share` (a device scalar) is
+    this batch's part of the optimizer step's rows times the process count: shards of uneven size, and
+    micro-batches of unequal size, then still average to the mean gradient over the step's rows. Its buffers
+    (one flat gradient, `acc`, `share`) are made here."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    params: list  # the trainable parameters, in the optimizer's order
+    store: data_lib.TokenStore  # the train rows, on the device
+    teacher_probs: torch.Tensor | None  # soft targets per train row; None: plain CE
+    cfg: config_lib.Config
+    amp: torch.dtype | None
+    world: int
 
-    def step(idx, width, key=None):  # key: the graph key (GraphedStep's); the plain step needs none
-        flat_grad.zero_()
-        ids, mask = store.batch(idx, width)
-        if ready_mask:
+    def __post_init__(self):
+        device = self.store.ids.device
+        self.flat_grad = flat_gradients(self.params, device)
+        self.acc, self.share = torch.zeros(3, device=device), torch.ones((), device=device)
+        self.ready_mask = model_lib.needs_ready_mask(self.model)
+
+    def __call__(self, idx, width):
+        """One batch, one optimizer step: what GraphedStep captures."""
+        self.flat_grad.zero_()
+        self.add_gradients(idx, width)
+        self.update()
+
+    def accumulate(self, micro_batches):
+        """One optimizer step over micro-batches [(idx, width, share)] (train.grad_accum): their gradients add
+        up, each weighted by its part of the step's rows, before one update. Always eager (setup says why)."""
+        self.flat_grad.zero_()
+        for idx, width, share in micro_batches:
+            self.share.fill_(share)
+            self.add_gradients(idx, width)
+        self.update()
+
+    def add_gradients(self, idx, width):
+        ids, mask = self.store.batch(idx, width)
+        if self.ready_mask:
             mask = model_lib.additive_mask(mask)
-        with autocast(device, amp):
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        soft = None if teacher_probs is None else teacher_probs[idx]
-        loss, ce, kd = distill.student_loss(logits, store.labels[idx], soft, dc.alpha, dc.temperature)
-        (loss * share if world > 1 else loss).backward()
-        if world > 1:  # data parallel: average gradients over processes (torch.distributed, NCCL or gloo)
-            torch.distributed.all_reduce(flat_grad)
-            flat_grad.div_(world)
-        if clip:  # clip_grad_norm_ over the one flat buffer, with no host sync
-            flat_grad.mul_((clip / (flat_grad.norm() + 1e-6)).clamp(max=1.0))
-        optimizer.step()
+        with autocast(ids.device, self.amp):
+            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+        dc = self.cfg.distill
+        soft = None if self.teacher_probs is None else self.teacher_probs[idx]
+        loss, ce, kd = distill.student_loss(logits, self.store.labels[idx], soft, dc.alpha, dc.temperature)
+        weighted = self.world > 1 or self.cfg.train.grad_accum > 1
+        (loss * self.share if weighted else loss).backward()
         parts = torch.stack([loss.detach(), ce.detach(), kd.detach()])
-        acc.add_(parts * share if world > 1 else parts)  # weighted like the gradient: the global batch's mean
+        self.acc.add_(parts * self.share if weighted else parts)  # weighted like the gradient: the step's mean
 
-    return step
+    def update(self):
+        if self.world > 1:  # data parallel: average gradients over processes (torch.distributed, NCCL or gloo)
+            torch.distributed.all_reduce(self.flat_grad)
+            self.flat_grad.div_(self.world)
+        if self.cfg.train.grad_clip:  # foreach over the gradients (views of the flat buffer), no host sync
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip, foreach=True)
+        self.optimizer.step()
 
 
 class GraphedStep:
@@ -148,22 +179,6 @@ class GraphedStep:
 
 # ---------------------------------------------------------------- optimizer and schedule
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str, lr: float, lr_end: float = 1e-7) -> float:
-    """Multiplier of the base lr at optimizer step `step` (0-based), as transformers' schedules define it."""
-    if step < warmup:
-        return step / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    if schedule == "cosine":
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    if schedule == "polynomial":  # power 1 down to lr_end, transformers' default
-        if step > total:
-            return lr_end / lr
-        return ((lr - lr_end) * (1 - progress) + lr_end) / lr
-    return 1.0  # constant (after warmup)
-
-
 def make_optimizer(model, cfg, device):
     """AdamW, decay on weights but not biases or LayerNorm (as transformers.Trainer); on a GPU fused and
     capturable, with the lr in a device tensor so the schedule can change it between graph replays."""
@@ -172,24 +187,24 @@ def make_optimizer(model, cfg, device):
     decay = [p for n, p in named if all(p is not q for q in no_decay)]
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    if device.type == "cuda":
-        lr = torch.tensor(cfg.train.lr, device=device)
-        opt = torch.optim.AdamW(groups, lr=lr, fused=True, capturable=True)
-    else:
-        opt = torch.optim.AdamW(groups, lr=cfg.train.lr)
+    if device.type != "cuda":
+        return torch.optim.AdamW(groups, lr=cfg.train.lr), [p for _, p in named]
+    for g in groups:  # the schedule's base lr stays a number: it computes each lr on the host, then fills the
+        g.update(lr=torch.tensor(cfg.train.lr, device=device), initial_lr=cfg.train.lr)  # tensor in place
+    opt = torch.optim.AdamW(groups, lr=cfg.train.lr, fused=True, capturable=True)
     return opt, [p for _, p in named]
 
 
-def set_lr(optimizer, value: float):
-    for g in optimizer.param_groups:
-        if torch.is_tensor(g["lr"]):
-            g["lr"].fill_(value)
-        else:
-            g["lr"] = value
+def make_scheduler(optimizer, cfg, total: int, warmup: int):
+    """transformers' schedule (train.schedule, each after a linear warm-up) over `total` optimizer steps."""
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup"}.get(cfg.train.schedule, cfg.train.schedule)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
 def flat_gradients(params, device):
-    """One buffer holding every gradient (params' .grad are views into it): one all-reduce, one norm."""
+    """One buffer holding every gradient (params' .grad are views into it): one all-reduce."""
     flat = torch.zeros(sum(p.numel() for p in params), device=device)
     offset = 0
     for p in params:
@@ -202,7 +217,8 @@ def flat_gradients(params, device):
 
 @dataclass
 class TrainState:
-    """Everything a killed run needs to continue exactly where it was, beside the weights and optimizer."""
+    """Everything a killed run needs to continue exactly where it was, beside the weights, optimizer and
+    schedule. `step` counts optimizer steps (each of train.grad_accum micro-batches)."""
     step: int = 0
     acc_steps: int = 0  # steps summed into the loss accumulator since the last train-loss record
     train_time: float = 0.0
@@ -210,32 +226,42 @@ class TrainState:
     best: dict = field(default_factory=lambda: {"accuracy": -1.0, "step": 0})
     best_state: list | None = None  # the trainable weights at the best validation accuracy (CPU)
     best_metrics: dict | None = None  # their validation metrics: the run's result, not evaluated again
+    stale_evals: int = 0  # evaluations since the best one (train.early_stop_patience)
 
-    def save(self, path, params, optimizer, acc, device):
+    def save(self, path, params, optimizer, scheduler, acc, device):
         atomic.torch_save(path, {
             "step": self.step, "acc_steps": self.acc_steps, "acc": acc.cpu(), "train_time": self.train_time,
             "samples": self.samples, "best": self.best, "best_state": self.best_state,
-            "best_metrics": self.best_metrics,
+            "best_metrics": self.best_metrics, "stale_evals": self.stale_evals,
             "trainable": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}})
 
     @classmethod
-    def load(cls, path, params, optimizer, acc, device) -> "TrainState":
+    def load(cls, path, params, optimizer, scheduler, acc, device) -> "TrainState":
         saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors, numbers, dicts: no code
         with torch.no_grad():
             for p, v in zip(params, saved["trainable"]):
                 p.copy_(v)
-        lr_tensor = optimizer.param_groups[0]["lr"]
+        lrs = [g["lr"] for g in optimizer.param_groups]
         optimizer.load_state_dict(saved["optimizer"])
-        for g in optimizer.param_groups:  # keep the device lr tensor the captured graphs read
-            g["lr"] = lr_tensor
+        for g, lr in zip(optimizer.param_groups, lrs):
+            if torch.is_tensor(lr):  # the device lr tensor the captured graphs read stays, with the saved value
+                g["lr"] = lr.copy_(g["lr"])
+        if "scheduler" in saved:
+            scheduler.load_state_dict(saved["scheduler"])
+        else:  # a checkpoint from before the schedule was saved in it: the schedule's place is the step
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "scheduler stepped before the optimizer": on purpose
+                for _ in range(saved["step"]):
+                    scheduler.step()
         acc.copy_(saved["acc"])
         torch.set_rng_state(saved["rng"]["torch"])
         if device.type == "cuda" and saved["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(saved["rng"]["cuda"], device)
         return cls(saved["step"], saved["acc_steps"], saved["train_time"], saved["samples"], saved["best"],
-                   saved["best_state"], saved.get("best_metrics"))
+                   saved["best_state"], saved.get("best_metrics"), saved.get("stale_evals", 0))
 
 
 # ---------------------------------------------------------------- the run log
@@ -269,6 +295,7 @@ class RunLog:
         if st.acc_steps == 0:
             return
         loss, ce, kd = (dist.reduce_mean(acc.clone(), self.world) / st.acc_steps).tolist()
+        lr = float(lr)  # on a GPU the schedule's copy of the device lr: read here, where the loop syncs anyway
         if not all(math.isfinite(v) for v in (loss, ce, kd)):
             kept = f"the last good checkpoint is kept in {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written"
             raise UserError(f"training loss became {loss} by step {st.step}; stopped ({kept}); try a lower train.lr")
@@ -287,53 +314,55 @@ class RunLog:
             self.writer.close()
 
 
-class StopOnSigterm:
-    """A SIGTERM (a scheduler's or the GPU's owner's) is noted, and the loop checkpoints and exits."""
+class StopOnSignal:
+    """SIGTERM (a scheduler's or the GPU's owner's) or Ctrl-C (SIGINT) is noted; the loop ends its step,
+    checkpoints, says how to resume and exits: 143 for SIGTERM, a KeyboardInterrupt for Ctrl-C (the cli's exit
+    130). A second Ctrl-C interrupts at once; a SIGINT the process was started to ignore stays ignored."""
 
     def __init__(self, active):
-        self.active, self.signal, self.old = active, None, None
+        self.active, self.signal, self.old = active, None, {}
 
     def __enter__(self):
         if self.active:
-            self.old = signal.signal(signal.SIGTERM, self._note)
+            self.old[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._note)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self.old[signal.SIGINT] = signal.signal(signal.SIGINT, self._note)
         return self
 
     def _note(self, signum, frame):
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: the user will not wait for the checkpoint
         self.signal = signum
 
+    def exit(self):
+        if self.signal == signal.SIGINT:
+            raise KeyboardInterrupt
+        sys.exit(143)
+
     def __exit__(self, *exc):
-        if self.active:
-            signal.signal(signal.SIGTERM, self.old)
+        for signum, old in self.old.items():
+            signal.signal(signum, old)
 
 
 # ---------------------------------------------------------------- wall-clock phases
-
-def process_age_s() -> float | None:
-    """Seconds since this process started (Linux /proc): the interpreter and imports before lorakd runs."""
-    try:
-        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return None
-
 
 class Phases:
     """Wall-clock seconds per phase of a run, as a user waits for them (run.json's summary["phases_s"]).
     Only perf_counter around whole phases: no device syncs are added (an evaluation syncs by itself).
 
-    `start` is process start to train() (interpreter, imports, config) for the process's first run only: a
-    later run in the same process (the pipeline's student, a sweep's next member) waited for none of it."""
+    `start` is from lorakd's import (lorakd.STARTED) to train(): the imports and config, not the time before
+    lorakd ran (a shell's `pip install ... &&`). For the process's first run only: a later run in the same
+    process (the pipeline's student, a sweep's next member) waited for none of it."""
     first_run = True
 
     def __init__(self):
-        self.s = {"start": process_age_s() if Phases.first_run else 0.0}
-        Phases.first_run = False
         self.t = time.perf_counter()
+        self.s = {"start": self.t - STARTED if Phases.first_run else 0.0}
+        Phases.first_run = False
 
     def total(self):
-        """Start to now, as the marks add up (None where /proc could not say when the process started)."""
-        return None if self.s["start"] is None else round(sum(self.s.values()), 3)
+        """Start to now, as the marks add up."""
+        return round(sum(self.s.values()), 3)
 
     def mark(self, name):
         """Add the time since the last mark to `name`."""
@@ -342,7 +371,7 @@ class Phases:
         self.t = now
 
     def rounded(self):
-        return {k: None if v is None else round(v, 3) for k, v in self.s.items()}
+        return {k: round(v, 3) for k, v in self.s.items()}
 
 
 # ---------------------------------------------------------------- set-up
@@ -396,50 +425,19 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    if tc.batch_size % world:
-        raise UserError(f"train.batch_size {tc.batch_size} does not split over {world} processes")
-    if tc.cuda_graphs == "on" and device.type != "cuda":
-        raise UserError("train.cuda_graphs=on needs a CUDA device")
-    num_labels = len(cfg.data.label_names)
-    ckpt_path = run_dir / "checkpoint" / "state.pt"
-    if resume and os.path.lexists(ckpt_path.parent):  # a planted link: resume would write and delete through it
-        atomic.folder(ckpt_path.parent)
-    if not resume and (run_dir / "run.json").exists():
-        raise UserError(f"{run_dir}: a run already exists here; use --resume {run_dir} or another --out")
-    if not resume and run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):
-        raise UserError(f"{run_dir}: a folder with other files in it; give a new or empty folder (--out)")
+    check_setting(cfg, run_dir, resume, device, world)
     phases.mark("setup")
 
     torch.manual_seed(tc.seed)
-    model = model_lib.build(cfg.model, num_labels)  # the same initial weights on every process
+    model = model_lib.build(cfg.model, len(cfg.data.label_names))  # the same initial weights on every process
     counts = model_lib.summarize_params(model)  # what count_params gives without weights, from the model itself
     model_lib.check_budget(cfg, counts)
     phases.mark("build")
-    splits = data_lib.load_splits(cfg.data, tc.seed)
-    tok = model_lib.load_tokenizer(cfg.model.backbone)
-    hf_config = model_lib.backbone_config(cfg.model.backbone, num_labels)  # the fingerprint load_run checks
-    limit = model_lib.max_tokens(tok, hf_config)
-    if limit and cfg.data.max_length > limit:  # longer inputs would fail inside the model's position table
-        raise UserError(f"data.max_length {cfg.data.max_length}: {cfg.model.backbone} takes at most {limit} tokens")
-    train_rows, teacher_probs = distill.student_rows(cfg, splits, device, log, tok)
-    splits["train"] = train_rows
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    multiple = data_lib.pad_multiple(cfg.data.pad_multiple, cfg.data.max_length, device.type, tc.batch_size)
-    stores = {name: data_lib.TokenStore(data_lib.encode(tok, s.texts, cfg.data.max_length), s.labels, pad_id, device,
-                                        multiple)
-              for name, s in splits.items() if len(s) and name != "unlabelled"}
+    splits, stores, teacher_probs, hf_config = setup_data(cfg, device, log)
     phases.mark("data")
     dist.barrier(world)  # every process has checked the folder before rank 0 writes to it
-    if rank == 0 and not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(run_dir / "config.yaml", config_lib.to_yaml(cfg))
-        atomic.write_json(run_dir / "run.json", {
-            "format": RUN_FORMAT, "lorakd": __version__, "name": cfg.name, "role": cfg.role,
-            "backbone": cfg.model.backbone, "backbone_fingerprint": model_lib.backbone_fingerprint(hf_config),
-            "params": counts, "versions": library_versions(), "status": "running",
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-    elif rank == 0:  # a resumed run runs again, whatever stopped it
-        update_info(run_dir, status="running", error=None, finished=None)
+    if rank == 0:
+        open_run_folder(cfg, run_dir, resume, counts, model_lib.backbone_fingerprint(hf_config))
     log(f"run folder: {run_dir}")
     if world > 1:  # what each process runs: small shards make latency-bound steps (README: when it pays)
         log(f"data parallel: {world} processes ({device.type}), {tc.batch_size // world} rows each of every "
@@ -460,45 +458,128 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
         # become dynamic after the second), in the warm-up steps before a CUDA graph captures it: compiling is
         # seconds per shape, so it only pays on long runs. Off by default (README: levers).
         model.compile()
-    optimizer, params = make_optimizer(model, cfg, device)
-    flat_grad = flat_gradients(params, device)
-    acc, share = torch.zeros(3, device=device), torch.ones((), device=device)
-    if world > 1:
-        torch.distributed.all_reduce(torch.zeros(1, device=device))  # communicator up before any capture
-    step = make_step(model, optimizer, flat_grad, stores["train"], teacher_probs, acc, share, cfg, amp, world)
-    if device.type == "cuda" and tc.cuda_graphs != "off":
-        step = GraphedStep(step, params, optimizer, acc, required=tc.cuda_graphs == "on", log=log,
-                           later_warmups=tc.capture_warmups)
-
-    # A last batch smaller than the process count would leave a process idle: it is dropped.
-    full, rest = divmod(len(stores["train"]), tc.batch_size)
-    steps_per_epoch = full + (rest >= world)
-    total = tc.max_steps or math.ceil(tc.epochs * steps_per_epoch)
-    state = TrainState()
-    if resume and ckpt_path.exists():
-        state = TrainState.load(ckpt_path, params, optimizer, acc, device)
-        log(f"resumed at step {state.step} of {total}")
-    if rank == 0:  # records after the checkpoint are replayed by the resumed run: drop them
-        kept = [r for r in read_metrics(run_dir) if resume and r["step"] <= state.step]
-        atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+    run = SimpleNamespace(
+        phases=phases, cfg=cfg, run_dir=run_dir, ckpt_path=run_dir / "checkpoint" / "state.pt", rank=rank,
+        world=world, device=device, log=log, amp=amp, splits=splits, stores=stores, counts=counts, model=model,
+        with_kd=teacher_probs is not None)
+    setup_step(run, teacher_probs, resume)
     phases.mark("device")
-    return SimpleNamespace(
-        phases=phases, cfg=cfg, run_dir=run_dir, ckpt_path=ckpt_path, rank=rank, world=world, device=device, log=log, amp=amp,
-        splits=splits, stores=stores, counts=counts, model=model, params=params, optimizer=optimizer, acc=acc,
-        share=share, step=step, with_kd=teacher_probs is not None, state=state, total=total,
-        steps_per_epoch=steps_per_epoch, warmup=math.ceil(tc.warmup_ratio * total),
-        eval_every=tc.eval_every or steps_per_epoch)
+    return run
+
+
+def setup_data(cfg, device, log):
+    """(splits, their token stores on the device, the teachers' soft targets or None, the backbone's config)."""
+    tc = cfg.train
+    splits = data_lib.load_splits(cfg.data, tc.seed)
+    tok = model_lib.load_tokenizer(cfg.model.backbone)
+    hf_config = model_lib.backbone_config(cfg.model.backbone, len(cfg.data.label_names))  # what load_run checks
+    limit = model_lib.max_tokens(tok, hf_config)
+    if limit and cfg.data.max_length > limit:  # longer inputs would fail inside the model's position table
+        raise UserError(f"data.max_length {cfg.data.max_length}: {cfg.model.backbone} takes at most {limit} tokens")
+    train_rows, teacher_probs = distill.student_rows(cfg, splits, device, log, tok)
+    splits["train"] = train_rows
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    multiple = data_lib.pad_multiple(cfg.data.pad_multiple, cfg.data.max_length, device.type, tc.batch_size)
+    stores = {name: data_lib.TokenStore(data_lib.encode(tok, s.texts, cfg.data.max_length), s.labels, pad_id, device,
+                                        multiple)
+              for name, s in splits.items() if len(s) and name != "unlabelled"}
+    if tc.early_stop_patience and "validation" not in stores:
+        raise UserError("train.early_stop_patience: early stopping needs a validation split (data.val_fraction > 0)")
+    return splits, stores, teacher_probs, hf_config
+
+
+def check_setting(cfg, run_dir, resume, device, world):
+    """Refuse what cannot run here before anything is built: one line naming the setting or folder."""
+    tc = cfg.train
+    if tc.batch_size % world:
+        raise UserError(f"train.batch_size {tc.batch_size} does not split over {world} processes")
+    if tc.cuda_graphs == "on" and device.type != "cuda":
+        raise UserError("train.cuda_graphs=on needs a CUDA device")
+    if tc.cuda_graphs == "on" and tc.grad_accum > 1:
+        raise UserError("train.cuda_graphs=on: train.grad_accum > 1 runs the plain step; use train.cuda_graphs=auto")
+    checkpoint = run_dir / "checkpoint"
+    if resume and os.path.lexists(checkpoint):  # a planted link: resume would write and delete through it
+        atomic.folder(checkpoint)
+    if not resume and (run_dir / "run.json").exists():
+        raise UserError(f"{run_dir}: a run already exists here; use --resume {run_dir} or another --out")
+    if not resume and run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):
+        raise UserError(f"{run_dir}: a folder with other files in it; give a new or empty folder (--out)")
+
+
+def open_run_folder(cfg, run_dir, resume, counts, fingerprint):
+    """A new run's config.yaml and run.json (status running); a resumed run is marked running again."""
+    if resume:  # a resumed run runs again, whatever stopped it
+        update_info(run_dir, status="running", error=None, finished=None)
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(run_dir / "config.yaml", config_lib.to_yaml(cfg))
+    atomic.write_json(run_dir / "run.json", {
+        "format": RUN_FORMAT, "lorakd": __version__, "name": cfg.name, "role": cfg.role,
+        "backbone": cfg.model.backbone, "backbone_fingerprint": fingerprint,
+        "params": counts, "versions": library_versions(), "status": "running",
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+
+def setup_step(run, teacher_probs, resume):
+    """Onto `run`: the optimizer and its schedule, the step (replayed as CUDA graphs where it can be), the
+    number of optimizer steps, and the state a resumed run continues from."""
+    cfg, tc, device, log = run.cfg, run.cfg.train, run.device, run.log
+    optimizer, params = make_optimizer(run.model, cfg, device)
+    if run.world > 1:
+        torch.distributed.all_reduce(torch.zeros(1, device=device))  # communicator up before any capture
+    step = Step(model=run.model, optimizer=optimizer, params=params, store=run.stores["train"],
+                teacher_probs=teacher_probs, cfg=cfg, amp=run.amp, world=run.world)
+    run.acc, run.share = step.acc, step.share
+    if device.type == "cuda" and tc.cuda_graphs != "off":
+        if tc.grad_accum > 1:  # simplest correct: an update over several micro-batches runs eagerly, not as a graph
+            log("CUDA graphs off: train.grad_accum > 1 runs the plain step")
+        else:
+            step = GraphedStep(step, params, optimizer, step.acc, required=tc.cuda_graphs == "on", log=log,
+                               later_warmups=tc.capture_warmups)
+    # A last batch smaller than the process count would leave a process idle: it is dropped.
+    full, rest = divmod(len(run.stores["train"]), tc.batch_size)
+    run.steps_per_epoch = math.ceil((full + (rest >= run.world)) / tc.grad_accum)  # optimizer steps
+    run.total = tc.max_steps or math.ceil(tc.epochs * run.steps_per_epoch)
+    run.eval_every = tc.eval_every or run.steps_per_epoch
+    scheduler = make_scheduler(optimizer, cfg, run.total, math.ceil(tc.warmup_ratio * run.total))
+    state = TrainState()
+    if resume and run.ckpt_path.exists():
+        state = TrainState.load(run.ckpt_path, params, optimizer, scheduler, step.acc, device)
+        log(f"resumed at step {state.step} of {run.total}")
+    if run.rank == 0:  # records after the checkpoint are replayed by the resumed run: drop them
+        kept = [r for r in read_metrics(run.run_dir) if resume and r["step"] <= state.step]
+        atomic.write_text(run.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+    run.optimizer, run.params, run.scheduler, run.step, run.state = optimizer, params, scheduler, step, state
 
 
 def epoch_batches(run, epoch):
-    """The epoch's global batches and this process's shards of them, the shards already on the device."""
+    """The epoch's optimizer steps, each a list of train.grad_accum micro-batches (fewer at the epoch's end):
+    the global batches and this process's shards of them, the shards already on the device."""
     tc, store = run.cfg.train, run.stores["train"]
     batches = data_lib.batch_order(store.lengths_np, tc.batch_size, tc.seed, epoch, run.cfg.data.group_by_length)
     batches = [b for b in batches if len(b) >= run.world]
     shards = [b[run.rank::run.world] for b in batches]
     starts = np.cumsum([0] + [len(b) for b in shards])
     on_device = torch.as_tensor(np.concatenate(shards), device=run.device)  # one copy per epoch, none per step
-    return [(on_device[starts[i]: starts[i + 1]], b) for i, b in enumerate(batches)]
+    micro = [(on_device[starts[i]: starts[i + 1]], b) for i, b in enumerate(batches)]
+    return [micro[i: i + tc.grad_accum] for i in range(0, len(micro), tc.grad_accum)]
+
+
+def take_step(run, micro_batches):
+    """One optimizer step: one batch (replayed as a CUDA graph where one was captured), or the train.grad_accum
+    micro-batches of one update."""
+    store = run.stores["train"]
+    if run.cfg.train.grad_accum > 1:
+        n = sum(len(rows) for _, rows in micro_batches)
+        return run.step.accumulate([(idx, store.width(rows), len(idx) * run.world / n) for idx, rows in micro_batches])
+    (idx, rows), = micro_batches
+    if run.world > 1:
+        run.share.fill_(len(idx) * run.world / len(rows))
+    width = store.width(rows)  # the global batch's: every process has the same shape
+    if isinstance(run.step, GraphedStep):
+        run.step(idx, width, (len(rows), width))  # keyed by the global batch's shape: all processes capture together
+    else:
+        run.step(idx, width)
 
 
 # ---------------------------------------------------------------- the loop
@@ -507,7 +588,7 @@ def train(cfg, run_dir, resume=False, log=print, plots=False) -> dict:
     """Train one run into run_dir; returns its summary (also in run.json). plots: also draw plots/*.png
     (rank 0), timed with the other phases in summary["phases_s"]."""
     phases = Phases()
-    run_dir = Path(run_dir)
+    run_dir, log = Path(run_dir), clear_bars_for(log)
     if resume:
         _, info = load_run(run_dir)  # refuses a missing, foreign or newer-format folder
         if info.get("status") == "done":
@@ -522,6 +603,18 @@ def train(cfg, run_dir, resume=False, log=print, plots=False) -> dict:
         raise
 
 
+def clear_bars_for(log):
+    """`log` that first takes any progress bar off the terminal (and puts it back after): a line never
+    continues a bar's line."""
+    from tqdm import tqdm
+
+    def write(*args, **kwargs):
+        with tqdm.external_write_mode():
+            log(*args, **kwargs)
+
+    return write
+
+
 def mark_failed(run_dir: Path, error: Exception):
     try:  # best effort: the error itself is what the user must see
         update_info(run_dir, status="failed", error=" ".join(str(error).split())[:500] or type(error).__name__)
@@ -530,28 +623,26 @@ def mark_failed(run_dir: Path, error: Exception):
 
 
 def _train_loop(run, plots) -> dict:
-    cfg, run_dir, log, phases = run.cfg, run.run_dir, run.log, run.phases
-    tc, st, store = cfg.train, run.state, run.stores["train"]
+    cfg, run_dir, phases = run.cfg, run.run_dir, run.phases
+    tc, st = cfg.train, run.state
     runlog = RunLog(run_dir, run.rank, run.world, run.total, st.step, run.steps_per_epoch, run.with_kd, tc.tensorboard)
     if plots and run.rank == 0:  # matplotlib imports while the GPU trains (the host mostly waits), not after
         threading.Thread(target=_import_plotting, daemon=True).start()
-    batches, batches_epoch, lr = None, None, tc.lr
-    with StopOnSigterm(run.rank == 0 or run.world == 1) as stop:
+    batches, batches_epoch = None, None
+    with StopOnSignal(run.rank == 0 or run.world == 1) as stop:
         try:
             while st.step < run.total:
                 epoch, pos = divmod(st.step, run.steps_per_epoch)
                 if batches_epoch != epoch:
                     batches, batches_epoch = epoch_batches(run, epoch), epoch
-                idx, rows = batches[pos]
-                lr = tc.lr * lr_factor(st.step, run.total, run.warmup, tc.schedule, tc.lr)
+                lr = run.scheduler.get_last_lr()[0]  # this step's: the schedule moves on after it
                 t0 = time.perf_counter()
-                set_lr(run.optimizer, lr)
-                if run.world > 1:
-                    run.share.fill_(len(idx) * run.world / len(rows))
-                width = store.width(rows)  # the global batch's: every process has the same shape
-                run.step(idx, width, (len(rows), width))
-                st.step, st.acc_steps, st.samples = st.step + 1, st.acc_steps + 1, st.samples + len(rows)
+                take_step(run, batches[pos])
+                st.step, st.acc_steps = st.step + 1, st.acc_steps + 1
+                st.samples += sum(len(rows) for _, rows in batches[pos])
                 last = st.step == run.total
+                if not last:  # past the last step there is no lr to set (polynomial's would divide by zero)
+                    run.scheduler.step()
                 log_now, eval_now = last or st.step % tc.log_every == 0, last or st.step % run.eval_every == 0
                 if run.device.type == "cuda" and (log_now or eval_now):
                     torch.cuda.synchronize(run.device)  # time only where we would sync anyway
@@ -562,17 +653,30 @@ def _train_loop(run, plots) -> dict:
                 if eval_now:
                     phases.mark("train_loop")
                     evaluate_and_keep_best(run, runlog)
+                    if should_stop_early(run) and not last:
+                        break
                 if (tc.checkpoint_every and st.step % tc.checkpoint_every == 0) or stop.signal:
                     phases.mark("train_loop")
                     save_checkpoint(run, runlog, lr)
                     phases.mark("checkpoints")
                 if stop.signal:
                     run.log(f"stopped by signal at step {st.step}; continue with: lorakd train --resume {run_dir}")
-                    sys.exit(143)
+                    stop.exit()
         finally:
             runlog.close()
     phases.mark("train_loop")
     return finish(run, plots)
+
+
+def should_stop_early(run) -> bool:
+    """train.early_stop_patience evaluations in a row without a better validation accuracy: stop (the best
+    weights are the run's result, as always)."""
+    st, patience = run.state, run.cfg.train.early_stop_patience
+    if not patience or st.stale_evals < patience:
+        return False
+    run.log(f"early stop at step {st.step}: validation accuracy has not improved on {st.best['accuracy']:.4f} "
+            f"(step {st.best['step']}) in {patience} evaluations")
+    return True
 
 
 def _import_plotting():
@@ -589,15 +693,17 @@ def evaluate_and_keep_best(run, runlog):
         return
     st, store = run.state, run.stores["validation"]
     rows = dist.shard(len(store), run.rank, run.world)
-    logits = logits_for(run.model, store, run.cfg.train.eval_batch_size, run.amp, rows)
+    with progress_bar(len(rows), "validation") as bar:
+        logits = logits_for(run.model, store, run.cfg.train.eval_batch_size, run.amp, rows, bar)
     logits = dist.gather_rows(logits, rows, len(store), run.world, run.device)
     m = metrics(logits, run.splits["validation"].labels, run.cfg.data.label_names)
     run.phases.mark("eval")
     runlog.record({"step": st.step, "epoch": round(st.step / run.steps_per_epoch, 4), "split": "validation",
                    "loss": m["loss"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
     run.log(f"step {st.step}/{run.total}  validation accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}")
+    st.stale_evals += 1
     if m["accuracy"] > st.best["accuracy"]:
-        st.best = {"accuracy": m["accuracy"], "step": st.step}
+        st.best, st.stale_evals = {"accuracy": m["accuracy"], "step": st.step}, 0
         st.best_state = [p.detach().to("cpu", copy=True) for p in run.params]
         st.best_metrics = m
         save_weights(run)
@@ -614,7 +720,7 @@ def save_checkpoint(run, runlog, lr):
     if not torch.isfinite(run.acc).all():  # never checkpoint a diverged model: the log check names the step
         runlog.train_loss(run.state, run.acc, lr, run.ckpt_path)
     if run.rank == 0:
-        run.state.save(run.ckpt_path, run.params, run.optimizer, run.acc, run.device)
+        run.state.save(run.ckpt_path, run.params, run.optimizer, run.scheduler, run.acc, run.device)
 
 
 def finish(run, plots=False) -> dict:
@@ -630,12 +736,14 @@ def finish(run, plots=False) -> dict:
     results = {"validation": st.best_metrics} if st.best_metrics else {}  # the best weights' own evaluation
     for name in ("validation", "test"):
         if name in run.stores and name not in results and run.rank == 0:
-            results[name] = metrics(logits_for(run.model, run.stores[name], cfg.train.eval_batch_size, run.amp),
-                                    run.splits[name].labels, cfg.data.label_names)
+            with progress_bar(len(run.stores[name]), name) as bar:
+                logits = logits_for(run.model, run.stores[name], cfg.train.eval_batch_size, run.amp, bar=bar)
+            results[name] = metrics(logits, run.splits[name].labels, cfg.data.label_names)
     for name, m in results.items():
         run.log(format_table(name, m))
     phases.mark("eval")
-    summary = {"best_step": st.best["step"], "steps": st.step, "train_time_s": round(st.train_time, 3),
+    summary = {"best_step": st.best["step"], "steps": st.step, "stopped_early": st.step < run.total,
+               "train_time_s": round(st.train_time, 3),
                "samples_per_s": st.samples / max(st.train_time, 1e-9),
                "graph_capture_s": round(getattr(run.step, "capture_s", 0.0), 3),  # this process's, since (re)start
                "cuda_graphs": len(getattr(run.step, "graphs", {})), "trainable": run.counts["trainable"],

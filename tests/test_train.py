@@ -15,22 +15,27 @@ from lorakd import config as config_lib
 from lorakd.errors import UserError
 from lorakd.report import collect
 from lorakd.runs import read_metrics
-from lorakd.train import lr_factor, train
+from lorakd.train import make_optimizer, make_scheduler, train
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine", "polynomial", "constant"])
-def test_lr_schedule_matches_transformers(schedule):
-    from transformers import get_scheduler
-
-    total, warmup, lr = 50, 5, 1e-3
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    sched = get_scheduler(schedule if schedule != "constant" else "constant_with_warmup", opt,
-                          num_warmup_steps=warmup, num_training_steps=total)
-    for step in range(total):
-        assert math.isclose(opt.param_groups[0]["lr"], lr * lr_factor(step, total, warmup, schedule, lr),
-                            rel_tol=1e-6, abs_tol=1e-12), step
-        opt.step()
+@pytest.mark.parametrize("schedule, at_20", [("linear", 30 / 45), ("cosine", 0.75),
+                                             ("polynomial", (1e-3 - 1e-7) * (30 / 45) / 1e-3 + 1e-4),
+                                             ("constant", 1.0)])
+def test_lr_schedule_is_transformers_after_a_linear_warmup(schedule, at_20, tiny_config):
+    """train.schedule names transformers' schedules (constant: constant_with_warmup) over optimizer steps: 50
+    steps, 5 of warm-up; the lr before step 20 is the closed form's (polynomial: power 1 down to 1e-7)."""
+    cfg = tiny_config(**{"train.schedule": schedule, "train.lr": 1e-3})
+    model = torch.nn.Linear(2, 2)
+    optimizer, _ = make_optimizer(model, cfg, torch.device("cpu"))
+    sched = make_scheduler(optimizer, cfg, total=50, warmup=5)
+    lrs = []
+    for _ in range(50):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
         sched.step()
+    assert lrs[0] == 0.0 and math.isclose(lrs[2], 0.4e-3) and math.isclose(lrs[5], 1e-3)
+    assert math.isclose(lrs[20], 1e-3 * at_20, rel_tol=1e-9)
+    assert sched.state_dict()["last_epoch"] == 50  # what a checkpoint keeps
 
 
 def test_budget_refused_before_training(tiny_config, tmp_path):
@@ -204,3 +209,194 @@ def test_a_shape_that_never_captures_falls_back_in_one_line_or_fails_under_on():
     g, _ = _graphed(fail={(32, 2)}, required=True)
     with pytest.raises(UserError, match="train.cuda_graphs=on: this backbone's step cannot be captured"):
         capture(g, 32)
+
+
+# ---------------------------------------------------------------- gradient accumulation, early stopping, signals
+
+def _adapter(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def _stop_by_signal_at(monkeypatch, step, sig):
+    """The next train() in this process gets `sig` right after its `step`-th optimizer step (as a user's Ctrl-C
+    or a scheduler's SIGTERM would arrive), at the same point every time."""
+    from lorakd import train as train_lib
+
+    real, taken = train_lib.take_step, []
+
+    def take_step(run, micro_batches):
+        real(run, micro_batches)
+        taken.append(1)
+        if len(taken) == step:
+            os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(train_lib, "take_step", take_step)
+
+
+def _interrupted_then_resumed(monkeypatch, cfg, run, step, sig=signal.SIGTERM):
+    _stop_by_signal_at(monkeypatch, step, sig)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)  # as Python starts on a terminal
+    try:
+        with pytest.raises(KeyboardInterrupt if sig == signal.SIGINT else SystemExit):
+            train(cfg, run, log=lambda *a: None)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    monkeypatch.undo()
+    assert torch.load(run / "checkpoint" / "state.pt", weights_only=True)["step"] == step
+    return train(cfg, run, resume=True, log=lambda *a: None)
+
+
+def test_grad_accum_of_micro_batches_is_one_batch_of_their_rows(tiny_config, tmp_path):
+    """2 micro-batches of 4 rows per optimizer step train as 1 batch of 8 (no dropout; batches in file order
+    of the seeded shuffle, not grouped by length): the same steps, schedule, losses and weights, to float
+    tolerance. batch_size stays the micro-batch; train.max_steps counts optimizer steps."""
+    common = {"data.group_by_length": False, "train.max_steps": 24, "train.eval_every": 8, "train.log_every": 4,
+              "train.precision": "fp32"}  # bf16 on a GPU would round the two differently
+    one = train(tiny_config(**common), tmp_path / "one", log=lambda *a: None)
+    accum = train(tiny_config(**common, **{"train.batch_size": 4, "train.grad_accum": 2}), tmp_path / "accum",
+                  log=lambda *a: None)
+    assert one["steps"] == accum["steps"] == 24
+    want, got = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "accum")
+    assert [(r["step"], r["split"]) for r in got] == [(r["step"], r["split"]) for r in want]
+    for w, g in zip(want, got):
+        assert g.get("lr", 0) == pytest.approx(w.get("lr", 0), rel=1e-12)
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-4, abs=1e-6), (w, g)
+    a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "accum")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+    assert accum["validation_accuracy"] == one["validation_accuracy"]
+
+
+def test_grad_accum_counts_optimizer_steps_and_resumes_exactly(tiny_config, tmp_path, monkeypatch):
+    """4 micro-batches of 8 per update: an epoch of 45 batches is 12 optimizer steps, its last one a single
+    batch; a run stopped in its second epoch and resumed ends as the uninterrupted one."""
+    cfg = tiny_config(**{"train.grad_accum": 4, "train.epochs": 2, "train.log_every": 2, "train.eval_every": 5,
+                         "model.dropout": 0.1})
+    want = train(cfg, tmp_path / "uninterrupted", log=lambda *a: None)
+    assert want["steps"] == 24 and want["samples_per_s"] > 0
+    got = _interrupted_then_resumed(monkeypatch, cfg, tmp_path / "resumed", 13)
+    assert got["steps"] == want["steps"]
+    assert _final(tmp_path / "resumed") == _final(tmp_path / "uninterrupted")
+    a, b = _adapter(tmp_path / "uninterrupted"), _adapter(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_early_stopping_stops_keeps_the_best_and_resumes_exactly(tiny_config, tmp_path, monkeypatch):
+    """train.early_stop_patience 2: the run stops at the second evaluation in a row without a better
+    validation accuracy; the best weights (and their metrics) are the result; stopped and resumed midway, it
+    stops at the same step with the same result."""
+    cfg = tiny_config(**{"train.early_stop_patience": 2, "train.eval_every": 3, "train.epochs": 20,
+                         "train.log_every": 3, "model.dropout": 0.1})
+    want = train(cfg, tmp_path / "uninterrupted", log=lambda *a: None)
+    val = [r for r in read_metrics(tmp_path / "uninterrupted") if r["split"] == "validation"]
+    accs = [r["accuracy"] for r in val]
+    best = max(range(len(accs)), key=lambda i: (accs[i], -i))  # the first at the highest accuracy
+    assert want["stopped_early"] and want["steps"] < 20 * 45
+    assert len(val) == best + 3 and val[-1]["step"] == want["steps"]  # two evaluations after the best, then stop
+    assert want["best_step"] == val[best]["step"] and want["validation_accuracy"] == accs[best]
+    assert json.loads((tmp_path / "uninterrupted" / "eval.json").read_text())["validation"]["accuracy"] == accs[best]
+
+    # stopped at the first evaluation after the best: the count of evaluations without a better one resumes too
+    got = _interrupted_then_resumed(monkeypatch, cfg, tmp_path / "resumed", val[best + 1]["step"])
+    assert (got["steps"], got["best_step"], got["stopped_early"]) == (want["steps"], want["best_step"], True)
+    assert _final(tmp_path / "resumed") == _final(tmp_path / "uninterrupted")
+
+
+def test_a_checkpoint_without_the_schedule_resumes_exactly(tiny_config, tmp_path, monkeypatch):
+    """A checkpoint written before the lr schedule's state was kept in it resumes with the schedule at its step."""
+    cfg = tiny_config(**{"train.epochs": 1, "train.log_every": 3})
+    train(cfg, tmp_path / "uninterrupted", log=lambda *a: None)
+    _stop_by_signal_at(monkeypatch, 20, signal.SIGTERM)
+    with pytest.raises(SystemExit):
+        train(cfg, tmp_path / "older", log=lambda *a: None)
+    monkeypatch.undo()
+    ckpt = tmp_path / "older" / "checkpoint" / "state.pt"
+    saved = torch.load(ckpt, weights_only=True)
+    del saved["scheduler"]
+    torch.save(saved, ckpt)
+    train(cfg, tmp_path / "older", resume=True, log=lambda *a: None)
+    assert _final(tmp_path / "older") == _final(tmp_path / "uninterrupted")
+
+
+def test_early_stopping_needs_a_validation_split(tiny_config, tmp_path):
+    with pytest.raises(UserError, match="train.early_stop_patience: early stopping needs a validation split"):
+        train(tiny_config(**{"train.early_stop_patience": 2, "data.val_fraction": 0.0}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_in_process_checkpoints_the_step_and_resumes_exactly(tiny_config, tmp_path, monkeypatch):
+    """Ctrl-C (SIGINT) ends the current step, checkpoints it and raises KeyboardInterrupt (a notebook's
+    interrupt, the cli's exit 130); the resumed run ends as the uninterrupted one."""
+    cfg = tiny_config(**{"train.epochs": 2, "train.eval_every": 10, "model.dropout": 0.1})
+    train(cfg, tmp_path / "uninterrupted", log=lambda *a: None)
+    _interrupted_then_resumed(monkeypatch, cfg, tmp_path / "resumed", 17, signal.SIGINT)
+    assert _final(tmp_path / "resumed") == _final(tmp_path / "uninterrupted")
+
+
+@pytest.mark.parametrize("sig, rc", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_checkpoint_and_print_the_resume_line(tiny_config, tmp_path, sig, rc):
+    """`lorakd train` sent Ctrl-C (SIGINT) or SIGTERM mid-run: a checkpoint at the step it was on, the run
+    still `running`, and one line saying how to continue, the same for both."""
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(config_lib.to_yaml(tiny_config(**{"train.checkpoint_every": 5, "train.epochs": 20})))
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lorakd.cli", "train", "--config", str(cfg_file), "--out", str(run)]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's
+    deadline = time.time() + 120
+    while not (run / "checkpoint" / "state.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == rc, err
+    step = torch.load(run / "checkpoint" / "state.pt", weights_only=True)["step"]
+    assert f"stopped by signal at step {step}; continue with: lorakd train --resume {run}\n" in out
+    assert json.loads((run / "run.json").read_text())["status"] == "running"
+    if sig == signal.SIGINT:
+        assert err.rstrip().endswith("lorakd: interrupted")
+
+
+class _Terminal(__import__("io").StringIO):
+    """stdout and stderr of a terminal, in one stream: a progress bar shows (tqdm draws on a TTY)."""
+
+    def isatty(self):
+        return True
+
+    def screen(self):
+        """The lines as the terminal shows them: each carriage return goes back to the line's start."""
+        lines = []
+        for raw in self.getvalue().split("\n"):
+            shown = ""
+            for part in raw.split("\r"):
+                shown = part + shown[len(part):]
+            lines.append(shown.rstrip())
+        return lines
+
+
+def test_metric_lines_never_continue_a_progress_bar(tiny_config, tmp_path, monkeypatch):
+    """On a terminal the training bar and the evaluations' own bars draw, and every line lorakd prints
+    (validation accuracy, the tables) starts on a line of its own, never after a bar's text."""
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stdout", term)
+    monkeypatch.setattr(sys, "stderr", term)
+    train(tiny_config(**{"train.max_steps": 12, "train.eval_every": 4, "train.log_every": 2}), tmp_path / "run")
+    screen = term.screen()
+    said = [line for line in screen if "validation accuracy" in line]
+    assert len(said) == 3 and all(line.startswith("step ") for line in said), said
+    assert any(line.startswith("validation: accuracy") for line in screen)
+    assert any(line.startswith("test: accuracy") for line in screen)
+    raw = term.getvalue()
+    assert "12/12" in raw and "validation:" in raw and "test:" in raw  # the bars drew (they leave no line)
+
+
+def test_phase_timing_starts_when_lorakd_starts(tmp_path):
+    """phases_s.start counts from lorakd's import, not from the process's start: 2 s spent before it (as a
+    shell's `pip install ... &&` would) are not in it."""
+    code = ("import time\nt0 = time.perf_counter()\ntime.sleep(2)\nt1 = time.perf_counter()\nimport lorakd\n"
+            "from lorakd.train import Phases\nstart = Phases().s['start']\nt2 = time.perf_counter()\n"
+            "print(start, t2 - t1)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    start, since_import = map(float, out.split())
+    assert since_import - 0.5 < start <= since_import  # /proc's process age would be over 2 s
