@@ -153,10 +153,11 @@ def pipeline(config, *, data=None, out=None, overrides=(), predict=None, log=pri
     # its own folder, and the two runs in it: a `lorakd train --resume ROOT/student` meanwhile is refused too
     with run_lock(root), run_lock(root / "teacher"), run_lock(root / "student"):
         s = run_pipeline(path, overrides, out=root, data=data, predict_input=predict, log=log)
-    return PipelineResult(Path(root), Path(s["teacher"]), Path(s["student"]), s["stages"],
+    root = Path(root)  # the folders as given (pipeline.json holds them absolute)
+    return PipelineResult(root, root / "teacher", root / "student", s["stages"],
                           (s["teacher_summary"] or {}).get("validation_accuracy"),
                           (s["student_summary"] or {}).get("validation_accuracy"),
-                          Path(s["predictions"]) if "predictions" in s else None, s)
+                          root / "predictions.csv" if "predictions" in s else None, s)
 
 
 def evaluate(run, split="validation", *, device="auto", backbone=None, log=print) -> EvalResult:
