@@ -4,9 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from datetime import datetime
-from pathlib import Path
 
+from . import api
 from . import config as config_lib
 from .config import preset_path
 from .errors import UserError
@@ -27,36 +26,22 @@ def refuse_twice(args):
 
 
 def load_config(args) -> config_lib.Config:
-    extra = {}
-    if getattr(args, "data", None):
-        extra["data.path"] = args.data
-    if getattr(args, "budget", None) is not None:
-        extra["model.budget"] = args.budget
-    path = preset_path(args.config) if getattr(args, "config", None) else None
-    return config_lib.load(path, args.overrides, extra)
-
-
-def default_run_dir(cfg, root="runs") -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(root) / f"{cfg.name}-{stamp}"
+    return api.load_config(getattr(args, "config", None), data=getattr(args, "data", None),
+                           budget=getattr(args, "budget", None), overrides=args.overrides)
 
 
 def cmd_train(args):
-    from . import dist, runs, train
+    from . import dist
 
     if args.resume:
         if args.config or args.overrides or args.data or args.budget is not None or args.out:
             raise UserError("--resume takes the run's own config and folder; drop --config, --data, --budget, "
                             "--out and key=value")
-        run_dir = Path(args.resume)
-        cfg, _ = runs.load_run(run_dir)
+        run = api.train(resume=args.resume)
     else:
-        cfg = load_config(args)
-        run_dir = Path(args.out) if args.out else default_run_dir(cfg)
-    with runs.run_lock(run_dir):
-        train.train(cfg, run_dir, resume=bool(args.resume), plots=True)
-        if dist.env()[0] == 0:
-            print(f"run folder: {run_dir}")
+        run = api.train(load_config(args), args.out)
+    if dist.env()[0] == 0:
+        print(f"run folder: {run.run_dir}")
 
 
 def hub_demo_data() -> str:
@@ -89,8 +74,6 @@ def cmd_demo(args):
     """The reference student recipe on the embedded backbone: in full on a GPU, a few steps on a CPU."""
     import torch
 
-    from . import runs, train
-
     if args.cpu_steps < 1:
         raise UserError(f"--cpu-steps {args.cpu_steps}: must be at least 1")
     data = args.data or hub_demo_data()
@@ -108,34 +91,24 @@ def cmd_demo(args):
         length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epochs"
         print(f"no GPU: {length} at lr {t.lr:g} (the reference recipe is 3 epochs at lr 2e-4, which a GPU runs "
               "in seconds)")
-    run_dir = Path(args.out) if args.out else default_run_dir(cfg)
-    with runs.run_lock(run_dir):
-        summary = train.train(cfg, run_dir, plots=True)
-    print(f"{summary['steps']} steps in {summary['train_time_s']:.1f}s ({summary['samples_per_s']:.0f} samples/s); "
-          f"validation accuracy {summary.get('validation_accuracy', float('nan')):.4f}")
-    print(f"run folder: {run_dir}  (eval.json, metrics.jsonl, adapter/, plots/*.png)")
+    run = api.train(cfg, args.out)
+    accuracy = float("nan") if run.accuracy is None else run.accuracy
+    print(f"{run.steps} steps in {run.train_time_s:.1f}s ({run.summary['samples_per_s']:.0f} samples/s); "
+          f"validation accuracy {accuracy:.4f}")
+    print(f"run folder: {run.run_dir}  (eval.json, metrics.jsonl, adapter/, plots/*.png)")
 
 
 def cmd_eval(args):
-    from .evaluate import evaluate_run
-    from .runs import load_run, run_lock
-
-    load_run(args.run)  # a folder that is not a run is refused before a lock file is put in it
-    with run_lock(args.run):  # eval.json is read, updated and written back
-        evaluate_run(args.run, args.split, device=args.device, backbone=args.backbone)
+    api.evaluate(args.run, args.split, device=args.device, backbone=args.backbone)
 
 
 def cmd_predict(args):
-    from .predict import predict
-
-    predict(args.run, args.input, args.out, device=args.device, batch_size=args.batch_size,
-            label_format=args.labels, backbone=args.backbone, threads=args.threads, runtime=args.runtime)
+    api.predict_file(args.run, args.input, args.out, device=args.device, batch_size=args.batch_size,
+                     labels=args.labels, backbone=args.backbone, threads=args.threads, runtime=args.runtime)
 
 
 def cmd_export(args):
-    from .export import export
-
-    export(args.run, args.out, adapter_only=args.adapter_only, onnx=args.onnx, backbone=args.backbone)
+    api.export(args.run, args.out, adapter_only=args.adapter_only, onnx=args.onnx, backbone=args.backbone)
 
 
 def cmd_params(args):
@@ -193,19 +166,7 @@ def _design(mc) -> str:
 
 
 def cmd_pipeline(args):
-    from contextlib import ExitStack
-
-    from .pipeline import pipeline_root, run_pipeline, split_configs, teacher_names
-    from .runs import run_lock
-
-    config = preset_path(args.config)
-    root = pipeline_root(config, args.overrides, args.out, args.data)
-    student = split_configs(config_lib.read_yaml(config), args.overrides, args.data)[1]
-    # its own folder, and the runs in it: a `lorakd train --resume ROOT/student` meanwhile is refused too
-    with ExitStack() as locks:
-        for name in ["", *(n for names in teacher_names(student) for n in names), "student"]:
-            locks.enter_context(run_lock(root / name))
-        run_pipeline(config, args.overrides, out=root, data=args.data, predict_input=args.predict)
+    api.pipeline(args.config, data=args.data, out=args.out, overrides=args.overrides, predict=args.predict)
 
 
 def cmd_sweep(args):

@@ -632,3 +632,8 @@ def export(run_dir, out_dir=None, adapter_only=False, onnx=False, backbone=None,
     log(f"exported {run_dir} to {out} ({what}"
         f"{', ONNX fp32 + int8' if onnx else ''})")
     return result
+
+
+from . import callable_module  # noqa: E402
+
+callable_module(__name__)  # lorakd.export(...) runs the API call lorakd.api.export (lorakd/__init__.py)

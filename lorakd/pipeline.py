@@ -179,3 +179,8 @@ def run_pipeline(config_path, overrides=(), out=None, data=None, predict_input=N
     atomic.write_json(root / "pipeline.json", summary)
     log(f"pipeline folder: {root}")
     return summary
+
+
+from . import callable_module  # noqa: E402
+
+callable_module(__name__)  # lorakd.pipeline(...) runs the API call lorakd.api.pipeline (lorakd/__init__.py)

@@ -388,6 +388,19 @@ def logits_of(m, texts, batch_size) -> np.ndarray:
 
 # ---------------------------------------------------------------- predict
 
+def check_options(batch_size, threads):
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    if threads < 0:
+        raise UserError(f"--threads {threads}: must be >= 0 (0 = one per core)")
+
+
+def default_batch_size(kind, runtime) -> int:
+    # onnxruntime on a CPU: small batches on each core, their activations stay in the core's cache; OpenVINO's
+    # AMX products want more rows (both measured: bench/predict_cpu.py); PyTorch takes 256 at once
+    return {"onnxruntime": 8, "openvino": 64}[runtime] if kind == "onnx" else 256
+
+
 def check_out(out_path: Path, input_path: Path, model_path: Path):
     """--out may replace an earlier predictions file, never what this command reads: the input, or a file of
     the model (run.json, weights, tokenizer) that a later command would need."""
@@ -412,19 +425,14 @@ def predict(run_dir, input_path, out_path, device="auto", batch_size=None, label
 
     if label_format not in LABEL_FORMATS:
         raise UserError(f"--labels {label_format!r}: expected one of {', '.join(LABEL_FORMATS)}")
-    if batch_size is not None and batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: must be at least 1")
-    if threads < 0:
-        raise UserError(f"--threads {threads}: must be >= 0 (0 = one per core)")
+    check_options(batch_size, threads)
     kind, path = model_kind(run_dir, runtime)
     names = _labels_of(kind, path)
     out_path = Path(out_path)
     check_out(out_path, Path(input_path), path)
     n, chunks = read_input(input_path)  # a bad file fails here, in a moment, before the model loads
     m = open_model(kind, path, device, backbone, threads, runtime)
-    # onnxruntime on a CPU: small batches on each core, their activations stay in the core's cache; OpenVINO's
-    # AMX products want more rows (both measured: bench/predict_cpu.py); PyTorch takes 256 at once
-    batch_size = batch_size or ({"onnxruntime": 8, "openvino": 64}[runtime] if kind == "onnx" else 256)
+    batch_size = batch_size or default_batch_size(kind, runtime)
     t0 = time.perf_counter()
 
     def write(f):  # atomic: a kill or a full disk leaves the old output; the file gets the usual permissions
@@ -445,3 +453,27 @@ def predict(run_dir, input_path, out_path, device="auto", batch_size=None, label
     stats = {"n": n, "seconds": seconds, "texts_per_s": n / max(seconds, 1e-9), "device": m.device}
     log(f"wrote {n:,} predictions to {out_path} ({stats['texts_per_s']:.0f} texts/s on {m.device})")
     return stats
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """Softmax over classes, in float32, each row summing to 1."""
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def predict_texts(run_dir, texts, device="auto", batch_size=None, backbone=None, threads=0,
+                  runtime="onnxruntime") -> tuple[list[str], np.ndarray]:
+    """(class names, probabilities [N, C]) of texts in memory: the model opened and batched as predict() does."""
+    check_options(batch_size, threads)
+    kind, path = model_kind(run_dir, runtime)
+    names = _labels_of(kind, path)
+    texts = [data_lib._text(t, None, f"texts[{i}]") for i, t in enumerate(texts)]  # the rule for a file's rows
+    if not texts:
+        raise UserError("no texts to predict")
+    m = open_model(kind, path, device, backbone, threads, runtime)
+    return names, probabilities(logits_of(m, texts, batch_size or default_batch_size(kind, runtime)))
+
+
+from . import callable_module  # noqa: E402
+
+callable_module(__name__)  # lorakd.predict(...) runs the API call lorakd.api.predict (lorakd/__init__.py)

@@ -773,3 +773,8 @@ def finish(run, plots=False) -> dict:
             run.ckpt_path.parent.rmdir()  # a finished run keeps no empty checkpoint/ folder
     dist.barrier(run.world)
     return summary
+
+
+from . import callable_module  # noqa: E402
+
+callable_module(__name__)  # lorakd.train(...) runs the API call lorakd.api.train (lorakd/__init__.py)
