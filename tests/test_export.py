@@ -371,3 +371,13 @@ def test_only_bert_layer_names_are_smoothed_other_encoders_keep_per_row_scales()
     assert not _smoothable(bert + ["/m/bert/encoder/layer.2/output/dense/MatMul"])  # a layer without them
     assert not _smoothable([f"/m/mpnet/encoder/layer.{i}/attention/attn/{p}/MatMul" for i in (0, 1) for p in "qkv"])
     assert not _smoothable(["/m/distilbert/transformer/layer.0/attention/q_lin/MatMul"])
+
+
+def test_export_carries_no_local_paths(learned_run, exported, tiny_data):
+    hf, adapter = exported[0], exported[1]
+    for folder in (hf, adapter):
+        card, meta = (folder / "README.md").read_text(), json.loads((folder / "lorakd.json").read_text())
+        assert str(learned_run.resolve()) not in card + json.dumps(meta)
+        assert str(tiny_data.resolve()) not in card  # the data path is its folder name only, said to be local
+        assert f"`{tiny_data.name}` (a local file or folder)" in card
+        assert meta["run"] == learned_run.name
