@@ -129,7 +129,8 @@ def cmd_predict(args):
     from .predict import predict
 
     predict(args.run, args.input, args.out, device=args.device, batch_size=args.batch_size,
-            label_format=args.labels, backbone=args.backbone, threads=args.threads, runtime=args.runtime)
+            label_format=args.labels, backbone=args.backbone, threads=args.threads, runtime=args.runtime,
+            scores=args.scores, layout=args.layout)
 
 
 def cmd_export(args):
@@ -268,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", required=True, help="CSV, JSONL or pickle with a text column")
     pr.add_argument("--out", required=True, help="output CSV")
     pr.add_argument("--labels", default="index", help="index (0..K-1, default), name, or charcnn (1..K)")
+    pr.add_argument("--scores", action="store_true",
+                    help="also each class's probability (a column per class, by name) and the top one (Score)")
+    pr.add_argument("--layout", default="auto", choices=["auto", "text", "charcnn"],
+                    help="a CSV without a header: auto (default: judged from its rows, refused when ambiguous), "
+                         "text (one text per row) or charcnn (class,title,description)")
     pr.add_argument("--batch-size", type=int, help="default 256 (PyTorch), 8 (onnxruntime), 64 (OpenVINO)")
     pr.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino"],
                     help="where an ONNX model runs: onnxruntime (default; an export folder's int8 model) or "

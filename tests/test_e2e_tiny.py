@@ -28,7 +28,7 @@ def test_train_eval_predict(tiny_config, tmp_path, tiny_data):
     out = tmp_path / "pred.csv"
     main(["predict", str(run), "--input", str(inp), "--out", str(out)])
     rows = list(csv.reader(out.open()))
-    assert rows[0] == ["ID", "Label"] and [r[0] for r in rows[1:]] == ["7", "9"]
+    assert rows[0] == ["id", "Label"] and [r[0] for r in rows[1:]] == ["7", "9"]
     assert all(r[1] in "0123" for r in rows[1:])
 
 

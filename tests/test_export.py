@@ -381,3 +381,14 @@ def test_export_carries_no_local_paths(learned_run, exported, tiny_data):
         assert str(tiny_data.resolve()) not in card  # the data path is its folder name only, said to be local
         assert f"`{tiny_data.name}` (a local file or folder)" in card
         assert meta["run"] == learned_run.name
+
+
+def test_scores_of_an_onnx_export_match_the_run(learned_run, exported, texts, tmp_path):
+    """--scores works for every model kind: the ONNX model's probabilities (softmax of its logits) are the run's."""
+    got = {}
+    for name, model in (("run", learned_run), ("onnx", exported[0] / "model.onnx")):
+        predict(model, texts[1], tmp_path / f"{name}.csv", scores=True, progress=False, log=lambda *a: None)
+        rows = list(csv.reader(open(tmp_path / f"{name}.csv")))
+        assert rows[0] == ["id", "Label", *NAMES, "Score"]
+        got[name] = np.array([[float(v) for v in r[2:]] for r in rows[1:]])
+    assert np.allclose(got["run"], got["onnx"], atol=1e-3)

@@ -31,7 +31,7 @@ def test_pipeline_runs_then_skips(tiny_config, tmp_path):
     assert all("ce" in r and "kd" in r for r in train_records)  # both parts of the loss recorded
     assert any("from cache" in str(line) for line in logs)  # the student ran no teacher forward
     rows = list(csv.reader((out / "predictions.csv").open()))
-    assert rows[0] == ["ID", "Label"] and [r[0] for r in rows[1:]] == ["a", "b"]
+    assert rows[0] == ["id", "Label"] and [r[0] for r in rows[1:]] == ["a", "b"]
 
     s2 = run_pipeline(cfg_path, out=out, predict_input=inp, log=lambda *a: None)
     assert s2["stages"] == {"teacher": "skipped", "logits": "cached", "student": "skipped", "predict": "skipped"}
