@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import AG_NEWS_LABELS
 from .errors import UserError
 
 HUB_ALIASES = {"ag_news": "fancyzhx/ag_news", "fancyzhx/ag_news": "fancyzhx/ag_news"}
@@ -26,6 +27,7 @@ class Split:
     labels: np.ndarray | None  # int64 class indices 0..K-1, None for unlabelled input
     ids: list[str] | None = None
     id_column: str | None = None  # the input's name of its id column ("id", "ID"), when it has one
+    label_names: tuple[str, ...] | None = None  # the classes, when read with names=None (from the data)
 
     def __len__(self):
         return len(self.texts)
@@ -71,11 +73,14 @@ def _label(value, names, one_based, where):
             lowered = [n.lower() for n in names]
             if s.lower() in lowered:
                 return lowered.index(s.lower())
-            raise UserError(f"{where}: label {s!r} is neither a class number nor one of {', '.join(names)}") from None
+            raise UserError(f"{where}: label {s!r} is not one of data.label_names ({', '.join(names)}) nor a class "
+                            "number; add it there, or leave data.label_names unset to take the classes from the data"
+                            ) from None
     lo = 1 if one_based else 0
     if not lo <= i < lo + k:
         base = "1-based, the CharCNN layout" if one_based else "0-based"
-        raise UserError(f"{where}: label {i} outside the classes {lo}..{lo + k - 1} ({base})")
+        raise UserError(f"{where}: label {i} outside the classes {lo}..{lo + k - 1} ({base}; data.label_names has "
+                        f"{k})")
     return i - lo
 
 
@@ -137,15 +142,41 @@ def _rows_to_split(rows, columns, names, where, need_labels=True):
             texts.append(_text(row.get(text_col), None, row_where))
         else:
             texts.append(_text(row.get(title_col), row.get(desc_col), row_where))
-        if need_labels:
-            labels.append(_label(row.get(label_col), names, one_based, row_where))
+        if need_labels:  # names None: the raw labels, mapped once the classes are known (names_from_labels)
+            labels.append(_label(row.get(label_col), names, one_based, row_where) if names is not None
+                          else (row.get(label_col), row_where))
         if id_col is not None and (row.get(id_col) is None or not str(row.get(id_col)).strip()):
             raise UserError(f"{row_where}: no id")
         ids.append(str(row[id_col]) if id_col is not None else str(n))
     if not texts:
         raise UserError(f"{where}: no rows")
+    if need_labels and names is None:
+        names = names_from_labels([v for v, _ in labels])
+        labels = [_label(v, names, one_based, row_where) for v, row_where in labels]
     return Split(texts, np.asarray(labels, dtype=np.int64) if need_labels else None, ids,
-                 None if id_col is None else str(id_col).strip())
+                 None if id_col is None else str(id_col).strip(), None if names is None else tuple(names))
+
+
+def _is_number(value) -> bool:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return True
+    if isinstance(value, float):
+        return value.is_integer()
+    try:
+        int(str(value).strip())
+        return True
+    except ValueError:
+        return False
+
+
+def names_from_labels(values) -> tuple[str, ...]:
+    """The classes of data whose config leaves data.label_names unset: its text labels, sorted (positive,
+    negative -> negative, positive). Class numbers, and labels that are all AG News names, keep the default."""
+    text = {str(v).strip() for v in values if v is not None and not _is_number(v)}
+    text.discard("")
+    if not text or {t.lower() for t in text} <= {n.lower() for n in AG_NEWS_LABELS}:
+        return AG_NEWS_LABELS
+    return tuple(sorted({str(v).strip() for v in values if v is not None and str(v).strip()}))
 
 
 PEEK_ROWS = 1000  # rows a headerless file's layout is judged from
@@ -421,11 +452,28 @@ def _load_hub(name, names) -> dict[str, Split]:
     except Exception as e:
         raise UserError(f"data.path {name}: could not load {hub_id} from the hub ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    return {split: _frame_to_split(ds[split].to_pandas(), names, f"{hub_id}[{split}]") for split in ds}
+    out = {}
+    for split in sorted(ds, key=lambda s: s != "train"):  # train first: its classes, when from the data, are all's
+        out[split] = _frame_to_split(ds[split].to_pandas(), names, f"{hub_id}[{split}]")
+        names = names if names is not None else out[split].label_names
+    return out
+
+
+_LAST_READ = {}  # the splits with_label_names read, kept for load_splits: a file is read once, not twice
+
+
+def _stamp(p: Path):
+    return tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in ([p] if p.is_file() else sorted(p.iterdir())))
 
 
 def read_splits(path, names) -> dict[str, Split]:
-    """{'train': Split, 'test': Split?} from a folder, one file, or a hub id."""
+    """{'train': Split, 'test': Split?} from a folder, one file, or a hub id. names None: the classes come from
+    the train split's labels (names_from_labels), on each Split's label_names."""
+    p = Path(path) if path else None
+    if p is not None and p.exists() and names is not None:
+        key = (str(p.resolve()), tuple(names), _stamp(p))
+        if key in _LAST_READ:
+            return _LAST_READ.pop(key)
     if not path:
         raise UserError("data.path is not set: pass --data FOLDER_OR_FILE or set data.path in the config")
     p = Path(path)
@@ -442,6 +490,7 @@ def read_splits(path, names) -> dict[str, Split]:
             raise UserError(f"{p}: {' and '.join(f.name for f in found)}: more than one {split} file; keep one")
         if found:
             out[split] = read_file(found[0], names)
+            names = names if names is not None else out[split].label_names  # test takes train's classes
     if "train" not in out:
         raise UserError(f"{p}: no train.csv, train.jsonl or train.parquet in this folder")
     return out
@@ -471,6 +520,26 @@ def stratified_take(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     take[np.argsort(-(want - take), kind="stable")[: n - take.sum()]] += 1
     rng = np.random.default_rng([seed, n])
     return np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]))
+
+
+def with_label_names(cfg, log=print):
+    """cfg with data.label_names taken from the data when the config leaves them at their default and the
+    train labels are text (positive/negative: sorted), said in one line; else cfg as it is. The run's
+    config.yaml then keeps them, and everything after (eval, predict, export) reads them there."""
+    from .config import override
+
+    if tuple(cfg.data.label_names) != AG_NEWS_LABELS:  # given: a fixed order
+        return cfg
+    splits = read_splits(cfg.data.path, None)
+    names = splits["train"].label_names
+    p = Path(cfg.data.path)
+    if p.exists():
+        _LAST_READ.clear()
+        _LAST_READ[(str(p.resolve()), names, _stamp(p))] = splits
+    if names == AG_NEWS_LABELS:
+        return cfg
+    log(f"labels from the data: {', '.join(names)} (set data.label_names for another order)")
+    return override(cfg, **{"data.label_names": list(names)})
 
 
 def load_splits(data_cfg, seed) -> dict[str, Split]:
