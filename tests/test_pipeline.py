@@ -66,3 +66,30 @@ def test_a_bad_predict_input_fails_before_anything_trains(tiny_config, tmp_path)
         with pytest.raises(UserError, match=why):
             run_pipeline(cfg_path, out=tmp_path / "pipe", predict_input=bad, log=lambda *a: None)
     assert not (tmp_path / "pipe").exists()
+
+
+def test_pipeline_and_sweep_take_text_labels_from_the_data(tiny_config, tmp_path):
+    """Text labels and no data.label_names: both stages and every sweep member keep the data's classes, and a
+    second call finds its runs done (their configs match)."""
+    from conftest import make_texts
+    from lorakd import sweep
+
+    rows = [(text, ("negative", "positive")[label % 2]) for label, text in make_texts(10, seed=4)]
+    data = tmp_path / "reviews.csv"
+    with open(data, "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *rows])
+    raw = config_lib.to_dict(tiny_config(**{"data.path": str(data), "train.max_steps": 2}))
+    raw["data"].pop("label_names")
+    raw["teacher"] = {"train": {"max_steps": 2}}
+    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(raw))
+    for _ in range(2):
+        s = run_pipeline(tmp_path / "pipe.yaml", out=tmp_path / "pipe", log=lambda *a: None)
+    assert s["stages"]["teacher"] == s["stages"]["student"] == "skipped"
+    student = config_lib.from_dict(config_lib.read_yaml(tmp_path / "pipe" / "student" / "config.yaml"))
+    assert student.data.label_names == ("negative", "positive")
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({k: v for k, v in raw.items() if k != "teacher"}))
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"name": "t", "base": "base.yaml", "grid": {"model.r": [2]},
+                                                         "out": str(tmp_path / "sweep")}))
+    for _ in range(2):
+        members = sweep.run_sweep(tmp_path / "sweep.yaml")
+    assert members[0]["cfg"].data.label_names == ("negative", "positive")
