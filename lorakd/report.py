@@ -390,7 +390,8 @@ def _legend_beside(ax):
 _CSS = ("body{font-family:sans-serif;margin:1.5em;color:#222}"
         "table{border-collapse:collapse;font-size:13px;max-width:100%}"
         "th,td{border:1px solid #ccc;padding:3px 6px;overflow-wrap:anywhere}th{background:#f0f0f0}"
-        "td.n{text-align:right;white-space:nowrap}img{max-width:100%;margin:4px}.plots{display:flex;flex-wrap:wrap}")
+        "td.n{text-align:right;white-space:nowrap}img{width:640px;max-width:100%;margin:4px}"
+        ".plots{display:flex;flex-wrap:wrap;align-items:flex-start}")
 
 
 def html_page(header, cells, plots: dict[str, bytes], sources) -> str:

@@ -178,7 +178,7 @@ def plan(path, data=None, out=None, overrides=()):
             if named and any(k == named[1] or k.startswith(named[1] + ".") for k in forced):
                 raise UserError(f"--set: {e}") from None  # the command line's key, not the member's
             raise UserError(f"{path}: member {i + 1} ({_describe(point)}): {e}") from None
-        if Path(cfg.data.path).exists():  # text labels: the data's classes, read once, in every member's config
+        if cfg.data.path and Path(cfg.data.path).exists():  # text labels: the data's classes, read once
             key = (cfg.data.path, cfg.data.label_names)
             classes.setdefault(key, data_lib.with_label_names(cfg, lambda *a: None).data.label_names)
             cfg = config_lib.override(cfg, **{"data.label_names": list(classes[key])})
