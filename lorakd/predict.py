@@ -323,6 +323,8 @@ def predict(run_dir, input_path, out_path, device="auto", batch_size=None, label
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
     if threads < 0:
         raise UserError(f"--threads {threads}: must be >= 0 (0 = one per core)")
+    if layout not in data_lib.LAYOUTS:  # checked here too: a file with a header never asks
+        raise UserError(f"--layout {layout!r}: expected one of {', '.join(data_lib.LAYOUTS)}")
     kind, path = model_kind(run_dir, runtime)
     names = _labels_of(kind, path)
     out_path = Path(out_path)

@@ -50,6 +50,8 @@ def test_bad_label_format_fails_fast_and_writes_nothing(learned_run, tmp_path, n
     out = tmp_path / "p.csv"
     with pytest.raises(UserError, match="--labels 'names'"):
         predict(learned_run, tmp_path / "in.csv", out, label_format="names", log=lambda *a: None)
+    with pytest.raises(UserError, match="--layout 'csv'"):  # the file has a header: the option is checked anyway
+        predict(learned_run, tmp_path / "in.csv", out, layout="csv", log=lambda *a: None)
     assert not out.exists()
 
 
