@@ -104,7 +104,8 @@ def cmd_eval(args):
 
 def cmd_predict(args):
     api.predict_file(args.run, args.input, args.out, device=args.device, batch_size=args.batch_size,
-                     labels=args.labels, backbone=args.backbone, threads=args.threads, runtime=args.runtime)
+                     labels=args.labels, backbone=args.backbone, threads=args.threads, runtime=args.runtime,
+                     scores=args.scores, layout=args.layout)
 
 
 def cmd_export(args):
@@ -198,8 +199,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = Parser(prog="lorakd", description="Budgeted LoRA text classifiers with distillation.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"lorakd {__version__}")
+    sub = p.add_subparsers(dest="command")  # bare `lorakd` prints the help (main)
 
     t = sub.add_parser("train", help="train one run (a student or, with role=teacher, a teacher)")
     t.add_argument("--config", help="YAML config file or preset name")
@@ -231,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", required=True, help="CSV, JSONL or pickle with a text column")
     pr.add_argument("--out", required=True, help="output CSV")
     pr.add_argument("--labels", default="index", help="index (0..K-1, default), name, or charcnn (1..K)")
+    pr.add_argument("--scores", action="store_true",
+                    help="also each class's probability (a column per class, by name) and the top one (Score)")
+    pr.add_argument("--layout", default="auto", choices=["auto", "text", "charcnn"],
+                    help="a CSV without a header: auto (default: judged from its rows, refused when ambiguous), "
+                         "text (one text per row) or charcnn (class,title,description)")
     pr.add_argument("--batch-size", type=int, help="default 256 (PyTorch), 8 (onnxruntime), 64 (OpenVINO)")
     pr.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino"],
                     help="where an ONNX model runs: onnxruntime (default; an export folder's int8 model) or "
@@ -307,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    if args.command is None and not unknown:  # bare `lorakd`: what it does, not an error
+        parser.print_help()
+        return
     # key=value overrides may come anywhere: argparse takes only the first run of positionals, so a later run
     # (`--data D model.r=8 --out X train.lr=1e-3`) comes back unknown; it follows the first, in order
     command = getattr(args, "parser", parser)
@@ -317,7 +329,7 @@ def main(argv=None):
     if unknown:  # named by the command they were given to, not by lorakd's top level
         hint = " (a sweep takes overrides as --set key=value)" if args.command == "sweep" and any(
             "=" in u for u in unknown) else ""
-        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
 
     # Tokenising on every core (8,351 texts: 1.24 s -> 0.73 s on 2 cores). lorakd forks no Python process that
     # tokenises (the sweep's workers are fresh interpreters), and naming the setting keeps the tokenizers

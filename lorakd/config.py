@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -219,7 +220,9 @@ def _build(cls, raw, prefix=""):
     if unknown:
         key = f"{prefix}{unknown[0]}"
         key = key if key.isprintable() else repr(key)  # a line break in a key would split the one-line error
-        raise UserError(f"unknown config key {key} (known: {', '.join(sorted(known))})")
+        close = difflib.get_close_matches(str(unknown[0]), sorted(known), n=1)
+        hint = f"did you mean {prefix}{close[0]}? " if close else ""
+        raise UserError(f"unknown config key {key} ({hint}known: {', '.join(sorted(known))})")
     kwargs = {}
     for name, value in raw.items():
         tp = hints[name]

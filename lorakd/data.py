@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import AG_NEWS_LABELS
 from .errors import UserError
 
 HUB_ALIASES = {"ag_news": "fancyzhx/ag_news", "fancyzhx/ag_news": "fancyzhx/ag_news"}
@@ -24,6 +26,8 @@ class Split:
     texts: list[str]
     labels: np.ndarray | None  # int64 class indices 0..K-1, None for unlabelled input
     ids: list[str] | None = None
+    id_column: str | None = None  # the input's name of its id column ("id", "ID"), when it has one
+    label_names: tuple[str, ...] | None = None  # the classes, when read with names=None (from the data)
 
     def __len__(self):
         return len(self.texts)
@@ -31,7 +35,7 @@ class Split:
     def subset(self, idx):
         idx = np.asarray(idx, dtype=np.int64)
         return Split([self.texts[i] for i in idx], None if self.labels is None else self.labels[idx],
-                     None if self.ids is None else [self.ids[i] for i in idx])
+                     None if self.ids is None else [self.ids[i] for i in idx], self.id_column)
 
 
 # ---------------------------------------------------------------- reading files
@@ -69,11 +73,14 @@ def _label(value, names, one_based, where):
             lowered = [n.lower() for n in names]
             if s.lower() in lowered:
                 return lowered.index(s.lower())
-            raise UserError(f"{where}: label {s!r} is neither a class number nor one of {', '.join(names)}") from None
+            raise UserError(f"{where}: label {s!r} is not one of data.label_names ({', '.join(names)}) nor a class "
+                            "number; add it there, or leave data.label_names unset to take the classes from the data"
+                            ) from None
     lo = 1 if one_based else 0
     if not lo <= i < lo + k:
         base = "1-based, the CharCNN layout" if one_based else "0-based"
-        raise UserError(f"{where}: label {i} outside the classes {lo}..{lo + k - 1} ({base})")
+        raise UserError(f"{where}: label {i} outside the classes {lo}..{lo + k - 1} ({base}; data.label_names has "
+                        f"{k})")
     return i - lo
 
 
@@ -135,77 +142,156 @@ def _rows_to_split(rows, columns, names, where, need_labels=True):
             texts.append(_text(row.get(text_col), None, row_where))
         else:
             texts.append(_text(row.get(title_col), row.get(desc_col), row_where))
-        if need_labels:
-            labels.append(_label(row.get(label_col), names, one_based, row_where))
+        if need_labels:  # names None: the raw labels, mapped once the classes are known (names_from_labels)
+            labels.append(_label(row.get(label_col), names, one_based, row_where) if names is not None
+                          else (row.get(label_col), row_where))
         if id_col is not None and (row.get(id_col) is None or not str(row.get(id_col)).strip()):
             raise UserError(f"{row_where}: no id")
         ids.append(str(row[id_col]) if id_col is not None else str(n))
     if not texts:
         raise UserError(f"{where}: no rows")
-    return Split(texts, np.asarray(labels, dtype=np.int64) if need_labels else None, ids)
+    if need_labels and names is None:
+        names = names_from_labels([v for v, _ in labels])
+        labels = [_label(v, names, one_based, row_where) for v, row_where in labels]
+    return Split(texts, np.asarray(labels, dtype=np.int64) if need_labels else None, ids,
+                 None if id_col is None else str(id_col).strip(), None if names is None else tuple(names))
+
+
+def _is_number(value) -> bool:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return True
+    if isinstance(value, float):
+        return value.is_integer()
+    try:
+        int(str(value).strip())
+        return True
+    except ValueError:
+        return False
+
+
+def names_from_labels(values) -> tuple[str, ...]:
+    """The classes of data whose config leaves data.label_names unset: its text labels, sorted (positive,
+    negative -> negative, positive). Class numbers, and labels that are all AG News names, keep the default."""
+    text = {str(v).strip() for v in values if v is not None and not _is_number(v)}
+    text.discard("")
+    if not text or {t.lower() for t in text} <= {n.lower() for n in AG_NEWS_LABELS}:
+        return AG_NEWS_LABELS
+    return tuple(sorted({str(v).strip() for v in values if v is not None and str(v).strip()}))
 
 
 PEEK_ROWS = 1000  # rows a headerless file's layout is judged from
+LAYOUTS = ("auto", "text", "charcnn")  # a headerless CSV: judged from its rows | one text per row | class,title,...
+CHARCNN = ["class", "title", "description"]
 
 
-def headerless_columns(rows, where) -> list[str]:
-    """Columns of headerless unlabelled CSV rows, judged from the first rows ((row number, fields) pairs).
-    A first row of 2 or 3 fields starting with a class number is the CharCNN layout (class,title,description
-    or class,text; the class is not used), and every row must then keep its shape. Rows that all have one
+def _class_number(field) -> bool:
+    return re.fullmatch(r"\d{1,3}", field.strip()) is not None
+
+
+def headerless_columns(rows, where, layout="auto") -> tuple[list[str], bool]:
+    """(columns, checked) of headerless unlabelled CSV rows ((row number, fields) pairs), judged from the first
+    rows unless `layout` says. A first row of 2 or 3 fields starting with a class number is the CharCNN layout
+    (class,title,description or class,text; the class is not used); `checked`: every row must then look like
+    one too (headerless_record), else the file is refused as ambiguous, not misread. Rows that all have one
     other shape need a header: taking one of several columns would predict on the wrong text unsaid. Else
     one text per row, an unquoted comma kept in the text."""
+    if layout not in LAYOUTS:
+        raise UserError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     first = rows[0][1]
-    if len(first) in (2, 3) and re.fullmatch(r"\d{1,3}", first[0].strip()):
-        return ["class", "title", "description"][: len(first)]
+    if layout == "text":
+        return ["text"], False
+    if layout == "charcnn" or (len(first) in (2, 3) and _class_number(first[0])):
+        if len(first) not in (2, 3):
+            raise UserError(f"{where}: row {rows[0][0]}: {_columns(len(first))}; the CharCNN layout has "
+                            "class,title,description or class,text")
+        return CHARCNN[: len(first)], layout == "auto"
     counts = {len(r) for _, r in rows}
     if len(first) > 1 and len(counts) == 1 and (len(rows) > 1 or first[0].strip().isdigit()):
         raise UserError(f"{where}: every row has {_columns(len(first))} and there is no header; give one text "
                         "per row, the CharCNN layout (class,title,description), or a header naming the text column")
-    return ["text"]
+    return ["text"], False
 
 
-def headerless_record(cols, row, where):
-    """(where, record) of a headerless row; in a one-text-per-row file an unquoted comma stays in the text."""
+def headerless_record(cols, row, where, checked=False):
+    """(where, record) of a headerless row; in a one-text-per-row file an unquoted comma stays in the text.
+    checked: the CharCNN layout was judged from the rows, and a row that does not fit it (or whose class and
+    text read as one number with a thousands comma: "100,000 protesters") makes the file ambiguous."""
     if cols == ["text"]:
         return where, {"text": ",".join(row)}
+    why = None
     if len(row) != len(cols):
-        raise UserError(f"{where}: {_columns(len(row))}, the first row has {len(cols)} (CharCNN layout; a file "
-                        "of texts that start with a number and a comma needs a header: text)")
+        why = f"{_columns(len(row))}, the first row has {len(cols)}"
+    elif checked and not _class_number(row[0]):
+        why = f"{row[0].strip()[:40]!r} is not a class number"
+    elif checked and re.match(r"\d{3}(\D|$)", row[1]):
+        why = f"{','.join(row)[:50]!r} starts with a number written with a comma"
+    if why:
+        raise UserError(f"{where}: {why}: is this the CharCNN layout (class,title,description) or one text per "
+                        "row? Pass --layout text (one text per row) or --layout charcnn, or add a header: text")
     return where, dict(zip(cols, row))
 
 
-def _read_csv(path: Path, names, need_labels=True) -> Split:
-    reader = csv.reader(io.StringIO(_decode(path), newline=""), strict=True)
-    try:
-        rows = list(reader)
-    except csv.Error as e:
-        raise UserError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
-    # empty lines skipped, and in training data rows of blanks; in input to predict such a row is a text to
-    # check (skipping it would shift every later row's ID)
-    numbered = [(i + 1, r) for i, r in enumerate(rows) if r and (not need_labels or any(c.strip() for c in r))]
-    if not numbered:
+def text_lines(path: Path):
+    """A text file's lines, decoded one at a time, so bad bytes are reported with their line number."""
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected a file")
+    offset = 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}: line {n}: bytes that are not UTF-8 (offset {offset + e.start})") from None
+            offset += len(raw)
+            yield line.removeprefix("\ufeff") if n == 1 else line  # a BOM is tolerated
+
+
+def csv_records(path: Path, need_labels=True, layout="auto"):
+    """(columns, (where, record) pairs) of a CSV, read lazily: the one place a CSV's layout is decided. A header
+    names the columns (when layout is auto); else the rows are the CharCNN layout or one text per row."""
+    reader = csv.reader(text_lines(path), strict=True)
+
+    def rows():
+        try:
+            for n, r in enumerate(reader, 1):
+                # empty lines skipped, and in training data rows of blanks; in input to predict such a row is a
+                # text to check (skipping it would shift every later row's ID)
+                if r and (not need_labels or any(c.strip() for c in r)):
+                    yield n, r
+        except csv.Error as e:
+            raise UserError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
+
+    it = rows()
+    first = next(it, None)
+    if first is None:
         raise UserError(f"{path}: the file is empty")
-    header = [c.strip().lower() for c in numbered[0][1]]
-    if set(READ_COLUMNS) & set(header):
-        cols = numbered[0][1]
-        recs = []
-        for line, r in numbered[1:]:
-            if len(r) != len(cols):
-                raise UserError(f"{path}: row {line}: {_columns(len(r))}, the header has {len(cols)}")
-            recs.append((f"{path}: row {line}", dict(zip(cols, r))))
-        return _rows_to_split(recs, cols, names, str(path), need_labels)
-    if not need_labels:  # headerless unlabelled input: one text per row, or the CharCNN layout
-        cols = headerless_columns(numbered[:PEEK_ROWS], str(path))
-        recs = [headerless_record(cols, r, f"{path}: row {line}") for line, r in numbered]
-        return _rows_to_split(recs, cols, names, str(path), need_labels=False)
-    texts, labels = [], []
-    for line, r in numbered:  # CharCNN layout: "class","title","description", classes 1..K
-        where = f"{path}: row {line}"
-        if len(r) not in (2, 3):
-            raise UserError(f"{where}: {_columns(len(r))}, expected class,title,description (CharCNN layout)")
-        labels.append(_label(r[0], names, True, where))
-        texts.append(_text(r[1], r[2] if len(r) == 3 else None, where))
-    return Split(texts, np.asarray(labels, dtype=np.int64), [str(n) for n in range(len(texts))])
+    if layout == "auto" and set(READ_COLUMNS) & {c.strip().lower() for c in first[1]}:
+        cols = first[1]
+
+        def records():
+            for n, r in it:
+                if len(r) != len(cols):
+                    raise UserError(f"{path}: row {n}: {_columns(len(r))}, the header has {len(cols)}")
+                yield f"{path}: row {n}", dict(zip(cols, r))
+        return cols, records()
+    if need_labels:  # CharCNN layout: "class","title","description", classes 1..K
+        def charcnn():
+            for n, r in itertools.chain([first], it):
+                if len(r) not in (2, 3):
+                    raise UserError(f"{path}: row {n}: {_columns(len(r))}, expected class,title,description "
+                                    "(CharCNN layout)")
+                yield f"{path}: row {n}", dict(zip(CHARCNN, r))
+        return CHARCNN, charcnn()
+    peeked = [first, *itertools.islice(it, PEEK_ROWS - 1)]
+    cols, checked = headerless_columns(peeked, str(path), layout)
+    return cols, (headerless_record(cols, r, f"{path}: row {n}", checked) for n, r in itertools.chain(peeked, it))
+
+
+def _read_csv(path: Path, names, need_labels=True, layout="auto") -> Split:
+    columns, records = csv_records(path, need_labels, layout)
+    return _rows_to_split(records, columns, names, str(path), need_labels)
 
 
 def json_records(path, lines):
@@ -328,11 +414,12 @@ def _read_pickle(path: Path, names) -> Split:
     raise UserError(f"{path}: pickle holds a {type(obj).__name__}; expected a Dataset, DataFrame or list with 'text'")
 
 
-def read_file(path, names, need_labels=True) -> Split:
+def read_file(path, names, need_labels=True, layout="auto") -> Split:
+    """A Split of one file; `layout` is a headerless CSV's (LAYOUTS)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return _read_csv(path, names, need_labels)
+        return _read_csv(path, names, need_labels, layout)
     if suffix in (".jsonl", ".json"):
         return _read_jsonl(path, names, need_labels)
     if suffix == ".parquet":
@@ -343,14 +430,43 @@ def read_file(path, names, need_labels=True) -> Split:
                     + ("" if need_labels else " or .pkl"))
 
 
-def read_unlabelled(path, names) -> Split:
-    split = read_file(path, names, need_labels=False)
+def read_unlabelled(path, names, layout="auto") -> Split:
+    split = read_file(path, names, need_labels=False, layout=layout)
     seen = set()
     for i in split.ids:
         if i in seen:
             raise UserError(f"{path}: duplicate ID {i!r}")
         seen.add(i)
     return split
+
+
+STREAMED = (".csv", ".jsonl", ".json")  # read lazily; pickles and parquet are one object in memory anyway
+
+
+def _input_records(path: Path, layout):
+    """(columns, (where, record) pairs) of unlabelled CSV or JSONL input, read lazily."""
+    if path.suffix.lower() == ".csv":
+        return csv_records(path, need_labels=False, layout=layout)
+    # JSONL rows may differ in keys: the columns are their union, as read_unlabelled takes them
+    columns = list(dict.fromkeys(k for _, obj in json_records(path, text_lines(path)) for k in obj))
+    if not columns:
+        raise UserError(f"{path}: the file is empty")
+    return columns, json_records(path, text_lines(path))
+
+
+def unlabelled_chunks(path, size, layout="auto"):
+    """Splits of up to `size` rows of CSV or JSONL input (STREAMED), read lazily, each checked and built
+    exactly as read_unlabelled builds the whole file (IDs are row numbers across the file, not the chunk)."""
+    path = Path(path)
+    columns, records = _input_records(path, layout)
+    has_id = _find(columns, "id") is not None
+    start = 0
+    while batch := list(itertools.islice(records, size)):
+        split = _rows_to_split(batch, columns, [], str(path), need_labels=False)
+        if not has_id:
+            split.ids = [str(start + k) for k in range(len(split))]
+        start += len(split)
+        yield split
 
 
 def _load_hub(name, names) -> dict[str, Split]:
@@ -368,11 +484,28 @@ def _load_hub(name, names) -> dict[str, Split]:
     except Exception as e:
         raise UserError(f"data.path {name}: could not load {hub_id} from the hub ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    return {split: _frame_to_split(ds[split].to_pandas(), names, f"{hub_id}[{split}]") for split in ds}
+    out = {}
+    for split in sorted(ds, key=lambda s: s != "train"):  # train first: its classes, when from the data, are all's
+        out[split] = _frame_to_split(ds[split].to_pandas(), names, f"{hub_id}[{split}]")
+        names = names if names is not None else out[split].label_names
+    return out
+
+
+_LAST_READ = {}  # the splits with_label_names read, kept for load_splits: a file is read once, not twice
+
+
+def _stamp(p: Path):
+    return tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in ([p] if p.is_file() else sorted(p.iterdir())))
 
 
 def read_splits(path, names) -> dict[str, Split]:
-    """{'train': Split, 'test': Split?} from a folder, one file, or a hub id."""
+    """{'train': Split, 'test': Split?} from a folder, one file, or a hub id. names None: the classes come from
+    the train split's labels (names_from_labels), on each Split's label_names."""
+    p = Path(path) if path else None
+    if p is not None and p.exists() and names is not None:
+        key = (str(p.resolve()), tuple(names), _stamp(p))
+        if key in _LAST_READ:
+            return _LAST_READ.pop(key)
     if not path:
         raise UserError("data.path is not set: pass --data FOLDER_OR_FILE or set data.path in the config")
     p = Path(path)
@@ -389,6 +522,7 @@ def read_splits(path, names) -> dict[str, Split]:
             raise UserError(f"{p}: {' and '.join(f.name for f in found)}: more than one {split} file; keep one")
         if found:
             out[split] = read_file(found[0], names)
+            names = names if names is not None else out[split].label_names  # test takes train's classes
     if "train" not in out:
         raise UserError(f"{p}: no train.csv, train.jsonl or train.parquet in this folder")
     return out
@@ -418,6 +552,26 @@ def stratified_take(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     take[np.argsort(-(want - take), kind="stable")[: n - take.sum()]] += 1
     rng = np.random.default_rng([seed, n])
     return np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]))
+
+
+def with_label_names(cfg, log=print):
+    """cfg with data.label_names taken from the data when the config leaves them at their default and the
+    train labels are text (positive/negative: sorted), said in one line; else cfg as it is. The run's
+    config.yaml then keeps them, and everything after (eval, predict, export) reads them there."""
+    from .config import override
+
+    if tuple(cfg.data.label_names) != AG_NEWS_LABELS:  # given: a fixed order
+        return cfg
+    splits = read_splits(cfg.data.path, None)
+    names = splits["train"].label_names
+    p = Path(cfg.data.path)
+    if p.exists():
+        _LAST_READ.clear()
+        _LAST_READ[(str(p.resolve()), names, _stamp(p))] = splits
+    if names == AG_NEWS_LABELS:
+        return cfg
+    log(f"labels from the data: {', '.join(names)} (set data.label_names for another order)")
+    return override(cfg, **{"data.label_names": list(names)})
 
 
 def load_splits(data_cfg, seed) -> dict[str, Split]:

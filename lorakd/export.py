@@ -457,6 +457,14 @@ def _fmt(value, spec) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def local_name(value: str) -> str:
+    """A path of the machine that trained, as its last part only (an export travels; paths of this machine do
+    not): hub ids, embedded:* and hub:* as they are."""
+    if not value or re.match(r"^[A-Za-z][\w.+-]*:", value) or not Path(value).is_absolute():
+        return value
+    return Path(value).name
+
+
 def _table(rows) -> str:
     return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in [rows[0], ["---"] * len(rows[0])] + rows[1:])
 
@@ -470,7 +478,7 @@ def model_card(cfg, info, evals, run_dir, adapter_only, files, scales="") -> str
             f"LoRA r={m.r}, alpha={m.alpha:g}, dropout {m.dropout:g} on {', '.join(m.targets)}, "
             f"layers {', '.join(map(str, m.layers)) or 'all'}")
     params = info.get("params", {})
-    teachers = (f"{', '.join(map(str, kd.teachers))} (weights {list(kd.weights) or 'equal'}), alpha {kd.alpha:g}, "
+    teachers = (f"{', '.join(local_name(str(t)) for t in kd.teachers)} (local run folders; weights {list(kd.weights) or 'equal'}), alpha {kd.alpha:g}, "
                 f"temperature {kd.temperature:g}") if kd.teachers else "none"
     steps = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epochs"
     summary = info.get("summary", {})
@@ -485,11 +493,13 @@ def model_card(cfg, info, evals, run_dir, adapter_only, files, scales="") -> str
         f"Exported by `lorakd export` from the run `{Path(run_dir).name}` (role {cfg.role}, lorakd "
         f"{info.get('lorakd', '?')}).", "",
         "## Data", "",
-        f"- Training data: `{d.path}`; validation: a stratified {d.val_fraction:g} of train (seed {t.seed}).",
+        f"- Training data: `{local_name(d.path)}`" + (" (a local file or folder)" if local_name(d.path) != d.path else "")
+        + f"; validation: a stratified {d.val_fraction:g} of train (seed {t.seed}).",
         f"- Labels: {', '.join(f'{i} = {n}' for i, n in id2label.items())}.",
         f"- Texts are cut to {d.max_length} tokens.", "",
         "## Recipe", "",
-        f"- Backbone: `{m.backbone}`; {what}.",
+        f"- Backbone: `{local_name(m.backbone)}`" + (" (a local folder)" if local_name(m.backbone) != m.backbone else "")
+        + f"; {what}.",
         f"- Trainable parameters: {params.get('trainable', 0):,} of {params.get('total', 0):,}"
         + (f" (budget {m.budget:,})." if cfg.role == "student" and m.budget else "."),
         f"- AdamW lr {t.lr:g}, batch {t.batch_size}, {steps}, {t.schedule} schedule, warmup {t.warmup_ratio:g}, "
@@ -520,7 +530,8 @@ def model_card(cfg, info, evals, run_dir, adapter_only, files, scales="") -> str
                       f"model = AutoModelForSequenceClassification.from_pretrained(base, id2label={id2label!r})",
                       "model = PeftModel.from_pretrained(model, DIR)", "```"]
         elif Path(base).is_absolute():
-            lines += ["", f"The base is a local folder of the machine that trained it ({base}): copy it along, "
+            lines += ["", f"The base is a local folder of the machine that trained it (`{local_name(base)}`, its full "
+                      "path in adapter_config.json): copy it along, "
                       "or pass it with `lorakd predict DIR --backbone BASE` / `PeftModel.from_pretrained`."]
     else:
         lines += [
@@ -612,8 +623,9 @@ def export(run_dir, out_dir=None, adapter_only=False, onnx=False, backbone=None,
         if onnx:
             result.update(export_onnx(model, tok, tmp, cfg.data.max_length, log,
                                       lambda: _calibration_texts(cfg, log)))
+        # the run as its folder's name: its path is this machine's
         atomic.write_json(tmp / "lorakd.json", {
-            "format": 1, "kind": result["kind"], "run": str(run_dir.resolve()), "base_model": portable_base(
+            "format": 1, "kind": result["kind"], "run": run_dir.resolve().name, "base_model": portable_base(
                 cfg.model.backbone), "max_length": cfg.data.max_length,
             "id2label": {str(i): n for i, n in id2label.items()}, "label2id": label2id})
         files = sorted(f.name for f in tmp.iterdir()) + ["README.md"]

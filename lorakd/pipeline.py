@@ -124,6 +124,10 @@ def run_pipeline(config_path, overrides=(), out=None, data=None, predict_input=N
         from .predict import read_input
 
         read_input(predict_input)
+    # text labels: both stages take the data's classes now, as train would, so their configs match their runs'
+    from .data import with_label_names
+
+    teacher_cfg, student_cfg = with_label_names(teacher_cfg, log), with_label_names(student_cfg, lambda *a: None)
     root = Path(out or Path("runs") / student_cfg.name).absolute()  # the student's config names its teacher by it
     teacher_dir, student_dir = root / "teacher", root / "student"
     rounds = [[root / name for name in names] for names in teacher_names(student_cfg)]

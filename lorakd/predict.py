@@ -1,10 +1,10 @@
 """Predict: labels for unlabelled texts (CSV, JSONL, pickle) from a run folder, an exported Hugging Face or
-adapter folder, or an ONNX file; streamed in chunks and written as ID,Label atomically."""
+adapter folder, or an ONNX file; streamed in chunks and written as ID,Label (and with --scores each class's
+probability) atomically."""
 from __future__ import annotations
 
 import csv
 import io
-import itertools
 import os
 import queue
 import time
@@ -22,7 +22,6 @@ from .trust import check_folder, first_line, read_json
 
 LABEL_FORMATS = ("index", "name", "charcnn")  # 0..K-1 | class name | 1..K
 CHUNK = 2048  # texts read, tokenised, predicted and written at a time: memory stays bounded for any input
-STREAMED = (".csv", ".jsonl", ".json")  # read lazily; pickles and parquet are one object in memory anyway
 ONNX_NAMES = ("model.int8.onnx", "model.onnx")  # a folder with no PyTorch weights runs the first one found
 # where an ONNX model runs: onnxruntime (int8 export by default), or OpenVINO (the fp32 export; bf16 on AMX CPUs)
 RUNTIMES = ("onnxruntime", "openvino")
@@ -37,88 +36,19 @@ def merged(model):
     return model
 
 
-# ---------------------------------------------------------------- reading the input lazily
+# ---------------------------------------------------------------- reading the input
 
-def _lines(path: Path):
-    """A text file's lines, decoded one at a time, so bad bytes are reported with their line number."""
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder, expected a file")
-    offset = 0
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path}: line {n}: bytes that are not UTF-8 (offset {offset + e.start})") from None
-            offset += len(raw)
-            yield line.removeprefix("\ufeff") if n == 1 else line  # a BOM is tolerated
-
-
-def _csv_records(path: Path):
-    """(columns, records) of a CSV: a header names the columns, else each row's first field is a text."""
-    reader = csv.reader(_lines(path), strict=True)
-
-    def rows():
-        try:
-            for n, r in enumerate(reader, 1):
-                if r:  # empty lines skipped; a row of blanks is checked like any other
-                    yield n, r
-        except csv.Error as e:
-            raise UserError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
-
-    it = rows()
-    first = next(it, None)
-    if first is None:
-        raise UserError(f"{path}: the file is empty")
-    if set(data_lib.READ_COLUMNS) & {c.strip().lower() for c in first[1]}:
-        cols = first[1]
-
-        def records():
-            for n, r in it:
-                if len(r) != len(cols):
-                    raise UserError(f"{path}: row {n}: {len(r)} columns, the header has {len(cols)}")
-                yield f"{path}: row {n}", dict(zip(cols, r))
-        return cols, records()
-    peeked = [first, *itertools.islice(it, data_lib.PEEK_ROWS - 1)]
-    cols = data_lib.headerless_columns(peeked, str(path))  # one text per row, or CharCNN
-    return cols, (data_lib.headerless_record(cols, r, f"{path}: row {n}") for n, r in itertools.chain(peeked, it))
-
-
-def _jsonl_records(path: Path):
-    return data_lib.json_records(path, _lines(path))
-
-
-def _chunks(path: Path, columns, size):
-    """Splits of up to `size` rows, each checked and built exactly as data.read_unlabelled builds them."""
-    records = _csv_records(path)[1] if path.suffix.lower() == ".csv" else _jsonl_records(path)
-    has_id = data_lib._find(columns, "id") is not None
-    start = 0
-    while batch := list(itertools.islice(records, size)):
-        split = data_lib._rows_to_split(batch, columns, [], str(path), need_labels=False)
-        if not has_id:  # row numbers across the whole file, not within the chunk
-            split.ids = [str(start + k) for k in range(len(split))]
-        start += len(split)
-        yield split
-
-
-def read_input(path, size=None):
-    """(number of texts, a function returning the input's chunks). The whole input is checked first
-    (bad rows, duplicate IDs; only the IDs are kept), so a bad file fails before any model loads."""
+def read_input(path, size=None, layout="auto"):
+    """(number of texts, a function returning the input's chunks). The whole input is
+    checked first (bad rows, duplicate IDs; only the IDs are kept), so a bad file fails before any model loads.
+    data.py reads it (the one reader of input files); `layout` is a headerless CSV's (data.LAYOUTS)."""
     path, size = Path(path), size or CHUNK
-    if path.suffix.lower() not in STREAMED:
-        split = data_lib.read_unlabelled(path, [])
+    if path.suffix.lower() not in data_lib.STREAMED:
+        split = data_lib.read_unlabelled(path, [], layout)
         return len(split), lambda: (split.subset(np.arange(i, min(i + size, len(split))))
                                     for i in range(0, len(split), size))
-    if path.suffix.lower() == ".csv":
-        columns = _csv_records(path)[0]
-    else:  # JSONL rows may differ in keys: the columns are their union, as data.read_unlabelled takes them
-        columns = list(dict.fromkeys(k for _, obj in _jsonl_records(path) for k in obj))
-        if not columns:
-            raise UserError(f"{path}: the file is empty")
     seen, n = set(), 0
-    for split in _chunks(path, columns, size):
+    for split in data_lib.unlabelled_chunks(path, size, layout):
         for i in split.ids:
             if i in seen:
                 raise UserError(f"{path}: duplicate ID {i!r}")
@@ -126,7 +56,7 @@ def read_input(path, size=None):
         n += len(split)
     if not n:
         raise UserError(f"{path}: no rows")
-    return n, lambda: _chunks(path, columns, size)
+    return n, lambda: data_lib.unlabelled_chunks(path, size, layout)
 
 
 # ---------------------------------------------------------------- models: run, exported folder, ONNX
@@ -388,11 +318,13 @@ def logits_of(m, texts, batch_size) -> np.ndarray:
 
 # ---------------------------------------------------------------- predict
 
-def check_options(batch_size, threads):
+def check_options(batch_size, threads, layout="auto"):
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
     if threads < 0:
         raise UserError(f"--threads {threads}: must be >= 0 (0 = one per core)")
+    if layout not in data_lib.LAYOUTS:  # checked here too: a file with a header never asks
+        raise UserError(f"--layout {layout!r}: expected one of {', '.join(data_lib.LAYOUTS)}")
 
 
 def default_batch_size(kind, runtime) -> int:
@@ -419,18 +351,26 @@ def check_out(out_path: Path, input_path: Path, model_path: Path):
 
 
 def predict(run_dir, input_path, out_path, device="auto", batch_size=None, label_format="index",
-            backbone=None, threads=0, progress=None, log=print, runtime="onnxruntime") -> dict:
-    """Predict every text of input_path with the model at run_dir (a run, an export or an .onnx file)."""
+            backbone=None, threads=0, progress=None, log=print, runtime="onnxruntime", scores=False,
+            layout="auto") -> dict:
+    """Predict every text of input_path with the model at run_dir (a run, an export or an .onnx file).
+    scores: also one probability column per class (softmax of the logits, named by the class) and the top
+    one (Score). layout: a headerless CSV's, data.LAYOUTS."""
     from tqdm import tqdm
 
     if label_format not in LABEL_FORMATS:
         raise UserError(f"--labels {label_format!r}: expected one of {', '.join(LABEL_FORMATS)}")
-    check_options(batch_size, threads)
+    check_options(batch_size, threads, layout)
     kind, path = model_kind(run_dir, runtime)
     names = _labels_of(kind, path)
     out_path = Path(out_path)
     check_out(out_path, Path(input_path), path)
-    n, chunks = read_input(input_path)  # a bad file fails here, in a moment, before the model loads
+    n, chunks = read_input(input_path, layout=layout)  # a bad file fails here, in a moment, before the model loads
+    id_column = next(chunks()).id_column or "ID"  # the input's own name for it ("id" stays "id")
+    header = [id_column, "Label"] + (list(names) + ["Score"] if scores else [])
+    if len(set(header)) < len(header):
+        raise UserError(f"--scores: a class name is also the column {id_column}, Label or Score: the output "
+                        f"would name a column twice ({', '.join(header)})")
     m = open_model(kind, path, device, backbone, threads, runtime)
     batch_size = batch_size or default_batch_size(kind, runtime)
     t0 = time.perf_counter()
@@ -438,11 +378,14 @@ def predict(run_dir, input_path, out_path, device="auto", batch_size=None, label
     def write(f):  # atomic: a kill or a full disk leaves the old output; the file gets the usual permissions
         text = io.TextIOWrapper(f, encoding="utf-8", newline="")
         w = csv.writer(text, lineterminator="\n")
-        w.writerow(["ID", "Label"])
+        w.writerow(header)
         for split in chunks():
-            for i, p in zip(split.ids, logits_of(m, split.texts, batch_size).argmax(-1).tolist()):
+            logits = logits_of(m, split.texts, batch_size)
+            probs = probabilities(logits) if scores else None
+            for row, (i, p) in enumerate(zip(split.ids, logits.argmax(-1).tolist())):
                 label = {"index": p, "name": names[p], "charcnn": p + 1}[label_format]
-                w.writerow([atomic.csv_cell(i), atomic.csv_cell(label)])  # IDs and names: never a formula
+                w.writerow([atomic.csv_cell(i), atomic.csv_cell(label)]  # IDs and names: never a formula
+                            + ([f"{q:.6f}" for q in probs[row]] + [f"{probs[row, p]:.6f}"] if scores else []))
             bar.update(len(split))
         text.flush()
         text.detach()  # the binary file stays open for the fsync and rename
@@ -456,8 +399,8 @@ def predict(run_dir, input_path, out_path, device="auto", batch_size=None, label
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
-    """Softmax over classes, in float32, each row summing to 1."""
-    e = np.exp(logits - logits.max(-1, keepdims=True))
+    """Softmax over classes (in float64), each row summing to 1."""
+    e = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
 
 

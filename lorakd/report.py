@@ -110,12 +110,24 @@ def _run_row(run_dir: Path) -> dict:
     val = (ev.get("validation") or {}).get("accuracy", summary.get("validation_accuracy"))
     test = (ev.get("test") or {}).get("accuracy", summary.get("test_accuracy"))
     status = str(info.get("status", "?"))
-    return {"name": run_dir.name, "dir": run_dir, "flat": config_lib.flatten(cfg),
+    return {"name": run_dir.name, "dir": run_dir, "flat": config_lib.flatten(cfg), "group": _group(run_dir),
             "status": "unfinished" if status == "running" else status,  # a killed run still says running
             "trainable": _number(summary.get("trainable", (info.get("params") or {}).get("trainable"))),
             "validation_accuracy": _number(val), "test_accuracy": _number(test),
             "best_step": _number(summary.get("best_step"), int), "train_time_s": _number(summary.get("train_time_s")),
             "samples_per_s": _number(summary.get("samples_per_s"))}
+
+
+def _group(run_dir: Path) -> tuple[str, str] | None:
+    """("pipeline", its folder's name) for a pipeline's teacher or student, ("sweep", ...) for a sweep member."""
+    parent = run_dir.parent
+    stage = run_dir.name == "student" or run_dir.name.startswith("teacher")  # teacher-r2-1: a later round's
+    if stage and ((parent / "pipeline.json").exists() or
+                                                   (parent / "teacher" / "run.json").exists()):
+        return "pipeline", parent.name
+    if (parent / "sweep.json").exists():
+        return "sweep", parent.name
+    return None
 
 
 def _skipped_rows(sweep_dir: Path, rows) -> list[dict]:
@@ -138,7 +150,8 @@ def _skipped_rows(sweep_dir: Path, rows) -> list[dict]:
             continue
         cfg_file = _member_config(sweep_dir, m.get("config", ""), f"{path}: member {i}")
         flat = config_lib.flatten(config_lib.load(cfg_file)) if cfg_file and cfg_file.is_file() else {}
-        skipped.append({"name": str(m.get("name", "?")), "dir": None, "flat": flat, "status": status,
+        skipped.append({"name": str(m.get("name", "?")), "dir": None, "flat": flat, "group": ("sweep", sweep_dir.name),
+                        "status": status,
                         "trainable": _number(m.get("trainable")), "validation_accuracy": None, "test_accuracy": None,
                         "best_step": None, "train_time_s": None, "samples_per_s": None})
     return skipped
@@ -186,6 +199,8 @@ def collect(paths) -> list[dict]:
         if names.count(r["name"]) > 1 and r["dir"] is not None:
             r["name"] = f"{r['dir'].parent.name}/{r['name']}"
     rows.sort(key=lambda r: (r["validation_accuracy"] is None, -(r["validation_accuracy"] or 0.0), r["name"]))
+    for r, label in zip(rows, run_labels(rows)):
+        r["label"] = label
     return rows
 
 
@@ -204,7 +219,7 @@ def differing_keys(rows) -> list[str]:
 def _table(rows, keys):
     """(header, rows of cells) shared by Markdown, CSV and HTML."""
     with_test = any(r["test_accuracy"] is not None for r in rows)
-    header = ["run", *keys, "trainable", "val acc"] + (["test acc"] if with_test else []) + \
+    header = ["run", "val acc"] + (["test acc"] if with_test else []) + ["trainable", *keys] + \
         ["best step", "train s", "samples/s", "status"]
 
     def num(v, f):
@@ -212,11 +227,30 @@ def _table(rows, keys):
 
     cells = []
     for r in rows:
-        cells.append([r["name"], *(fmt_value(k, r["flat"].get(k, "")) for k in keys), num(r["trainable"], ","),
-                      num(r["validation_accuracy"], ".4f")] + ([num(r["test_accuracy"], ".4f")] if with_test else [])
+        cells.append([r["label"], num(r["validation_accuracy"], ".4f")]
+                     + ([num(r["test_accuracy"], ".4f")] if with_test else [])
+                     + [num(r["trainable"], ","), *(cell_value(r["flat"], k) for k in keys)]
                      + [num(r["best_step"], "d"), num(r["train_time_s"], ".1f"), num(r["samples_per_s"], ".0f"),
                         r["status"]])
     return header, cells
+
+
+LORA_KEYS = ("model.r", "model.alpha", "model.dropout", "model.targets", "model.layers")
+
+
+def _local(value: str) -> str:
+    """A local path as its last part (a table cell is no place for /home/...); anything else as it is."""
+    return Path(value).name if isinstance(value, str) and Path(value).is_absolute() else value
+
+
+def cell_value(flat, key) -> str:
+    """A config value for a table cell or a label: a full fine-tune's rank is "full" (it has no adapters, so
+    the other LoRA keys are "-"), and local paths are their last part."""
+    if key in LORA_KEYS and flat.get("model.full_finetune"):
+        return "full" if key == "model.r" else "-"
+    value = flat.get(key, "")
+    value = [_local(v) for v in value] if isinstance(value, (list, tuple)) else _local(value)
+    return fmt_value(key, value)
 
 
 def markdown(header, cells) -> str:
@@ -265,13 +299,13 @@ def curve_plots(rows) -> dict[str, bytes]:
         for r, color in zip(runs, colors):
             xs, ys = _series(records[r["name"]], split, key)
             if xs:
-                ax.plot(xs, ys, color=color, lw=1.2, marker="o" if len(xs) < 20 else None, ms=2.5, label=r["name"])
+                ax.plot(xs, ys, color=color, lw=1.2, marker="o" if len(xs) < 20 else None, ms=2.5, label=r["label"])
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend(fontsize=5, ncol=2 if len(ax.lines) > 8 else 1)
+            _legend_beside(ax)
         out[name] = _png(fig)
         plt.close(fig)
     return out
@@ -282,11 +316,18 @@ _SHORT_TARGETS = {"query": "q", "key": "k", "value": "v", "dense": "d", "attenti
 
 
 def short_label(row, keys) -> str:
-    """A compact name for a plot point from the config keys that differ across runs: r8 qv L0,1,5."""
-    parts = []
+    """A compact name from the config keys that differ across runs: r8 qv L0,1,5; a full fine-tune is "full"."""
+    parts, flat = [], row["flat"]
+    full = bool(flat.get("model.full_finetune"))
+    if full:
+        parts.append("full")
     for k in keys:
-        v = row["flat"].get(k)
-        if k == "model.r":
+        v = flat.get(k)
+        if full and k in (*LORA_KEYS, "model.full_finetune"):
+            continue
+        if k == "model.full_finetune":
+            parts.append("lora")
+        elif k == "model.r":
             parts.append(f"r{v}")
         elif k == "model.alpha":
             parts.append(f"a{v:g}")
@@ -296,26 +337,63 @@ def short_label(row, keys) -> str:
         elif k == "model.layers":
             parts.append(f"L{','.join(map(str, v))}" if v else "")
         elif v is not None:
-            parts.append(f"{k.split('.')[-1]}={fmt_value(k, v)}")
+            parts.append(cut(f"{k.split('.')[-1]}={cell_value(flat, k)}", 16))
     return " ".join(p for p in parts if p) or row["name"]
 
 
+LABEL_MAX = 32  # characters of a plot label: a legend beside a 5-inch plot stays narrow
+
+
+def cut(text: str, n: int) -> str:
+    """text in at most n characters, its start and end kept (a pipeline's stage, a timestamp's seconds)."""
+    return text if len(text) <= n else text[: n // 2 - 1] + "…" + text[len(text) - (n - n // 2):]
+
+
+def run_labels(rows) -> list[str]:
+    """A short, unique label per row, for the plots and the table: "<pipeline>: teacher" for a pipeline's
+    stages, the keys that differ within its sweep for a sweep member (r8 qv; "full" for a full fine-tune), the
+    folder name for a run of its own; at most LABEL_MAX characters, numbered where two would be the same."""
+    labels = []
+    for r in rows:
+        kind, name = r.get("group") or (None, None)
+        members = [m for m in rows if m.get("group") == r.get("group")]
+        if kind == "pipeline":
+            label = f"{cut(name, LABEL_MAX - 9)}: {r['name'].split('/')[-1]}"
+        elif kind == "sweep" and len(members) > 1:
+            label = short_label(r, differing_keys(members))
+            if sum(g == "sweep" for g, _ in {m["group"] for m in rows if m.get("group")}) > 1:
+                label = f"{name}: {label}"  # members of two sweeps: which one
+        else:
+            label = r["name"].split("/")[-1]
+        labels.append(cut(label, LABEL_MAX))
+    for i, label in enumerate(labels):
+        same = [j for j, other in enumerate(labels) if other == label]
+        if len(same) > 1:
+            for k, j in enumerate(same, 1):
+                labels[j] = f"{cut(label, LABEL_MAX - 4)} ({k})"
+    return labels
+
+
 def params_plot(rows) -> bytes:
-    """Validation accuracy against trainable parameters; the Pareto front drawn as a red staircase."""
+    """Validation accuracy against trainable parameters; the Pareto front drawn as a red staircase. Each run
+    named is a coloured point in the legend, outside the axes: labels never overlap the points or each other."""
     plt = _pyplot()
     pts = [r for r in rows if r["validation_accuracy"] is not None and r["trainable"] is not None]
     xy = [(r["trainable"], r["validation_accuracy"]) for r in pts]
     front = pareto_front(xy)
-    keys = [k for k in differing_keys(pts) if k != "name"] if len(pts) > 1 else []
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     if xy:
-        ax.scatter([p for p, _ in xy], [a for _, a in xy], s=14, color="tab:blue", label="runs", zorder=2)
+        # many runs: only the front is named (a legend of dozens is no help; the table names every run)
+        named = list(range(len(pts))) if len(pts) <= 10 else front
+        others = [i for i in range(len(pts)) if i not in named]
+        if others:
+            ax.scatter([xy[i][0] for i in others], [xy[i][1] for i in others], s=12, color="0.6", label="other runs",
+                       zorder=2)
+        for i, color in zip(named, _colors(len(named))):
+            ax.scatter([xy[i][0]], [xy[i][1]], s=18, color=color, label=pts[i]["label"], zorder=2)
         fx, fy = [xy[i][0] for i in front], [xy[i][1] for i in front]
         ax.plot(fx, fy, color="tab:red", drawstyle="steps-post", lw=1, zorder=1)
-        ax.scatter(fx, fy, s=30, facecolors="none", edgecolors="tab:red", label="Pareto front", zorder=3)
-        # many runs: only the front is named (labels of a dense cloud overlap; the table names every run)
-        for i in (range(len(pts)) if len(pts) <= 8 else front):
-            ax.annotate(short_label(pts[i], keys), xy[i], fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.scatter(fx, fy, s=40, facecolors="none", edgecolors="tab:red", label="Pareto front", zorder=3)
         if max(p for p, _ in xy) > 20 * max(1, min(p for p, _ in xy)):
             from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -323,7 +401,7 @@ def params_plot(rows) -> bytes:
             ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e3:g}k" if v < 1e6 else f"{v / 1e6:g}M"))
             ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.legend(fontsize=6, loc="best")
+        _legend_beside(ax)
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("validation accuracy")
     ax.set_title("accuracy vs trainable parameters", fontsize=9)
@@ -333,11 +411,19 @@ def params_plot(rows) -> bytes:
     return data
 
 
+def _legend_beside(ax):
+    """The legend right of the axes, never over the data; the tight PNG widens to hold it."""
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
+
+
 # ---------------------------------------------------------------- the report
 
-_CSS = ("body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;font-size:13px}"
-        "th,td{border:1px solid #ccc;padding:3px 7px}th{background:#f0f0f0}td.n{text-align:right}"
-        "img{max-width:100%;margin:4px}.plots{display:flex;flex-wrap:wrap}")
+# a table as wide as the window at most: a long value (a member's name, a list of modules) wraps in its cell
+_CSS = ("body{font-family:sans-serif;margin:1.5em;color:#222}"
+        "table{border-collapse:collapse;font-size:13px;max-width:100%}"
+        "th,td{border:1px solid #ccc;padding:3px 6px;overflow-wrap:anywhere}th{background:#f0f0f0}"
+        "td.n{text-align:right;white-space:nowrap}img{width:640px;max-width:100%;margin:4px}"
+        ".plots{display:flex;flex-wrap:wrap;align-items:flex-start}")
 
 
 def html_page(header, cells, plots: dict[str, bytes], sources) -> str:

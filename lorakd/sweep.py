@@ -20,6 +20,7 @@ import yaml
 
 from . import atomic
 from . import config as config_lib
+from . import data as data_lib
 from . import model as model_lib
 from . import train as train_lib
 from .errors import UserError, brief
@@ -178,7 +179,7 @@ def plan(path, data=None, out=None, overrides=()):
     for key in sorted({k for pt in pts for k in pt} & set(forced)):  # every member would become the same config
         given = "--data" if key == "data.path" and data else f"--set {key}"
         raise UserError(f"{given}: the sweep varies {key} across its members; give it in one place only")
-    members, seen = [], set()
+    members, seen, classes = [], set(), {}
     for i, point in enumerate(pts):
         try:
             merged = config_lib.merge(config_lib.merge(raw, fixed), point)
@@ -188,6 +189,10 @@ def plan(path, data=None, out=None, overrides=()):
             if named and any(k == named[1] or k.startswith(named[1] + ".") for k in forced):
                 raise UserError(f"--set: {e}") from None  # the command line's key, not the member's
             raise UserError(f"{path}: member {i + 1} ({_describe(point)}): {e}") from None
+        if cfg.data.path and Path(cfg.data.path).exists():  # text labels: the data's classes, read once
+            key = (cfg.data.path, cfg.data.label_names)
+            classes.setdefault(key, data_lib.with_label_names(cfg, lambda *a: None).data.label_names)
+            cfg = config_lib.override(cfg, **{"data.label_names": list(classes[key])})
         flat = config_lib.flatten(cfg)
         key = repr(sorted(flat.items()))
         if key in seen:  # an explicit member that repeats a grid point trains once

@@ -422,6 +422,8 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
     dist.init(device, world)
     if rank != 0:
         log = lambda *a, **k: None  # noqa: E731  only rank 0 talks and writes
+    if not resume:  # text labels and no data.label_names: the classes from the data, kept in config.yaml
+        cfg = data_lib.with_label_names(cfg, log)
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)

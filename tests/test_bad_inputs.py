@@ -475,7 +475,7 @@ def test_cli_predict_never_writes_over_what_it_reads(capsys, tmp_path, trained_r
         assert fragment in cli_error(capsys, "predict", trained_run, "--input", inp, "--out", out)
     assert before == {p: p.read_bytes() for p in before}
     main(["predict", str(trained_run), "--input", str(inp), "--out", str(trained_run / "predictions.csv")])
-    assert (trained_run / "predictions.csv").read_text().startswith("ID,Label\n1,")  # a CSV in the run is fine
+    assert (trained_run / "predictions.csv").read_text().startswith("id,Label\n1,")  # a CSV in the run is fine
 
 
 def test_a_model_folder_without_tokenizer_files_is_refused(tmp_path, tiny_backbone):

@@ -57,3 +57,16 @@ def test_a_predict_input_with_a_column_named_twice_is_refused(tmp_path):
     path.write_text("id,text,text\n1,a,b\n2,c,d\n")
     with pytest.raises(UserError, match="column 'text' is named twice"):
         predict.read_input(path)
+
+
+def test_bare_lorakd_prints_help_and_version_prints_the_version(capsys):
+    from lorakd import __version__
+
+    main([])
+    assert "usage: lorakd" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"lorakd {__version__}"
+    with pytest.raises(SystemExit) as exc:
+        main(["--bogus"])
+    assert exc.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -82,7 +82,16 @@ def test_config_is_frozen():
     ("bogus=1", "bogus"),
 ])
 def test_unknown_key_names_the_dotted_key(override, key):
-    with pytest.raises(UserError, match=rf"^unknown config key {key} \(known: "):
+    with pytest.raises(UserError, match=rf"^unknown config key {key} \((did you mean \S+\? )?known: "):
+        config.load(None, [override])
+
+
+@pytest.mark.parametrize("override,suggested", [
+    ("trian.lr=1", "train"), ("train.lrr=1", "train.lr"), ("model.taregts=[query]", "model.targets"),
+    ("data.label_name=[a,b]", "data.label_names"),
+])
+def test_unknown_key_suggests_the_closest(override, suggested):
+    with pytest.raises(UserError, match=rf"did you mean {suggested}\? known: "):
         config.load(None, [override])
 
 

@@ -274,3 +274,30 @@ def test_augment_is_seeded_and_does_what_each_op_says():
     assert any("<mask>" in m for m in masked)
     mixed = data.augment(texts, 1, ("mix",), seed=1)
     assert any({w.split("_")[0] for w in m.split()} != {t.split("_")[0]} for m, t in zip(mixed, texts))
+
+
+def test_text_labels_are_taken_from_the_data_sorted(tmp_path):
+    """No data.label_names in the config and text labels: the classes are the data's, sorted, said in one line;
+    test takes train's classes even when it lacks one; the file is read once."""
+    (tmp_path / "train.csv").write_text("text,label\ngood film,positive\nbad film,negative\nfine film,neutral\n"
+                                        "great,positive\n")
+    (tmp_path / "test.csv").write_text("text,label\nawful,negative\nsplendid,positive\n")
+    cfg = config.load(None, [f"data.path={tmp_path}", "data.val_fraction=0"])
+    said = []
+    resolved = data.with_label_names(cfg, said.append)
+    assert resolved.data.label_names == ("negative", "neutral", "positive")
+    assert said == ["labels from the data: negative, neutral, positive (set data.label_names for another order)"]
+    splits = data.load_splits(resolved.data, seed=0)
+    assert splits["train"].labels.tolist() == [2, 0, 1, 2] and splits["test"].labels.tolist() == [0, 2]
+    numbered = write_charcnn(tmp_path / "charcnn.csv", make_texts(2, seed=1))
+    same = config.override(cfg, **{"data.path": str(numbered)})
+    assert data.with_label_names(same, said.append) == same and len(said) == 1  # class numbers: the default names
+
+
+def test_a_fixed_label_order_is_kept_and_a_label_outside_it_names_the_key(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\ngood film,positive\nbad film,negative\nmeh,neutral\n")
+    cfg = config.load(None, [f"data.path={tmp_path}", "data.label_names=[positive,negative]"])
+    assert data.with_label_names(cfg, print) is cfg
+    with pytest.raises(UserError, match=r"train.csv: row 4: label 'neutral' is not one of data.label_names "
+                                        r"\(positive, negative\)"):
+        data.load_splits(cfg.data, seed=0)

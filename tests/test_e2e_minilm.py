@@ -37,7 +37,7 @@ def test_reference_preset_few_steps(tmp_path, tiny_data, capsys):
     out = tmp_path / "pred.csv"
     main(["predict", str(run), "--input", str(inp), "--out", str(out), "--labels", "name"])
     rows = list(csv.reader(out.open()))
-    assert rows[0] == ["ID", "Label"] and [r[0] for r in rows[1:]] == ["3", "4"]
+    assert rows[0] == ["id", "Label"] and [r[0] for r in rows[1:]] == ["3", "4"]
     assert all(r[1] in ("World", "Sports", "Business", "Sci/Tech") for r in rows[1:])
 
 

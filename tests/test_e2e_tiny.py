@@ -28,7 +28,7 @@ def test_train_eval_predict(tiny_config, tmp_path, tiny_data):
     out = tmp_path / "pred.csv"
     main(["predict", str(run), "--input", str(inp), "--out", str(out)])
     rows = list(csv.reader(out.open()))
-    assert rows[0] == ["ID", "Label"] and [r[0] for r in rows[1:]] == ["7", "9"]
+    assert rows[0] == ["id", "Label"] and [r[0] for r in rows[1:]] == ["7", "9"]
     assert all(r[1] in "0123" for r in rows[1:])
 
 
@@ -72,3 +72,24 @@ def test_run_json_times_the_phases_a_user_waits_for(tiny_config, tmp_path):
     again = train_lib.train(tiny_config(**{"train.epochs": 1}), tmp_path / "again", log=lambda *a: None)
     assert again["phases_s"]["start"] == 0.0
     assert again["phases_s"]["total"] == pytest.approx(sum(again["phases_s"][k] for k in parts[:-1]), abs=0.01)
+
+
+def test_text_labels_train_and_predict_by_name(tiny_config, tmp_path, capsys):
+    """A text,label CSV with positive/negative and no data.label_names: the run keeps the data's classes in its
+    config.yaml, and predictions name them."""
+    from conftest import make_texts
+    from lorakd.runs import load_run
+
+    rows = [(text, ("negative", "positive")[label % 2]) for label, text in make_texts(10, seed=4)]
+    data = tmp_path / "reviews.csv"
+    with open(data, "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *rows])
+    run = tmp_path / "run"
+    train_lib.train(tiny_config(**{"data.path": str(data), "train.epochs": 1}), run)
+    assert "labels from the data: negative, positive" in capsys.readouterr().out
+    assert load_run(run)[0].data.label_names == ("negative", "positive")
+    out = tmp_path / "pred.csv"
+    main(["predict", str(run), "--input", str(data), "--out", str(out), "--labels", "name", "--scores"])
+    got = list(csv.reader(out.open()))
+    assert got[0] == ["ID", "Label", "negative", "positive", "Score"]
+    assert {r[1] for r in got[1:]} <= {"negative", "positive"}

@@ -372,3 +372,24 @@ def test_only_bert_layer_names_are_smoothed_other_encoders_keep_per_row_scales()
     assert not _smoothable(bert + ["/m/bert/encoder/layer.2/output/dense/MatMul"])  # a layer without them
     assert not _smoothable([f"/m/mpnet/encoder/layer.{i}/attention/attn/{p}/MatMul" for i in (0, 1) for p in "qkv"])
     assert not _smoothable(["/m/distilbert/transformer/layer.0/attention/q_lin/MatMul"])
+
+
+def test_export_carries_no_local_paths(learned_run, exported, tiny_data):
+    hf, adapter = exported[0], exported[1]
+    for folder in (hf, adapter):
+        card, meta = (folder / "README.md").read_text(), json.loads((folder / "lorakd.json").read_text())
+        assert str(learned_run.resolve()) not in card + json.dumps(meta)
+        assert str(tiny_data.resolve()) not in card  # the data path is its folder name only, said to be local
+        assert f"`{tiny_data.name}` (a local file or folder)" in card
+        assert meta["run"] == learned_run.name
+
+
+def test_scores_of_an_onnx_export_match_the_run(learned_run, exported, texts, tmp_path):
+    """--scores works for every model kind: the ONNX model's probabilities (softmax of its logits) are the run's."""
+    got = {}
+    for name, model in (("run", learned_run), ("onnx", exported[0] / "model.onnx")):
+        predict(model, texts[1], tmp_path / f"{name}.csv", scores=True, progress=False, log=lambda *a: None)
+        rows = list(csv.reader(open(tmp_path / f"{name}.csv")))
+        assert rows[0] == ["id", "Label", *NAMES, "Score"]
+        got[name] = np.array([[float(v) for v in r[2:]] for r in rows[1:]])
+    assert np.allclose(got["run"], got["onnx"], atol=1e-3)

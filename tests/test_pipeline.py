@@ -31,7 +31,7 @@ def test_pipeline_runs_then_skips(tiny_config, tmp_path):
     assert all("ce" in r and "kd" in r for r in train_records)  # both parts of the loss recorded
     assert any("from cache" in str(line) for line in logs)  # the student ran no teacher forward
     rows = list(csv.reader((out / "predictions.csv").open()))
-    assert rows[0] == ["ID", "Label"] and [r[0] for r in rows[1:]] == ["a", "b"]
+    assert rows[0] == ["id", "Label"] and [r[0] for r in rows[1:]] == ["a", "b"]
 
     s2 = run_pipeline(cfg_path, out=out, predict_input=inp, log=lambda *a: None)
     assert s2["stages"] == {"teacher": "skipped", "logits": "cached", "student": "skipped", "predict": "skipped"}
@@ -96,3 +96,30 @@ def test_pipeline_teacher_rounds_and_ensembles(tiny_config, tmp_path):
     again = run_pipeline(cfg_path, out=out, log=lambda *a: None)["stages"]
     assert {k: v for k, v in again.items() if k != "logits"} == dict.fromkeys(
         ["teacher", "teacher-r1-2", "teacher-r2-1", "teacher-r2-2", "student"], "skipped")
+
+
+def test_pipeline_and_sweep_take_text_labels_from_the_data(tiny_config, tmp_path):
+    """Text labels and no data.label_names: both stages and every sweep member keep the data's classes, and a
+    second call finds its runs done (their configs match)."""
+    from conftest import make_texts
+    from lorakd import sweep
+
+    rows = [(text, ("negative", "positive")[label % 2]) for label, text in make_texts(10, seed=4)]
+    data = tmp_path / "reviews.csv"
+    with open(data, "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *rows])
+    raw = config_lib.to_dict(tiny_config(**{"data.path": str(data), "train.max_steps": 2}))
+    raw["data"].pop("label_names")
+    raw["teacher"] = {"train": {"max_steps": 2}}
+    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(raw))
+    for _ in range(2):
+        s = run_pipeline(tmp_path / "pipe.yaml", out=tmp_path / "pipe", log=lambda *a: None)
+    assert s["stages"]["teacher"] == s["stages"]["student"] == "skipped"
+    student = config_lib.from_dict(config_lib.read_yaml(tmp_path / "pipe" / "student" / "config.yaml"))
+    assert student.data.label_names == ("negative", "positive")
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({k: v for k, v in raw.items() if k != "teacher"}))
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"name": "t", "base": "base.yaml", "grid": {"model.r": [2]},
+                                                         "out": str(tmp_path / "sweep")}))
+    for _ in range(2):
+        members = sweep.run_sweep(tmp_path / "sweep.yaml")
+    assert members[0]["cfg"].data.label_names == ("negative", "positive")

@@ -50,6 +50,8 @@ def test_bad_label_format_fails_fast_and_writes_nothing(learned_run, tmp_path, n
     out = tmp_path / "p.csv"
     with pytest.raises(UserError, match="--labels 'names'"):
         predict(learned_run, tmp_path / "in.csv", out, label_format="names", log=lambda *a: None)
+    with pytest.raises(UserError, match="--layout 'csv'"):  # the file has a header: the option is checked anyway
+        predict(learned_run, tmp_path / "in.csv", out, layout="csv", log=lambda *a: None)
     assert not out.exists()
 
 
@@ -112,7 +114,7 @@ def test_headerless_texts_may_start_with_a_comma_phrase(tmp_path):
     that looks like CharCNN and then breaks its shape names the row and the fix; a fixed shape needs a header."""
     ok = {"a.csv": ("Stocks fell sharply, says analyst\nMarkets rose\n", ["Stocks fell sharply, says analyst", "Markets rose"]),
           "b.csv": ("2024, a year of change\nStocks fell\n", ["2024, a year of change", "Stocks fell"])}
-    bad = {"c.csv": ("3, goals in the final\nStocks fell\n", "row 2: 1 column, the first row has 2 .*header"),
+    bad = {"c.csv": ("3, goals in the final\nStocks fell\n", "row 2: 1 column, the first row has 2: .*--layout text"),
            "d.csv": ("some text,1\nother text,2\n", "every row has 2 columns and there is no header")}
     for name, (content, texts) in ok.items():
         (tmp_path / name).write_text(content)
@@ -145,3 +147,42 @@ def test_input_matches_the_whole_file_reader(tmp_path):
         for read in (lambda p: predict_lib.read_input(p), lambda p: data_lib.read_unlabelled(p, [])):
             with pytest.raises(UserError, match=why):
                 read(tmp_path / "bad.csv")
+
+
+def test_an_ambiguous_headerless_file_is_refused_with_the_row_and_the_fix(tmp_path):
+    """A first text that starts with a number and a comma is not taken for the CharCNN layout's class: the
+    file is refused, naming the row and --layout; --layout text reads it, commas kept."""
+    texts = ["100,000 protesters march in Paris", "Apple, Google shares rise", "Storm, floods hit Florida"]
+    path = tmp_path / "h.csv"
+    path.write_text("".join(t + "\n" for t in texts))
+    for read in (lambda **k: predict_lib.read_input(path, **k)[1](), lambda **k: [data_lib.read_unlabelled(path, [], **k)]):
+        with pytest.raises(UserError, match=r"h.csv: row 1: .*--layout text .*header: text"):
+            read()
+        assert [t for s in read(layout="text") for t in s.texts] == texts
+    (tmp_path / "later.csv").write_text("3,Wall St. Bears\n4,Chips\nApple, Google shares rise\n")
+    with pytest.raises(UserError, match=r"row 3: 'Apple' is not a class number: .*--layout text"):
+        data_lib.read_unlabelled(tmp_path / "later.csv", [])
+    forced = data_lib.read_unlabelled(tmp_path / "later.csv", [], layout="charcnn")
+    assert forced.texts == ["Wall St. Bears", "Chips", "Google shares rise"]  # as asked: the first field is the class
+    with pytest.raises(UserError, match="--layout 'csv': expected one of auto, text, charcnn"):
+        data_lib.read_unlabelled(path, [], layout="csv")
+
+
+def test_scores_give_each_class_probability_and_keep_the_id_column_name(learned_run, tmp_path):
+    from lorakd.runs import load_run
+
+    names = list(load_run(learned_run)[0].data.label_names)
+    (tmp_path / "in.csv").write_text("id,text\na7,Stocks fell sharply\nb8,The home team won the final\n")
+    out = tmp_path / "p.csv"
+    predict(learned_run, tmp_path / "in.csv", out, label_format="name", scores=True, progress=False, log=lambda *a: None)
+    rows = list(csv.reader(open(out)))
+    assert rows[0] == ["id", "Label", *names, "Score"]
+    plain = tmp_path / "plain.csv"
+    predict(learned_run, tmp_path / "in.csv", plain, label_format="name", progress=False, log=lambda *a: None)
+    assert [r[:2] for r in rows] == list(csv.reader(open(plain)))  # --scores only adds columns
+    for r in rows[1:]:
+        probs = [float(v) for v in r[2:-1]]
+        assert abs(sum(probs) - 1) < 1e-4 and float(r[-1]) == max(probs) and names[probs.index(max(probs))] == r[1]
+    (tmp_path / "noid.csv").write_text("text\nStocks fell\n")
+    predict(learned_run, tmp_path / "noid.csv", out, progress=False, log=lambda *a: None)
+    assert out.read_text().splitlines()[0] == "ID,Label"  # no id column: ID, as before

@@ -44,7 +44,7 @@ def test_sweep_budget_skip_and_resume(tiny_config, tmp_path, monkeypatch, capsys
         assert json.loads((sdir / n / "run.json").read_text())["status"] == "done"
         assert (sdir / n / "plots" / "val_accuracy.png").exists()
     assert "data:image/png" in (sdir / "report" / "report.html").read_text()
-    assert "r=4_budget=1000 | 4 | 1000 | 1,668" in (sdir / "report" / "results.md").read_text()
+    assert "| r4 budget=1000 |  |  | 1,668 | 4 | 1000 |" in (sdir / "report" / "results.md").read_text()  # its label
 
     # again: nothing trains; an unfinished member resumes
     calls = []
