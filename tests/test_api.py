@@ -74,7 +74,7 @@ def test_predict_texts_gives_the_labels_the_file_path_writes(learned_run, tmp_pa
     res = lorakd.predict_file(learned_run, inp, tmp_path / "p.csv", labels="name", progress=False, **QUIET)
     rows = list(csv.reader(res.out.open()))
     assert res.n == 4 and res.out == tmp_path / "p.csv" and res.device == "cpu"
-    assert rows == [["ID", "Label"]] + [[f"t{i}", n] for i, n in enumerate(pred.names)]
+    assert rows == [["id", "Label"]] + [[f"t{i}", n] for i, n in enumerate(pred.names)]
     one = lorakd.predict(learned_run, TEXTS[1])  # one string is one text
     assert one.labels.tolist() == pred.labels[1:2].tolist() and np.allclose(one.probs, pred.probs[1:2], atol=1e-5)
 
