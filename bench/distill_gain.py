@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from lorakd import atomic, distill  # noqa: E402
 sys.path.insert(0, str(ROOT / "bench"))
-from result_files import result_paths  # noqa: E402
+from result_files import RESULTS, result_paths  # noqa: E402
 from lorakd import config as config_lib  # noqa: E402
 from lorakd import data as data_lib  # noqa: E402
 from lorakd import model as model_lib  # noqa: E402
@@ -187,13 +187,37 @@ def scale_summary(summary, students):
         over = [o.format(teacher="embedded:mpnet") for o in STUDENTS[student]]
         cfg = config_lib.load(config_lib.preset_path("agnews-minilm"), over)
         ce = max((a for a in e["arms"] if a == "ce" or a.startswith("ce_")), key=lambda a: e["arms"][a]["mean"])
+        kd = max((a for a in e["arms"] if a.startswith("kd_")), key=lambda a: e["arms"][a]["mean"], default=None)
         out["regimes"][regime] = {
             "teacher": entry.get("teacher"), "other_teachers": entry.get("teachers", {}),
             "best_student": {"name": f"{student} {arm}", "trainable": count_params(cfg.model, 4)["trainable"],
                              "accuracy_mean": m["mean"], "accuracy_sd": m["sd"], "n": m["n"]},
             "best_ce": {"name": f"{student} {ce}", **e["arms"][ce]},
-            "gain_over_ce_pt": round(m["mean"] - e["arms"][ce]["mean"], 2), "seeds": e.get("seeds") or summary["seeds"],
+            "best_kd": {"name": f"{student} {kd}", **e["arms"][kd]} if kd else None,
+            "gain_over_ce_pt": round(e["arms"][kd]["mean"] - e["arms"][ce]["mean"], 2) if kd else None,  # best KD arm
+            "seeds": summary["seeds"],  # each arm's own count is its n
             "arms": {s: entry[s]["arms"] for s in students if s in entry and "arms" in entry[s]}}
+    out["pipeline_speedup"] = pipeline_speedup(RESULTS)
+    return out
+
+
+def pipeline_speedup(folder):
+    """Per regime: `lorakd pipeline`'s command-to-exit time against the Trainer way's (bench/trainer_way.py; its
+    full time extrapolated where its steps were capped), with both arms' accuracies."""
+    import json
+
+    out = {}
+    for peer_path in sorted(Path(folder).glob("trainer-way-labelled*.json")):
+        ours_path = peer_path.with_name(peer_path.name.replace("trainer-way", "lorakd-pipeline"))
+        if not ours_path.exists():
+            continue
+        peer, ours = json.loads(peer_path.read_text()), json.loads(ours_path.read_text())
+        peer_s = peer["extrapolated_full_s"] if peer.get("capped") else peer["wall_s"]
+        out[peer["regime"]] = {"lorakd_s": ours["command_to_exit_s"], "trainer_way_s": peer_s,
+                               "trainer_way_capped": bool(peer.get("capped")),
+                               "speedup": round(peer_s / ours["command_to_exit_s"], 2),
+                               "teacher_acc": {"lorakd": ours["teacher_acc"], "trainer_way": peer["teacher_acc"]},
+                               "student_acc": {"lorakd": ours["student_acc"], "trainer_way": peer["student_acc"]}}
     return out
 
 
