@@ -454,3 +454,14 @@ def flatten(cfg) -> dict:
 __all__ = ["Config", "DataConfig", "ModelConfig", "TrainConfig", "DistillConfig", "load", "from_dict",
            "to_dict", "to_yaml", "flatten", "override", "merge", "read_yaml", "parse_override", "replace",
            "preset_path", "shipped_file", "PRESETS"]
+
+
+def fmt_value(key: str, value) -> str:
+    """A config value as one short string: lists joined with '+', an empty layer list is 'all'."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return "all" if key.endswith("layers") else "-"
+        return "+".join(fmt_value(key, v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)

@@ -11,7 +11,7 @@ from pathlib import Path
 from . import atomic
 from . import config as config_lib
 from .errors import UserError
-from .runs import load_run, read_json
+from .runs import read_json, run_state
 
 
 def split_configs(raw: dict, overrides=(), data=None):
@@ -60,22 +60,10 @@ def _changed_key(have, want):
     return config_lib.changed_key(have, want, ignore=unused)
 
 
-def _stage_state(run_dir: Path, cfg) -> str:
-    """'missing', 'done' or 'partial' for a run folder meant to hold cfg; refuses one with another config."""
-    if not (run_dir / "run.json").exists():
-        return "missing"
-    have, info = load_run(run_dir)
-    key = _changed_key(have, cfg)
-    if key:
-        raise UserError(f"{run_dir}: holds a run of another config ({key}: {config_lib.flatten(have).get(key)!r} "
-                        f"there, {config_lib.flatten(cfg)[key]!r} now); use another --out or remove it")
-    return "done" if info.get("status") == "done" else "partial"
-
-
 def _train_stage(name, cfg, run_dir, log):
     from .train import train
 
-    state = _stage_state(run_dir, cfg)
+    state = run_state(run_dir, cfg, _changed_key)
     if state == "done":
         log(f"[{name}] done already: {run_dir}")
         return "skipped"

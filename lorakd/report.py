@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import atomic
 from . import config as config_lib
+from .config import fmt_value  # noqa: F401  (the table's and the sweep's)
 from .errors import UserError, brief
 from .runs import load_run, read_eval, read_json, read_metrics
 
@@ -78,17 +79,6 @@ def plot_run(run_dir):
 
 
 # ---------------------------------------------------------------- values and the Pareto front
-
-def fmt_value(key: str, value) -> str:
-    """A config value as one short string: lists joined with '+', an empty layer list is 'all'."""
-    if isinstance(value, (list, tuple)):
-        if not value:
-            return "all" if key.endswith("layers") else "-"
-        return "+".join(fmt_value(key, v) for v in value)
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
 
 def pareto_front(points) -> list[int]:
     """Indices of the (params, accuracy) points that no other point dominates, i.e. none has <= params and

@@ -156,3 +156,17 @@ def run_lock(run_dir):
                 p.rmdir()
             except OSError:
                 break
+
+
+def run_state(run_dir: Path, cfg, changed_key, where="now") -> str:
+    """'missing', 'partial' or 'done' for a folder meant to hold a run of cfg (a sweep member, a pipeline stage).
+    A run of another config there is refused, naming the first key changed_key(have, cfg) finds."""
+    if not (run_dir / "run.json").exists():
+        return "missing"
+    have, info = load_run(run_dir)
+    key = changed_key(have, cfg)
+    if key:
+        old, new = (config_lib.fmt_value(key, config_lib.flatten(c).get(key)) for c in (have, cfg))
+        raise UserError(f"{run_dir}: holds a run of another config ({key}: {old} there, {new} {where}); use another "
+                        f"--out or remove it")
+    return "done" if info.get("status") == "done" else "partial"

@@ -25,7 +25,7 @@ from . import model as model_lib
 from . import train as train_lib
 from .errors import UserError, brief
 from .report import fmt_value, report
-from .runs import load_run, run_lock
+from .runs import load_run, run_lock, run_state
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEPS = Path(__file__).resolve().parent / "sweeps"  # shipped inside the package (pyproject package-data)
@@ -216,8 +216,15 @@ def plan(path, data=None, out=None, overrides=()):
         m["trainable"], m["total"] = counts["trainable"], counts["total"]
         mc = m["cfg"].model
         over = m["cfg"].role == "student" and mc.budget and m["trainable"] > mc.budget  # as check_budget
-        m["status"] = "over budget" if over else _run_state(m)
+        m["status"] = "over budget" if over else SWEEP_STATUS[run_state(m["run_dir"], m["cfg"], _changed_key, "in the sweep")]
     return spec, sweep_dir, members
+
+
+SWEEP_STATUS = {"missing": "train", "partial": "resume", "done": "done"}  # what run_state finds -> what the sweep does
+
+
+def _changed_key(have, want):
+    return config_lib.changed_key(have, want, ignore=("name",))  # a member renamed by a later member keeps its run
 
 
 RESERVED = {"configs", "logs", "report", "sweep.json", "sweep.yaml"}  # what a sweep folder holds besides runs
@@ -253,19 +260,6 @@ def _keep_folders(sweep_dir, members):
         while m["name"] in taken:
             m["name"], i = f"{name}-{i}", i + 1
         taken.add(m["name"])
-
-
-def _run_state(m) -> str:
-    """done (kept), resume (a run folder that did not finish) or train (nothing there yet)."""
-    run_dir = m["run_dir"]
-    if not (run_dir / "run.json").exists():
-        return "train"
-    cfg, info = load_run(run_dir)
-    k = config_lib.changed_key(cfg, m["cfg"], ignore=("name",))
-    if k:
-        raise UserError(f"{run_dir}: holds a run of another config ({k}: {fmt_value(k, config_lib.flatten(cfg)[k])} "
-                        f"there, {fmt_value(k, m['flat'][k])} in the sweep); remove it or use another --out")
-    return "done" if info.get("status") == "done" else "resume"
 
 
 def _print_table(members, budget_note=True):
