@@ -80,15 +80,7 @@ def split_outliers(model, tok, ratio=10.0, most=16, align=16) -> int:
     layers = [m for m in model.modules() if isinstance(getattr(m, "intermediate", None), torch.nn.Module)
               and isinstance(getattr(m.intermediate, "dense", None), torch.nn.Linear)
               and isinstance(getattr(getattr(m, "output", None), "dense", None), torch.nn.Linear)]
-    peaks = {}  # layer -> each feed-forward channel's largest |activation| on the sample texts
-
-    def record(layer):
-        return lambda mod, inp, out: peaks.__setitem__(layer, out.abs().flatten(0, -2).amax(0))
-    hooks = [m.intermediate.register_forward_hook(record(m)) for m in layers]
-    with torch.inference_mode():
-        model(**tok(SAMPLE, padding=True, return_tensors="pt"))  # outlier channels show on any text
-    for h in hooks:
-        h.remove()
+    peaks = _feed_forward_peaks(model, tok, layers)
     count = 0
     for layer in layers:
         peak = peaks[layer]
@@ -103,6 +95,23 @@ def split_outliers(model, tok, ratio=10.0, most=16, align=16) -> int:
             layer.intermediate = Up(layer.intermediate, keep, channels)
             count += len(channels)
     return count
+
+
+def _feed_forward_peaks(model, tok, layers) -> dict:
+    """layer -> each feed-forward channel's largest |activation| on the SAMPLE texts (outsized channels show on
+    any text)."""
+    import torch
+
+    peaks = {}
+
+    def record(layer):
+        return lambda mod, inp, out: peaks.__setitem__(layer, out.abs().flatten(0, -2).amax(0))
+    hooks = [m.intermediate.register_forward_hook(record(m)) for m in layers]
+    with torch.inference_mode():
+        model(**tok(SAMPLE, padding=True, return_tensors="pt"))
+    for h in hooks:
+        h.remove()
+    return peaks
 
 
 def int8_source(model, tok):
@@ -140,7 +149,6 @@ def quantize_rows(src: Path, dst: Path, keep) -> int:
     ([..., rows, 1]); the bias is added after it (given there, it would be scaled by the row scale). Opset 17.
     Returns the number of int8 products."""
     import onnx
-    from onnx import TensorProto
     from onnx import helper as h
     from onnx import numpy_helper
 
@@ -170,37 +178,46 @@ def quantize_rows(src: Path, dst: Path, keep) -> int:
         w_int8 = const(p + "/w", np.round(w / w_scale).astype(np.int8))
         w_scale = const(p + "/w_scale", w_scale.astype(np.float32))
         if x not in quantised:
-            v = lambda s: f"{p}/{s}"  # noqa: E731
-            nodes += [
-                h.make_node("ReduceMax", [x], [v("hi")], axes=[-1], keepdims=1),  # [..., rows, 1]
-                h.make_node("ReduceMin", [x], [v("lo")], axes=[-1], keepdims=1),
-                h.make_node("Neg", [v("lo")], [v("-lo")]),
-                h.make_node("Max", [v("hi"), v("-lo"), tiny], [v("absmax")]),  # symmetric; an all-zero row stays finite
-                h.make_node("Mul", [v("absmax"), inv127], [v("row_scale")]),
-                # QuantizeLinear takes per-row scales along axis 0 of a 2-D view, zero points of the scales' shape
-                h.make_node("Reshape", [v("row_scale"), flat], [v("scale")]),
-                h.make_node("Mul", [v("scale"), zero], [v("0")]),
-                h.make_node("Add", [v("0"), z128], [v("128")]),
-                h.make_node("Cast", [v("128")], [v("zp")], to=TensorProto.UINT8),
-                h.make_node("Reshape", [x, const(v("2d"), np.array([-1, w.shape[0]]))], [v("x2")]),
-                h.make_node("QuantizeLinear", [v("x2"), v("scale"), v("zp")], [v("q2")], axis=0),
-                h.make_node("Shape", [x], [v("shape")]),
-                h.make_node("Reshape", [v("q2"), v("shape")], [v("q")])]
-            quantised[x] = v("q"), v("row_scale")
+            nodes += _quantise_per_row(x, p, w.shape[0], (tiny, inv127, zero, z128, flat), const)
+            quantised[x] = p + "/q", p + "/row_scale"
         q, row_scale = quantised[x]
         nodes.append(h.make_node("MatMulIntegerToFloat", [q, w_int8, row_scale, w_scale, zp], [n.output[0]],
                                  name=p + "/int8", domain="com.microsoft"))
         count += 1
     del g.node[:]
     g.node.extend(nodes)
-    used = {i for n in g.node for i in n.input}
-    live = [i for i in g.initializer if i.name in used]
+    live = [i for i in g.initializer if i.name in {i for n in g.node for i in n.input}]
     del g.initializer[:]
     g.initializer.extend(live + added)
     if not any(o.domain == "com.microsoft" for o in m.opset_import):
         m.opset_import.append(h.make_opsetid("com.microsoft", 1))
     onnx.save(m, dst)
     return count
+
+
+def _quantise_per_row(x, p, width, shared, const) -> list:
+    """Nodes quantising x ([..., rows, width]) to uint8 (zero point 128) with one symmetric scale per row: p/q and
+    p/row_scale ([..., rows, 1]). shared: the constants' names (tiny, 1/127, 0, 128, [-1])."""
+    from onnx import TensorProto
+    from onnx import helper as h
+
+    tiny, inv127, zero, z128, flat = shared
+    v = lambda s: f"{p}/{s}"  # noqa: E731
+    return [
+        h.make_node("ReduceMax", [x], [v("hi")], axes=[-1], keepdims=1),  # [..., rows, 1]
+        h.make_node("ReduceMin", [x], [v("lo")], axes=[-1], keepdims=1),
+        h.make_node("Neg", [v("lo")], [v("-lo")]),
+        h.make_node("Max", [v("hi"), v("-lo"), tiny], [v("absmax")]),  # symmetric; an all-zero row stays finite
+        h.make_node("Mul", [v("absmax"), inv127], [v("row_scale")]),
+        # QuantizeLinear takes per-row scales along axis 0 of a 2-D view, zero points of the scales' shape
+        h.make_node("Reshape", [v("row_scale"), flat], [v("scale")]),
+        h.make_node("Mul", [v("scale"), zero], [v("0")]),
+        h.make_node("Add", [v("0"), z128], [v("128")]),
+        h.make_node("Cast", [v("128")], [v("zp")], to=TensorProto.UINT8),
+        h.make_node("Reshape", [x, const(v("2d"), np.array([-1, width]))], [v("x2")]),
+        h.make_node("QuantizeLinear", [v("x2"), v("scale"), v("zp")], [v("q2")], axis=0),
+        h.make_node("Shape", [x], [v("shape")]),
+        h.make_node("Reshape", [v("q2"), v("shape")], [v("q")])]
 
 
 def calibration_batches(tok, texts, max_length, batch=8) -> list[dict]:
@@ -237,8 +254,6 @@ def smooth(src: Path, dst: Path, keep, batches, alpha=0.5, atol=1e-3) -> int:
     from onnx import numpy_helper
 
     m = onnx.load(src)
-    probe = onnx.ModelProto()
-    probe.CopyFrom(m)  # the source graph with the products' inputs as extra outputs, to measure their ranges
     g, keep = m.graph, set(keep)
     weights = {i.name: i for i in g.initializer}
     mm = {n.name: n for n in g.node if n.op_type == "MatMul" and n.name not in keep and n.input[1] in weights}
@@ -248,18 +263,7 @@ def smooth(src: Path, dst: Path, keep, batches, alpha=0.5, atol=1e-3) -> int:
             groups.setdefault(n.input[0], []).append(n.name)
     outs = [n for n in mm.values() if re.search(r"/attention/output/dense/MatMul$", n.name)
             and n.name.replace("/attention/output/dense/", "/attention/self/value/") in mm]
-    # per-channel max |input| over the calibration batches (fp32, unoptimised graph)
-    names = sorted(set(groups) | {n.input[0] for n in outs})
-    probe.graph.output.extend(h.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None) for x in names)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    peak, want = {}, []
-    for b in batches:
-        got = sess.run(["logits"] + names, b)
-        want.append(got[0])
-        for x, v in zip(names, got[1:]):
-            peak[x] = np.maximum(peak.get(x, 0), np.abs(v.reshape(-1, v.shape[-1])).max(0))
+    peak, want = _input_peaks(m, sorted(set(groups) | {n.input[0] for n in outs}), batches)
     w = {n.input[1]: numpy_helper.to_array(weights[n.input[1]]).astype(np.float32) for n in mm.values()}
 
     def factors(x, products):
@@ -281,28 +285,59 @@ def smooth(src: Path, dst: Path, keep, batches, alpha=0.5, atol=1e-3) -> int:
         s = factors(n.input[0], [n.name])
         w[n.input[1]] *= s[:, None]
         w[value.input[1]] /= s[None, :]
-        for c in g.node:  # a value bias, where one is left: scaled with its columns
-            if c.op_type == "Add" and value.output[0] in c.input:
-                b = next((i for i in c.input if i in weights), None)
-                if b is not None:
-                    weights[b].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weights[b]) / s, b))
+        _divide_bias(g, weights, value.output[0], s)  # a value bias, where one is left: scaled with its columns
         count += 1
     for k, v in w.items():
         weights[k].CopyFrom(numpy_helper.from_array(v, k))
-    nodes = []
-    for n in g.node:  # each Mul right before the first product reading it
-        x = next((x for x in muls if x + "/smooth" in n.input), None)
-        if x is not None:
-            nodes.append(muls.pop(x))
-        nodes.append(n)
-    del g.node[:]
-    g.node.extend(nodes)
+    _insert_before_readers(g, muls)
     onnx.save(m, dst)
     sess = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
-    diff = max(float(np.abs(sess.run(["logits"], b)[0] - v).max()) for b, v in zip(batches, want))
-    if diff > atol:
+    if (diff := max(float(np.abs(sess.run(["logits"], b)[0] - v).max()) for b, v in zip(batches, want))) > atol:
         raise UserError(f"smoothing changed the logits by {diff:.2e} (over {atol}); not exported")
     return count
+
+
+def _input_peaks(m, names, batches):
+    """({input: per-channel max |value| over the calibration batches}, the logits of each batch): the graph m run
+    with those inputs as extra outputs (fp32, unoptimised)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper as h
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(m)
+    probe.graph.output.extend(h.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None) for x in names)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    peak, want = {}, []
+    for b in batches:
+        got = sess.run(["logits"] + names, b)
+        want.append(got[0])
+        for x, v in zip(names, got[1:]):
+            peak[x] = np.maximum(peak.get(x, 0), np.abs(v.reshape(-1, v.shape[-1])).max(0))
+    return peak, want
+
+
+def _divide_bias(g, weights, output, s):
+    """The constant bias added to `output` (an Add reading it), divided by s per column."""
+    from onnx import numpy_helper
+
+    for c in g.node:
+        if c.op_type == "Add" and output in c.input:
+            b = next((i for i in c.input if i in weights), None)
+            if b is not None:
+                weights[b].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weights[b]) / s, b))
+
+
+def _insert_before_readers(g, muls):
+    """Each {input: Mul} node right before the first node reading its output (topological order kept)."""
+    nodes = []
+    for n in g.node:
+        x = next((x for x, mul in muls.items() if mul.output[0] in n.input), None)
+        nodes += [muls.pop(x), n] if x is not None else [n]
+    del g.node[:]
+    g.node.extend(nodes)
 
 
 def quantize_dynamic(src: Path, dst: Path, keep):
