@@ -37,6 +37,9 @@ def _table(rows) -> str:
     return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in [rows[0], ["---"] * len(rows[0])] + rows[1:])
 
 
+CARD = "---\n{{ card_data }}\n---\n\n{{ body }}"  # huggingface_hub writes the metadata block (YAML)
+
+
 def model_card(cfg, info, evals, run_dir, adapter_only, files, scales="") -> str:
     """README.md of the exported folder: the data, the recipe, the counts, the measured figures, how to load it."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -82,9 +85,6 @@ def model_card(cfg, info, evals, run_dir, adapter_only, files, scales="") -> str
     data = ModelCardData(library_name="peft" if adapter_only else "transformers", pipeline_tag="text-classification",
                          tags=["lorakd", "lora", "text-classification"])
     return str(ModelCard.from_template(data, template_str=CARD, body="\n".join(lines))) + "\n"
-
-
-CARD = "---\n{{ card_data }}\n---\n\n{{ body }}"  # huggingface_hub writes the metadata block (YAML)
 
 
 def _load_adapter(base, id2label) -> list[str]:
@@ -165,6 +165,7 @@ def export(run_dir, out_dir=None, adapter_only=False, onnx=False, backbone=None,
     tok.model_max_length = cfg.data.max_length  # so the folder's tokenizer truncates as training did
     evals = read_eval(run_dir)
     result = {"out": str(out), "kind": "adapter" if adapter_only else "merged"}
+    model = model if adapter_only else merged(model)
 
     def fill(tmp):
         with warnings.catch_warnings():
@@ -189,8 +190,6 @@ def export(run_dir, out_dir=None, adapter_only=False, onnx=False, backbone=None,
                                                                result.get("int8_activation_scales", "")))
         result["files"] = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
 
-    if not adapter_only:
-        model = merged(model)
     atomic.replace_folder(out, fill, _may_replace)
     what = "peft adapter" if adapter_only else "Hugging Face model, " + (
         "full fine-tune" if cfg.model.full_finetune else "LoRA merged")

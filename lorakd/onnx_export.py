@@ -87,7 +87,6 @@ def _first_token_only(model) -> bool:
     return True
 
 
-
 def export_onnx(model, tok, folder: Path, max_length: int, log=print, calibration_texts=list) -> dict:
     """model.onnx (fp32) and model.int8.onnx: matrix-product weights int8 per output channel, activations
     quantised at run time with one scale per batch (onnxruntime's quantize_dynamic) after smoothing (smooth, on
@@ -129,7 +128,6 @@ def export_onnx(model, tok, folder: Path, max_length: int, log=print, calibratio
         f"{scales}; {channels} outsized feed-forward channels kept in fp32)")
     return {"onnx_max_abs_diff": diff, "int8_fp32_channels": channels, "last_layer_first_token_only": first,
             "int8_activation_scales": scales}
-
 
 
 def calibration_texts_from(cfg, log=print, n=256) -> list[str]:

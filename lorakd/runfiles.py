@@ -36,7 +36,6 @@ def library_versions() -> dict:
             "peft": peft.__version__}
 
 
-
 def open_run_folder(cfg, run_dir, resume, counts, fingerprint):
     """A new run's config.yaml and run.json (status running); a resumed run is marked running again."""
     if resume:  # a resumed run runs again, whatever stopped it
@@ -51,14 +50,11 @@ def open_run_folder(cfg, run_dir, resume, counts, fingerprint):
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
 
-
 def mark_failed(run_dir: Path, error: Exception):
     try:  # best effort: the error itself is what the user must see
         update_info(run_dir, status="failed", error=" ".join(str(error).split())[:500] or type(error).__name__)
     except (OSError, ValueError):
         pass
-
-
 
 
 class RunLog:

@@ -153,7 +153,6 @@ def test_prewarm_warms_each_padded_width_of_the_run(tiny_config):
     assert torch.equal(torch.get_rng_state(), before)
 
 
-
 # ---------------------------------------------------------------- gradient accumulation, early stopping, signals
 
 def _adapter(run_dir):
