@@ -1,6 +1,6 @@
 """Static (calibrated) against dynamic int8 for `lorakd predict`'s ONNX path (issue 16's lever table).
     python bench/static_quant.py --run /tmp/minilm-student [--variants dynamic qdq-minmax ...]
-Builds the graph `lorakd export --onnx` quantises (first-token last layer, export._int8_source), then
+Builds the graph `lorakd export --onnx` quantises (first-token last layer, onnx_int8.int8_source), then
 quantises it each way asked: dynamic as the export does, or static with activation ranges calibrated on
 --calib texts of the run's TRAIN split (never its validation rows), with the export's fp32 exceptions. Each
 model predicts every text of --data through lorakd's own batching (batches of 8, one per core); texts/s is
@@ -23,7 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from lorakd import data as data_lib  # noqa: E402
-from lorakd import export as ex  # noqa: E402
+from lorakd import onnx_export, onnx_int8  # noqa: E402
 from lorakd.predict import CHUNK, logits_of, merged, onnx_session, open_model  # noqa: E402
 from lorakd.runs import load_run, open_trained  # noqa: E402
 
@@ -81,11 +81,11 @@ def build(run, work: Path, calib_n: int, variants):
     model = merged(model)
     model.set_attn_implementation("eager")
     split_path = work / "split.onnx"
-    first = ex._first_token_only(model)  # the model is this function's own: rewritten in place
-    fast, _ = ex._int8_source(model, tok)
+    first = onnx_export._first_token_only(model)  # the model is this function's own: rewritten in place
+    fast, _ = onnx_int8.int8_source(model, tok)
     if not split_path.exists():
-        ex._to_onnx(fast, tok, split_path)
-    keep = ex._fp32_nodes([n.name for n in onnx.load(split_path).graph.node], first)
+        onnx_export._to_onnx(fast, tok, split_path)
+    keep = onnx_int8.fp32_nodes([n.name for n in onnx.load(split_path).graph.node], first)
     train = data_lib.load_splits(cfg.data, cfg.train.seed)["train"]  # the rows it trained on; never validation
     calib = [train.texts[i] for i in data_lib.stratified_take(train.labels, calib_n, 0)]
     seconds = {}

@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import stat
 from pathlib import Path
 
@@ -60,14 +61,20 @@ def folder(path) -> Path:
     return path
 
 
-def _open_temp(path: Path):
-    """(name, fd) of a new file beside path; O_EXCL: never an existing file, nor a link planted there."""
+def _beside(path: Path, make, kind="tmp"):
+    """(name, make(name)) for a new hidden name beside path; make must refuse an existing one (O_EXCL, mkdir):
+    never an existing file, nor a link planted there."""
     while True:
-        tmp = path.parent / f".{path.name}.{os.urandom(4).hex()}.tmp"
+        tmp = path.parent / f".{path.name}.{os.urandom(4).hex()}.{kind}"
         try:
-            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            return tmp, make(tmp)
         except FileExistsError:
             continue
+
+
+def _open_temp(path: Path):
+    """(name, fd) of a new file beside path."""
+    return _beside(path, lambda tmp: os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
 
 
 def _replace_with(path, write):
@@ -105,6 +112,48 @@ def write_text(path, text: str):
 
 def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def replace_folder(path, fill, may_replace=None):
+    """fill(tmp) writes a new folder beside path, which then takes path's place whole: a reader never sees half
+    of it, and a failure leaves the old folder as it was. may_replace(path) may refuse (a UserError) what is
+    already at path; a link there, or a file, is refused. The folder and its files get the user's usual
+    permissions (0777/0666 less the umask), where save_pretrained writes safetensors files 0600."""
+    path = Path(path)
+    tmp = None
+    try:
+        folder(path.parent)
+        tmp, _ = _beside(path, lambda name: os.mkdir(name, 0o777))  # the kernel takes the umask off
+        fill(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, file_mode())
+        if os.path.lexists(path):
+            folder(path)
+            if may_replace:
+                may_replace(path)
+            _swap(tmp, path)
+        else:
+            os.replace(tmp, path)
+    except OSError as e:
+        raise _cannot_write(path, e) from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap(new: Path, path: Path):
+    """new in path's place; the old folder goes aside first (two renames: a kill between them leaves it whole in
+    .NAME.*.old), then away."""
+    old, _ = _beside(path, lambda name: os.mkdir(name, 0o700), "old")
+    os.replace(path, old / path.name)
+    try:
+        os.replace(new, path)
+    except OSError:
+        os.replace(old / path.name, path)  # back in place; should this fail too, it stays whole in old
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class _KeepError:

@@ -571,38 +571,25 @@ def trainable_state(model) -> dict:
 
 
 def save_trained(model, out_dir: Path, full_finetune: bool):
-    """Adapter + head only (a few MB) for LoRA; every weight for a full fine-tune. Files replaced atomically,
+    """Adapter + head only (a few MB) for LoRA; every weight for a full fine-tune. The folder replaced atomically,
     with the user's usual permissions; a full disk is one UserError, the files already there kept."""
-    import os
-    import shutil
-    import tempfile
-
     from safetensors import SafetensorError
 
-    from .atomic import file_mode, folder
+    from .atomic import replace_folder
 
-    out_dir = Path(out_dir)
-    tmp = None
-    try:
-        folder(out_dir)  # adapter/ or model/ planted as a link elsewhere is refused
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-        to_save = model
+    def fill(tmp):
         if full_finetune:
             state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
             model.save_pretrained(tmp, state_dict=state)
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                to_save.save_pretrained(tmp)
-        for f in tmp.iterdir():
-            os.chmod(f, file_mode())  # safetensors writes 0600, like the 0700 temporary folder
-            os.replace(f, out_dir / f.name)
-    except (OSError, SafetensorError) as e:
-        cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise UserError(f"{out_dir}: cannot write ({cause})") from None
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+                model.save_pretrained(tmp)
+
+    try:
+        replace_folder(out_dir, fill)  # adapter/ or model/ planted as a link elsewhere is refused
+    except SafetensorError as e:
+        raise UserError(f"{out_dir}: cannot write ({str(e).splitlines()[0]})") from None
 
 
 def load_trained(cfg, run_dir: Path, num_labels: int):

@@ -1,7 +1,8 @@
-"""Train: the loop, its one-screen step, CUDA-graph replay of that step, checkpoints and exact resume.
+"""Train: the loop, its one-screen step, checkpoints and exact resume.
 
 `train()` is the loop; `setup()` builds what it runs on (data, model, optimizer, step); `TrainState` is the
-resumable state with its save/load; `RunLog` writes metrics.jsonl, TensorBoard and the progress bar."""
+resumable state with its save/load. The step's CUDA-graph replay is in graphed_step.py; run.json, metrics.jsonl
+and the progress bar in runfiles.py."""
 from __future__ import annotations
 
 import json
@@ -13,20 +14,21 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from . import RUN_FORMAT, STARTED, __version__, atomic, dist
+from . import atomic, dist
 from . import config as config_lib
 from . import data as data_lib
 from . import distill
 from . import model as model_lib
 from .errors import UserError
 from .evaluate import autocast, format_table, logits_for, metrics, progress_bar
+from .graphed_step import GraphedStep, graphed
+from .runfiles import Phases, RunLog, mark_failed, open_run_folder, update_info
 from .runs import load_run, read_metrics
 
 
@@ -90,91 +92,6 @@ class Step:
         if self.cfg.train.grad_clip:  # foreach over the gradients (views of the flat buffer), no host sync
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip, foreach=True)
         self.optimizer.step()
-
-
-class GraphedStep:
-    """Replays `step` as one CUDA graph per (batch, width) shape. Capturing the first shape first runs the
-    step eagerly on a side stream (lazy state, cuBLAS workspaces); weights, optimizer state and loss sums are
-    then restored, so warm-up leaves no trace in training. In a multi-process run the key is the global
-    batch's shape, the same on every process: all capture (and run their warm-up all-reduces) together.
-
-    A backbone whose forward cannot be captured (a host sync or CPU copy inside, say) falls back to the
-    plain step with one log line under cuda_graphs=auto, and is a one-line error under cuda_graphs=on."""
-
-    def __init__(self, step, params, optimizer, acc, required=False, log=print, later_warmups=0):
-        self.step, self.params, self.optimizer, self.acc = step, params, optimizer, acc
-        self.required, self.log, self.later_warmups = required, log, later_warmups
-        self.graphs, self.pool, self.plain = {}, None, False
-        self.capture_s = 0.0  # time spent capturing, reported apart from steady-state replay
-
-    def __call__(self, idx, width, key=None):
-        if self.plain:
-            return self.step(idx, width)
-        key = key or (idx.shape[0], width)
-        if key not in self.graphs:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            captured = self._capture(idx, width)
-            torch.cuda.synchronize()
-            self.capture_s += time.perf_counter() - t0
-            if captured is None:
-                return self.step(idx, width)
-            self.graphs[key] = captured
-        graph, static_idx = self.graphs[key]
-        static_idx.copy_(idx, non_blocking=True)
-        graph.replay()
-
-    def _capture(self, idx, width):
-        # The first shape runs two eager warm-ups (the process's lazy state: optimizer state, cuBLAS handles and
-        # workspaces). A later shape runs train.capture_warmups (default 0: every capture uses the same capture
-        # stream, whose workspaces exist, and allocates from the graphs' pool). A later shape that fails to
-        # capture without one (lazy state of its own: DeBERTa-v2's relative positions for a new length) is
-        # captured again after one eager run before the step is declared uncapturable.
-        tries = [2] if not self.graphs else [self.later_warmups] + ([1] if self.later_warmups == 0 else [])
-        for n, warmups in enumerate(tries):
-            try:
-                return self._record(idx, width, warmups)
-            except Exception as e:  # noqa: BLE001  any failure inside capture means: this shape did not capture
-                if n + 1 < len(tries):
-                    continue
-                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                if self.required:
-                    raise UserError(f"train.cuda_graphs=on: this backbone's step cannot be captured as a CUDA "
-                                    f"graph ({why}); use train.cuda_graphs=auto or off") from None
-                self.log(f"CUDA graphs off: the step cannot be captured ({why}); training with the plain step")
-                self.plain = True
-                return None
-
-    def _record(self, idx, width, warmups):
-        saved_params = [p.detach().clone() for p in self.params]
-        saved_state = {p: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
-                       for p, s in self.optimizer.state.items()}
-        saved_acc, saved_rng = self.acc.clone(), torch.cuda.get_rng_state()
-        static_idx = idx.clone()
-        try:
-            if warmups:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(warmups):
-                        self.step(static_idx, width)
-                torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):  # graphs replay one at a time: they share a pool
-                self.step(static_idx, width)
-            self.pool = graph.pool()
-            return graph, static_idx
-        finally:  # warm-up (and a failed capture) leave no trace: weights, optimizer state, loss sums restored,
-            # and the random state too, so dropout draws the same masks as in the plain step
-            with torch.no_grad():
-                for p, v in zip(self.params, saved_params):
-                    p.copy_(v)
-                for p, s in self.optimizer.state.items():
-                    for k, v in s.items():
-                        if torch.is_tensor(v):  # state born during warm-up is zeroed: as fresh as before
-                            v.copy_(saved_state[p][k]) if p in saved_state else v.zero_()
-                self.acc.copy_(saved_acc)
-            torch.cuda.set_rng_state(saved_rng)
 
 
 # ---------------------------------------------------------------- optimizer and schedule
@@ -266,54 +183,6 @@ class TrainState:
 
 # ---------------------------------------------------------------- the run log
 
-class RunLog:
-    """metrics.jsonl (+ TensorBoard) and the progress bar; only rank 0 writes. A train-loss record is the
-    loop's one host sync per log_every steps, and where a loss that turned NaN or infinite stops the run."""
-
-    def __init__(self, run_dir, rank, world, total, initial, steps_per_epoch, with_kd, tensorboard):
-        from tqdm import tqdm
-
-        self.path, self.rank, self.world = Path(run_dir) / "metrics.jsonl", rank, world
-        self.steps_per_epoch, self.with_kd = steps_per_epoch, with_kd
-        self.writer = None
-        if tensorboard and rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        self.bar = tqdm(total=total, initial=initial, disable=rank != 0 or None, dynamic_ncols=True, mininterval=1.0)
-
-    def record(self, rec):
-        if self.rank != 0:
-            return
-        atomic.append_line(self.path, json.dumps(rec))
-        if self.writer:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    self.writer.add_scalar(f"{rec['split']}/{k}", v, rec["step"])
-
-    def train_loss(self, st: TrainState, acc, lr, ckpt_path):
-        """Record the mean loss since the last record (and reset the sums); stop on a diverged loss."""
-        if st.acc_steps == 0:
-            return
-        loss, ce, kd = (dist.reduce_mean(acc.clone(), self.world) / st.acc_steps).tolist()
-        lr = float(lr)  # on a GPU the schedule's copy of the device lr: read here, where the loop syncs anyway
-        if not all(math.isfinite(v) for v in (loss, ce, kd)):
-            kept = f"the last good checkpoint is kept in {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written"
-            raise UserError(f"training loss became {loss} by step {st.step}; stopped ({kept}); try a lower train.lr")
-        rec = {"step": st.step, "epoch": round(st.step / self.steps_per_epoch, 4), "split": "train", "loss": loss,
-               "lr": lr, "samples_per_s": st.samples / max(st.train_time, 1e-9)}
-        if self.with_kd:
-            rec.update(ce=ce, kd=kd)
-        self.record(rec)
-        acc.zero_()
-        st.acc_steps = 0
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rec['samples_per_s']:.0f}")
-
-    def close(self):
-        self.bar.close()
-        if self.writer:
-            self.writer.close()
-
-
 class StopOnSignal:
     """SIGTERM (a scheduler's or the GPU's owner's) or Ctrl-C (SIGINT) is noted; the loop ends its step,
     checkpoints, says how to resume and exits: 143 for SIGTERM, a KeyboardInterrupt for Ctrl-C (the cli's exit
@@ -346,34 +215,6 @@ class StopOnSignal:
 
 # ---------------------------------------------------------------- wall-clock phases
 
-class Phases:
-    """Wall-clock seconds per phase of a run, as a user waits for them (run.json's summary["phases_s"]).
-    Only perf_counter around whole phases: no device syncs are added (an evaluation syncs by itself).
-
-    `start` is from lorakd's import (lorakd.STARTED) to train(): the imports and config, not the time before
-    lorakd ran (a shell's `pip install ... &&`). For the process's first run only: a later run in the same
-    process (the pipeline's student, a sweep's next member) waited for none of it."""
-    first_run = True
-
-    def __init__(self):
-        self.t = time.perf_counter()
-        self.s = {"start": self.t - STARTED if Phases.first_run else 0.0}
-        Phases.first_run = False
-
-    def total(self):
-        """Start to now, as the marks add up."""
-        return round(sum(self.s.values()), 3)
-
-    def mark(self, name):
-        """Add the time since the last mark to `name`."""
-        now = time.perf_counter()
-        self.s[name] = self.s.get(name, 0.0) + now - self.t
-        self.t = now
-
-    def rounded(self):
-        return {k: round(v, 3) for k, v in self.s.items()}
-
-
 # ---------------------------------------------------------------- set-up
 
 def warm_spec(cfg, device, world):
@@ -388,27 +229,6 @@ def warm_spec(cfg, device, world):
     widths = sorted({data_lib.pad_length(n, multiple, dc.max_length) for n in range(1, dc.max_length + 1)}, reverse=True)
     bf16 = model_lib.amp_dtype(cfg.train.precision, device) is not None
     return dims and (dims, max(1, min(64, cfg.train.batch_size // world)), widths[:8], bf16)
-
-
-def update_info(run_dir: Path, **fields):
-    """run.json with `fields` set (a None value removes the key), written atomically; `finished` stamped
-    when the status becomes final."""
-    info = json.loads((run_dir / "run.json").read_text())
-    if fields.get("status") in ("done", "failed"):
-        fields["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    info.update(fields)
-    atomic.write_json(run_dir / "run.json", {k: v for k, v in info.items() if k not in fields or v is not None})
-
-
-def library_versions() -> dict:
-    """What ran the run (run.json): Python and the libraries whose versions change its numbers or its speed."""
-    import platform
-
-    import peft
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__}
 
 
 def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
@@ -508,20 +328,6 @@ def check_setting(cfg, run_dir, resume, device, world):
         raise UserError(f"{run_dir}: a folder with other files in it; give a new or empty folder (--out)")
 
 
-def open_run_folder(cfg, run_dir, resume, counts, fingerprint):
-    """A new run's config.yaml and run.json (status running); a resumed run is marked running again."""
-    if resume:  # a resumed run runs again, whatever stopped it
-        update_info(run_dir, status="running", error=None, finished=None)
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(run_dir / "config.yaml", config_lib.to_yaml(cfg))
-    atomic.write_json(run_dir / "run.json", {
-        "format": RUN_FORMAT, "lorakd": __version__, "name": cfg.name, "role": cfg.role,
-        "backbone": cfg.model.backbone, "backbone_fingerprint": fingerprint,
-        "params": counts, "versions": library_versions(), "status": "running",
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-
-
 def setup_step(run, teacher_probs, resume):
     """Onto `run`: the optimizer and its schedule, the step (replayed as CUDA graphs where it can be), the
     number of optimizer steps, and the state a resumed run continues from."""
@@ -532,12 +338,7 @@ def setup_step(run, teacher_probs, resume):
     step = Step(model=run.model, optimizer=optimizer, params=params, store=run.stores["train"],
                 teacher_probs=teacher_probs, cfg=cfg, amp=run.amp, world=run.world)
     run.acc, run.share = step.acc, step.share
-    if device.type == "cuda" and tc.cuda_graphs != "off":
-        if tc.grad_accum > 1:  # simplest correct: an update over several micro-batches runs eagerly, not as a graph
-            log("CUDA graphs off: train.grad_accum > 1 runs the plain step")
-        else:
-            step = GraphedStep(step, params, optimizer, step.acc, required=tc.cuda_graphs == "on", log=log,
-                               later_warmups=tc.capture_warmups)
+    step = graphed(step, tc, device, log)
     # A last batch smaller than the process count would leave a process idle: it is dropped.
     full, rest = divmod(len(run.stores["train"]), tc.batch_size)
     run.steps_per_epoch = math.ceil((full + (rest >= run.world)) / tc.grad_accum)  # optimizer steps
@@ -615,13 +416,6 @@ def clear_bars_for(log):
             log(*args, **kwargs)
 
     return write
-
-
-def mark_failed(run_dir: Path, error: Exception):
-    try:  # best effort: the error itself is what the user must see
-        update_info(run_dir, status="failed", error=" ".join(str(error).split())[:500] or type(error).__name__)
-    except (OSError, ValueError):
-        pass
 
 
 def _train_loop(run, plots) -> dict:

@@ -146,3 +146,43 @@ def test_a_really_full_disk_keeps_the_last_good_checkpoint(small_disk):
     with pytest.raises(UserError, match=r"big.bin: cannot write \(No space left on device\)"):
         atomic.write_bytes(small_disk / "big.bin", bytes(100_000))
     assert not (small_disk / "big.bin").exists() and not leftovers(small_disk)
+
+
+def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path, umask):
+    """replace_folder: the new folder takes the old one's place whole, with the user's usual permissions; a fill
+    that fails, or a refusal, leaves the old folder as it was; a link in its place is refused; nothing is left
+    beside it."""
+    umask(0o022)
+    out = tmp_path / "out"
+
+    def fill(files):
+        def write(tmp):
+            for name in files:
+                (tmp / name).write_text(name)
+                os.chmod(tmp / name, 0o600)  # as safetensors writes
+        return write
+
+    atomic.replace_folder(out, fill(["a", "b"]))
+    atomic.replace_folder(out, fill(["c"]))
+    assert sorted(p.name for p in out.iterdir()) == ["c"]  # b of the old folder is gone with it
+    assert (out / "c").stat().st_mode & 0o777 == 0o644 and out.stat().st_mode & 0o777 == 0o755
+
+    def broken(tmp):
+        (tmp / "d").write_text("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(UserError, match=r"out: cannot write \(No space left on device\)"):
+        atomic.replace_folder(out, broken)
+
+    def refuse(path):
+        raise UserError(f"{path}: not mine")
+
+    with pytest.raises(UserError, match="out: not mine"):
+        atomic.replace_folder(out, fill(["e"]), refuse)
+    assert sorted(p.name for p in out.iterdir()) == ["c"]
+    link = tmp_path / "link"
+    link.symlink_to(out, target_is_directory=True)
+    with pytest.raises(UserError, match="link: a symbolic link"):
+        atomic.replace_folder(link, fill(["f"]))
+    assert sorted(p.name for p in out.iterdir()) == ["c"] and link.is_symlink()
+    assert not leftovers(tmp_path)

@@ -1,5 +1,4 @@
-"""Training loop: schedules, budget refusal, NaN stop (a failed run), exact resume after SIGKILL / SIGTERM, and the
-CUDA-graph capture policy."""
+"""Training loop: schedules, budget refusal, NaN stop (a failed run), exact resume after SIGKILL / SIGTERM."""
 import json
 import math
 import os
@@ -152,63 +151,6 @@ def test_prewarm_warms_each_padded_width_of_the_run(tiny_config):
     for bf16 in (True, False):
         model_lib._warm_step(cpu, 32, 2, 64, batch=4, length=16, bf16=bf16)
     assert torch.equal(torch.get_rng_state(), before)
-
-
-
-class _Recorder:
-    """GraphedStep's capture policy without a GPU: records how many warm-ups each try ran, and fails the
-    (width, warm-ups) tries the test names."""
-
-    def __init__(self, fail):
-        self.fail, self.tries = fail, []
-
-    def __call__(self, idx, width, warmups):
-        self.tries.append((width, warmups))
-        if (width, warmups) in self.fail:
-            raise RuntimeError("operation not permitted when stream is capturing\nmore")
-        return f"graph-{width}", idx
-
-
-def _graphed(fail=(), warmups=0, required=False):
-    from lorakd.train import GraphedStep
-
-    said = []
-    g = GraphedStep(step=None, params=[], optimizer=None, acc=None, required=required, log=said.append,
-                    later_warmups=warmups)
-    g._record = _Recorder(set(fail))
-    return g, said
-
-
-def capture(g, width):
-    got = g._capture(torch.zeros(24), width)
-    if got is not None:
-        g.graphs[(24, width)] = got
-    return got
-
-
-def test_capture_warms_the_first_shape_twice_and_a_later_one_only_when_it_needs_it():
-    g, said = _graphed(fail={(64, 0)})  # the 64-wide shape has lazy state of its own (DeBERTa-v2's positions)
-    assert [capture(g, w)[0] for w in (32, 96, 64)] == ["graph-32", "graph-96", "graph-64"]
-    assert g._record.tries == [(32, 2), (96, 0), (64, 0), (64, 1)] and not said and not g.plain
-
-
-def test_capture_warmups_setting_is_used_for_later_shapes_without_a_retry():
-    g, _ = _graphed(warmups=1)
-    capture(g, 32), capture(g, 64)
-    assert g._record.tries == [(32, 2), (64, 1)]
-
-
-def test_a_shape_that_never_captures_falls_back_in_one_line_or_fails_under_on():
-    g, said = _graphed(fail={(32, 2)})
-    assert capture(g, 32) is None and g.plain
-    assert said == ["CUDA graphs off: the step cannot be captured (operation not permitted when stream is "
-                    "capturing); training with the plain step"]
-    g, said = _graphed(fail={(64, 0), (64, 1)})
-    capture(g, 32)
-    assert capture(g, 64) is None and g.plain and g._record.tries == [(32, 2), (64, 0), (64, 1)]
-    g, _ = _graphed(fail={(32, 2)}, required=True)
-    with pytest.raises(UserError, match="train.cuda_graphs=on: this backbone's step cannot be captured"):
-        capture(g, 32)
 
 
 # ---------------------------------------------------------------- gradient accumulation, early stopping, signals
@@ -389,14 +331,3 @@ def test_metric_lines_never_continue_a_progress_bar(tiny_config, tmp_path, monke
     assert any(line.startswith("test: accuracy") for line in screen)
     raw = term.getvalue()
     assert "12/12" in raw and "validation:" in raw and "test:" in raw  # the bars drew (they leave no line)
-
-
-def test_phase_timing_starts_when_lorakd_starts(tmp_path):
-    """phases_s.start counts from lorakd's import, not from the process's start: 2 s spent before it (as a
-    shell's `pip install ... &&` would) are not in it."""
-    code = ("import time\nt0 = time.perf_counter()\ntime.sleep(2)\nt1 = time.perf_counter()\nimport lorakd\n"
-            "from lorakd.train import Phases\nstart = Phases().s['start']\nt2 = time.perf_counter()\n"
-            "print(start, t2 - t1)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    start, since_import = map(float, out.split())
-    assert since_import - 0.5 < start <= since_import  # /proc's process age would be over 2 s
