@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lorakd import config as config_lib  # noqa: E402
 from lorakd import data as data_lib  # noqa: E402
-from lorakd import model as model_lib  # noqa: E402
+from lorakd import backbones  # noqa: E402
 from lorakd.runs import read_metrics  # noqa: E402
 from lorakd.train import train  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -62,7 +62,7 @@ def peak_flops():
 def flops_per_sample(backbone, tokens):
     """Matmul FLOPs of one LoRA training sample: forward 2*N*T plus backward through activations
     2*N*T (frozen weights need no weight gradients), N = non-embedding linear weights, plus attention."""
-    cfg = model_lib.backbone_config(backbone, 4)
+    cfg = backbones.backbone_config(backbone, 4)
     h, n_layers, inter = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
     linear = n_layers * (4 * h * h + 2 * h * inter)
     attention = n_layers * 2 * tokens * h  # QK^T and AV, per token
@@ -88,7 +88,7 @@ def peak_mem_gb():
 
 def mean_tokens(cfg):
     splits = data_lib.load_splits(cfg.data, cfg.train.seed)
-    tok = model_lib.load_tokenizer(cfg.model.backbone)
+    tok = backbones.load_tokenizer(cfg.model.backbone)
     enc = data_lib.encode(tok, splits["train"].texts, cfg.data.max_length)
     return sum(len(e) for e in enc) / len(enc)
 
@@ -120,7 +120,7 @@ def run_peer(cfg, tmp, max_steps=0, evaluate=True):
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainingArguments)
 
-    src = model_lib.resolve_backbone(cfg.model.backbone)
+    src = backbones.resolve_backbone(cfg.model.backbone)
     tok = AutoTokenizer.from_pretrained(src)
     splits = data_lib.load_splits(cfg.data, cfg.train.seed)
 
@@ -267,7 +267,7 @@ def archs(backbone, data, tmp, steps=40, max_train=0):
             out[name] = {"captured": False, "skipped": f"this transformers ({transformers.__version__}) has no {cls_name}"}
             continue
         try:
-            folder = make_arch(tmp, name, model_lib.resolve_backbone(backbone))
+            folder = make_arch(tmp, name, backbones.resolve_backbone(backbone))
         except Exception as e:  # noqa: BLE001  an architecture this transformers cannot build is reported
             out[name] = {"captured": False, "skipped": f"{type(e).__name__}: {str(e)[:200]}"}
             continue
@@ -306,7 +306,7 @@ def make_roberta(tmp, tokenizer_src, known="roberta-base"):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     folder = Path(tmp) / f"{known.replace(':', '-')}-random"
-    cfg = model_lib.backbone_config(known, 4)
+    cfg = backbones.backbone_config(known, 4)
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_config(cfg).save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_src).save_pretrained(folder)
@@ -393,7 +393,7 @@ def speed(backbone, data, tmp, out_dir, deadline_s=400, peer_steps=400, parts=No
     ref = reference(backbone, data)
     n_train = len(data_lib.load_splits(ref.data, 42)["train"])
     repeat = math.ceil(FULL_SPLIT / n_train)
-    tok_src = model_lib.resolve_backbone(backbone)
+    tok_src = backbones.resolve_backbone(backbone)
 
     def cli():
         # the first process follows only this bench's own `import torch`: close to a fresh machine's first
@@ -412,7 +412,7 @@ def speed(backbone, data, tmp, out_dir, deadline_s=400, peer_steps=400, parts=No
         res["archs"] = archs(backbone, data, tmp, steps=n or 40, max_train=200 if TINY else 2000)
 
     def mpnet_teacher():
-        folder = make_roberta(tmp, tok_src, known=model_lib.MPNET)
+        folder = make_roberta(tmp, tok_src, known=backbones.MPNET)
         cfg = reference(folder, data, **{"role": "teacher", "model.full_finetune": True, "model.budget": 0,
                                          "train.batch_size": 16, "train.lr": 2e-5})
         peer = run_peer(cfg, tmp, max_steps=n or 150, evaluate=False)
@@ -556,7 +556,7 @@ def main():
             result["rows"].append(row(f"lever: {name} ({args.lever_steps} steps)", r, fps_minilm, peak))
         save()
     if "roberta" in only:
-        rb = make_roberta(tmp, model_lib.resolve_backbone(args.backbone))
+        rb = make_roberta(tmp, backbones.resolve_backbone(args.backbone))
         n_train = len(data_lib.load_splits(ref.data, 42)["train"])
         rcfg = reference(rb, args.data, **{"model.budget": 0, "data.repeat": math.ceil(FULL_SPLIT / n_train)})
         fps_rb = flops_per_sample(rb, mean_tokens(ref))

@@ -1,5 +1,5 @@
 """What the first seconds of `lorakd train` cost on a GPU, and what starting the CUDA context in the background
-(model.start_device) saves. Each arm is a fresh process that times, from its own start: import torch, the
+(graphs.start_device) saves. Each arm is a fresh process that times, from its own start: import torch, the
 CUDA context (one allocation), the backbone's build with adapters (transformers and peft imported on first use),
 the move to the device; `sequential` creates the context first, `overlapped` creates it in a thread while the
 main thread builds (what train.setup does):
@@ -24,7 +24,7 @@ CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import torch
-from lorakd import config as config_lib, model as model_lib
+from lorakd import config as config_lib, graphs, model as model_lib
 t_import = time.perf_counter()
 device = torch.device("cuda:0")
 cfg = config_lib.load(config_lib.preset_path("agnews-minilm"), [f"model.backbone={sys.argv[2]}"])
@@ -32,7 +32,7 @@ thread = None
 if sys.argv[1] == "sequential":
     torch.empty(1, device=device)
 else:
-    thread = model_lib.start_device(device)
+    thread = graphs.start_device(device)
 t_context = time.perf_counter()
 model = model_lib.build(cfg.model, 4)
 t_build = time.perf_counter()

@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from result_files import RESULTS, result_paths  # noqa: E402
 from lorakd import config as config_lib  # noqa: E402
 from lorakd import data as data_lib  # noqa: E402
-from lorakd import model as model_lib  # noqa: E402
+from lorakd import backbones  # noqa: E402
+from lorakd import graphs  # noqa: E402
 from lorakd.runs import read_metrics  # noqa: E402
 from lorakd.train import train  # noqa: E402
 
@@ -167,7 +168,7 @@ def merge(paths, out, scale=False, students=""):
 def scale_summary(summary, students):
     """Issue 30's figures per regime: the round-one teacher, the best student arm under the budget (a KD arm or
     a CE arm, by mean), its gain over the same student's best CE arm, and the seeds; plus every arm's mean/sd."""
-    from lorakd.model import count_params
+    from lorakd.budget import count_params
 
     out = {"metric": summary["metric"], "device": summary["device"], "regimes": {}}
     for regime, entry in summary["regimes"].items():
@@ -242,7 +243,7 @@ def one_seed(args, seed, run, result, raw_path, tmp, quiet, variants, base_stude
         else:
             kd = [f"distill.teachers=[{tdirs[0]}]", *args.recipe]
             kd_ens = [f"distill.teachers=[{','.join(map(str, tdirs))}]", *args.recipe]
-        dev_t, tok = model_lib.pick_device("auto"), model_lib.load_tokenizer(args.student_backbone)
+        dev_t, tok = graphs.pick_device("auto"), backbones.load_tokenizer(args.student_backbone)
 
         def student_cfg(over):
             return config_lib.load(base_student, [f"data.path={args.data}", f"model.backbone={args.student_backbone}",

@@ -39,7 +39,7 @@ from bench import FULL_SPLIT, make_roberta, print_table, reference  # noqa: E402
 from result_files import result_paths, write_result  # noqa: E402
 from lorakd import config as config_lib  # noqa: E402
 from lorakd import data as data_lib  # noqa: E402
-from lorakd import model as model_lib  # noqa: E402
+from lorakd import backbones  # noqa: E402
 
 # NVLink multicast stays off on shared hosts (see the device notes); children inherit these.
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -106,7 +106,7 @@ def main():
     def roberta_cfg():
         """ref on roberta-base shapes (random weights, made once; speed only, so no budget)."""
         if roberta[0] is None:
-            folder = make_roberta(tmp, model_lib.resolve_backbone(args.backbone))
+            folder = make_roberta(tmp, backbones.resolve_backbone(args.backbone))
             roberta[0] = config_lib.override(ref, **{"model.backbone": folder, "model.budget": 0})
         return roberta[0]
 

@@ -111,7 +111,7 @@ def main():
     ap.add_argument("--out", default=str(bench.REPO / "bench" / "results"))
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lorakd-profile-"))
-    folder = args.backbone if Path(args.backbone).is_dir() else bench.make_roberta(tmp, bench.model_lib.resolve_backbone(
+    folder = args.backbone if Path(args.backbone).is_dir() else bench.make_roberta(tmp, bench.backbones.resolve_backbone(
         args.tokenizer), known=args.backbone)
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     peak = bench.peak_flops()

@@ -48,7 +48,7 @@ from lorakd import atomic  # noqa: E402
 from lorakd import config as config_lib  # noqa: E402
 from lorakd import data as data_lib  # noqa: E402
 from lorakd import distill  # noqa: E402
-from lorakd import model as model_lib  # noqa: E402
+from lorakd import backbones  # noqa: E402
 from lorakd.errors import UserError  # noqa: E402
 from lorakd.pipeline import split_configs  # noqa: E402
 
@@ -185,7 +185,7 @@ def load_configs(args):
     splits = data_lib.load_splits(student_cfg.data, student_cfg.train.seed)
     # transfer_rows only asks whether a teacher exists; this script's teacher is trained below, not a run folder
     named = config_lib.override(student_cfg, **{"distill.teachers": ["trainer-way"]})
-    student_tok = model_lib.load_tokenizer(student_cfg.model.backbone)
+    student_tok = backbones.load_tokenizer(student_cfg.model.backbone)
     transfer = distill.transfer_rows(named, splits, student_tok, log=lambda *a: None)
     return teacher_cfg, student_cfg, splits, [] if transfer is None else transfer.texts
 
@@ -197,7 +197,7 @@ def run(args):
     train, val = splits["train"], splits["validation"]
     clock.lap("data")
     n = student_cfg.data.max_length
-    t_src, s_src = (model_lib.resolve_backbone(c.model.backbone) for c in (teacher_cfg, student_cfg))
+    t_src, s_src = (backbones.resolve_backbone(c.model.backbone) for c in (teacher_cfg, student_cfg))
     t_tok, s_tok = AutoTokenizer.from_pretrained(t_src), AutoTokenizer.from_pretrained(s_src)
     teacher_train, teacher_val = (records(t_tok, s.texts, s.labels, n) for s in (train, val))
     texts = train.texts + transfer

@@ -55,7 +55,7 @@ def hub_demo_data() -> str:
                if os.environ.get(k, "").lower() in ("1", "true", "yes", "on")]
     if offline:
         raise UserError(f"lorakd demo without --data loads AG News from the hub, but {offline[0]} is set: {fix}")
-    from .model import hub_out_of_reach
+    from .backbones import hub_out_of_reach
 
     if hub_out_of_reach():  # a 2-second check, not half a minute of retries
         raise UserError(f"lorakd demo without --data loads AG News from the hub, which is out of reach: connect, "
@@ -113,7 +113,7 @@ def cmd_export(args):
 
 
 def cmd_params(args):
-    from .model import count_params
+    from .budget import budget_applies, count_params, over_budget
 
     teacher = None
     if args.preset and args.config:
@@ -150,8 +150,8 @@ def cmd_params(args):
         print(f"{row['module']:<34} {row['layers'] if row['layers'] is not None else '':>6} {row['params']:>12,}")
     print(f"trainable {counts['trainable']:,} of {counts['total']:,} "
           f"({100 * counts['trainable'] / counts['total']:.3f}%)")
-    if cfg.role == "student" and mc.budget and not mc.full_finetune:
-        ok = counts["trainable"] <= mc.budget
+    if budget_applies(cfg):
+        ok = not over_budget(cfg, counts["trainable"])
         print(f"budget {mc.budget:,}: {'within' if ok else 'OVER'} ({mc.budget - counts['trainable']:+,} left)")
     if teacher is not None:
         t = count_params(teacher.model, len(teacher.data.label_names))
@@ -184,10 +184,14 @@ def cmd_report(args):
 
 
 def cmd_fit_budget(args):
-    from .sweep import fit_budget
+    from .budget import fit_budget
+    from .sweep import write_fit_sweep
 
-    fit_budget(budget=args.budget, backbone=args.model, targets=args.targets, num_labels=args.labels,
-               top=args.top, write=args.write, min_r=args.min_r, max_r=args.max_r)
+    props = fit_budget(budget=args.budget, backbone=args.model, targets=args.targets, num_labels=args.labels,
+                       top=args.top, min_r=args.min_r, max_r=args.max_r)
+    if args.write:
+        write_fit_sweep(args.write, props, args.budget, args.model, args.labels)
+        print(f"sweep file: {args.write} (run it with: lorakd sweep {args.write} --data PATH)")
 
 
 class Parser(argparse.ArgumentParser):

@@ -470,7 +470,7 @@ def unlabelled_chunks(path, size, layout="auto"):
 
 
 def _load_hub(name, names) -> dict[str, Split]:
-    from .model import hub_out_of_reach
+    from .backbones import hub_out_of_reach
 
     if hub_out_of_reach():  # the local datasets cache at once, or one line; not half a minute of retries
         os.environ["HF_HUB_OFFLINE"] = "1"

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import atomic
+from . import atomic, backbones
 from . import data as data_lib
-from . import dist
+from . import dist, graphs
 from . import model as model_lib
 from .errors import UserError
 
@@ -149,7 +149,7 @@ def teacher_backbone(cfg, t_cfg):
     """A teacher trained elsewhere may name a backbone path that is not here: use the student's when the
     architectures match (with_backbone checks that), else the teacher's own."""
     try:
-        model_lib.resolve_backbone(t_cfg.model.backbone)
+        backbones.resolve_backbone(t_cfg.model.backbone)
         return None
     except UserError:
         return cfg.model.backbone
@@ -157,9 +157,9 @@ def teacher_backbone(cfg, t_cfg):
 
 def _open_teacher(t_cfg, teacher_dir, device):
     model = model_lib.load_trained(t_cfg, teacher_dir, len(t_cfg.data.label_names)).to(device)
-    amp = model_lib.amp_dtype(t_cfg.train.precision, device)
+    amp = graphs.amp_dtype(t_cfg.train.precision, device)
     if amp is not None:
-        model_lib.freeze_to(model, amp)
+        graphs.freeze_to(model, amp)
     return model
 
 
@@ -170,8 +170,8 @@ def run_logits(model, run_cfg, split, device) -> torch.Tensor:
 
     rank, world, _ = dist.env()
     dist.init(device, world)  # the pipeline labels rows before any training process group exists
-    tok = model_lib.load_tokenizer(run_cfg.model.backbone)
-    amp = model_lib.amp_dtype(run_cfg.train.precision, device)
+    tok = backbones.load_tokenizer(run_cfg.model.backbone)
+    amp = graphs.amp_dtype(run_cfg.train.precision, device)
     chunks, starts = [], range(0, len(split), CHUNK)
     mine = sum(len(dist.shard(min(CHUNK, len(split) - s), rank, world)) for s in starts)  # this process's rows
     with progress_bar(mine, "teacher logits") as bar:

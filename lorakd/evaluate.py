@@ -94,7 +94,7 @@ def evaluate_run(run_dir, split="validation", device="auto", backbone=None, log=
     from . import data as data_lib
     from .errors import UserError
     from .runs import open_trained, read_eval
-    from .model import amp_dtype, pick_device
+    from .graphs import amp_dtype, pick_device
 
     dev = pick_device(device, key="--device")
     cfg, _, model, tok = open_trained(run_dir, dev, backbone)

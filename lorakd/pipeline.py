@@ -135,7 +135,8 @@ def run_pipeline(config_path, overrides=(), out=None, data=None, predict_input=N
     # which the student's training reads.
     from .data import load_splits
     from .distill import student_rows
-    from .model import load_tokenizer, pick_device
+    from .backbones import load_tokenizer
+    from .graphs import pick_device
 
     student_rows(student_cfg, load_splits(student_cfg.data, student_cfg.train.seed),
                  pick_device(student_cfg.train.device), log, load_tokenizer(student_cfg.model.backbone))

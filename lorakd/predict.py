@@ -185,7 +185,7 @@ def onnx_tokenizer(folder: Path):
     if not (folder / "tokenizer.json").exists():
         from transformers import AutoTokenizer
 
-        from .model import safe_kwargs
+        from .backbones import safe_kwargs
 
         return AutoTokenizer.from_pretrained(folder, **safe_kwargs(folder))
     from tokenizers import Tokenizer
@@ -241,16 +241,17 @@ def open_model(kind, p: Path, device="auto", backbone=None, threads=0, runtime="
     from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from . import model as model_lib
+    from . import backbones
+    from . import graphs
     from .runs import open_trained
 
     if threads:
         torch.set_num_threads(threads)
-    dev = model_lib.pick_device(device, key="--device")
-    model_lib._quiet_transformers()
+    dev = graphs.pick_device(device, key="--device")
+    backbones.quiet_transformers()
     if kind == "run":
         cfg, _, model, tok = open_trained(p, dev, backbone)
-        amp, max_length = model_lib.amp_dtype(cfg.train.precision, dev), cfg.data.max_length
+        amp, max_length = graphs.amp_dtype(cfg.train.precision, dev), cfg.data.max_length
     else:
         if kind == "adapter":  # base named in adapter_config.json; embedded:* and hub ids resolved here
             from peft import PeftModel
@@ -259,12 +260,12 @@ def open_model(kind, p: Path, device="auto", backbone=None, threads=0, runtime="
             if not isinstance(base, str):
                 raise UserError(f"{p}/adapter_config.json: no base_model_name_or_path; pass --backbone")
             id2label = dict(enumerate(_labels_of(kind, p)))
-            src = model_lib.resolve_backbone(base)
+            src = backbones.resolve_backbone(base)
             try:
                 model = AutoModelForSequenceClassification.from_pretrained(
-                    src, id2label=id2label, label2id={n: i for i, n in id2label.items()}, **model_lib.safe_kwargs(src))
+                    src, id2label=id2label, label2id={n: i for i, n in id2label.items()}, **backbones.safe_kwargs(src))
             except (OSError, SafetensorError) as e:
-                raise model_lib.load_error("base model", base, "weights", e) from None
+                raise backbones.load_error("base model", base, "weights", e) from None
             check_folder(p)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -274,10 +275,10 @@ def open_model(kind, p: Path, device="auto", backbone=None, threads=0, runtime="
                     raise UserError(f"{p}: the adapter does not load ({first_line(e)})") from None
         else:
             try:
-                model = AutoModelForSequenceClassification.from_pretrained(p, **model_lib.safe_kwargs(p))
+                model = AutoModelForSequenceClassification.from_pretrained(p, **backbones.safe_kwargs(p))
             except (OSError, SafetensorError) as e:
                 raise UserError(f"{p}: cannot load its weights ({first_line(e)})") from None
-        tok_kwargs = model_lib.safe_kwargs(p)  # outside the try: its own UserError stays as it is
+        tok_kwargs = backbones.safe_kwargs(p)  # outside the try: its own UserError stays as it is
         try:
             tok = AutoTokenizer.from_pretrained(p, **tok_kwargs)
             tok("a probe text", truncation=True, max_length=8)  # a bad post-processor panics at the first encode
@@ -285,10 +286,10 @@ def open_model(kind, p: Path, device="auto", backbone=None, threads=0, runtime="
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
             raise UserError(f"{p}: cannot load its tokenizer ({first_line(e)})") from None
-        amp, max_length = model_lib.amp_dtype("auto", dev), _max_length(tok)
+        amp, max_length = graphs.amp_dtype("auto", dev), _max_length(tok)
     model = merged(model.float())
     if amp is not None:
-        model_lib.freeze_to(model, amp)
+        graphs.freeze_to(model, amp)
     return SimpleNamespace(tok=tok, max_length=max_length, run=_torch_runner(model, dev, amp), workers=1,
                            device=str(dev))
 

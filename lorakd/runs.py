@@ -11,7 +11,7 @@ import stat
 from pathlib import Path
 
 from . import RUN_FORMAT
-from . import atomic
+from . import atomic, backbones
 from . import config as config_lib
 from . import model as model_lib
 from .errors import UserError
@@ -75,7 +75,7 @@ def with_backbone(cfg, info, backbone=None):
     A backbone of another architecture than the one the adapter was trained on is refused."""
     if backbone:
         cfg = config_lib.override(cfg, **{"model.backbone": backbone})
-    found = model_lib.backbone_fingerprint(model_lib.backbone_config(cfg.model.backbone, len(cfg.data.label_names)))
+    found = backbones.backbone_fingerprint(backbones.backbone_config(cfg.model.backbone, len(cfg.data.label_names)))
     if info.get("backbone_fingerprint") and found != info["backbone_fingerprint"]:
         raise UserError(f"backbone {cfg.model.backbone} is not the one this run was trained on "
                         f"({info.get('backbone')}): its architecture differs")
@@ -87,7 +87,7 @@ def open_trained(run_dir, device, backbone=None):
     cfg, info = load_run(run_dir)
     cfg = with_backbone(cfg, info, backbone)
     model = model_lib.load_trained(cfg, run_dir, len(cfg.data.label_names))
-    return cfg, info, model.to(device).eval(), model_lib.load_tokenizer(cfg.model.backbone)
+    return cfg, info, model.to(device).eval(), backbones.load_tokenizer(cfg.model.backbone)
 
 
 def _open_lock(path: Path) -> int:

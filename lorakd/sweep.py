@@ -1,5 +1,5 @@
 """Sweeps: a grid (or a random sample of it) of configs, budget-checked before anything trains, run in-process
-or one worker process per GPU, resumable. And fit-budget: adapter placements that fill a parameter budget."""
+or one worker process per GPU, resumable. And the sweep file that fit-budget's placements make."""
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +21,7 @@ import yaml
 from . import atomic
 from . import config as config_lib
 from . import data as data_lib
-from . import model as model_lib
+from . import budget as budget_lib
 from . import train as train_lib
 from .errors import UserError, brief
 from .report import fmt_value, report
@@ -157,7 +157,7 @@ _COUNTS: dict = {}
 def _count(cfg) -> dict:
     key = (cfg.model, len(cfg.data.label_names))  # sweeps repeat a model config for lr/distill changes
     if key not in _COUNTS:
-        _COUNTS[key] = model_lib.count_params(cfg.model, len(cfg.data.label_names))
+        _COUNTS[key] = budget_lib.count_params(cfg.model, len(cfg.data.label_names))
     return _COUNTS[key]
 
 
@@ -214,9 +214,8 @@ def plan(path, data=None, out=None, overrides=()):
         except UserError as e:
             raise UserError(f"{path}: member {name}: {e}") from None
         m["trainable"], m["total"] = counts["trainable"], counts["total"]
-        mc = m["cfg"].model
-        over = m["cfg"].role == "student" and mc.budget and m["trainable"] > mc.budget  # as check_budget
-        m["status"] = "over budget" if over else SWEEP_STATUS[run_state(m["run_dir"], m["cfg"], _changed_key, "in the sweep")]
+        m["status"] = ("over budget" if budget_lib.over_budget(m["cfg"], m["trainable"])
+                       else SWEEP_STATUS[run_state(m["run_dir"], m["cfg"], _changed_key, "in the sweep")])
     return spec, sweep_dir, members
 
 
@@ -266,7 +265,7 @@ def _print_table(members, budget_note=True):
     w = max(12, *(len(m["name"]) for m in members))
     print(f"{'member':<{w}} {'trainable':>12} {'budget':>12}  status")
     for m in members:
-        budget = m["cfg"].model.budget if m["cfg"].role == "student" and m["cfg"].model.budget else 0
+        budget = m["cfg"].model.budget if budget_lib.budget_applies(m["cfg"]) else 0
         print(f"{m['name']:<{w}} {m['trainable']:>12,} {format(budget, ',') if budget else '-':>12}  {m['status']}")
     over = [m for m in members if m["status"] == "over budget"]
     if over and budget_note:
@@ -454,119 +453,7 @@ def _finish(m, rc, log_path):
     print(f"sweep member {m['name']}: failed ({m['error']})")
 
 
-# ---------------------------------------------------------------- fit-budget
-
-_LAYER = re.compile(r".*?\.[^.]*\.(\d+)\.")  # the first numbered segment, as peft finds a layer index
-
-
-def _in_head(name: str) -> bool:
-    return any(part in model_lib.HEAD_NAMES for part in name.split("."))
-
-
-def backbone_shapes(backbone: str, num_labels: int):
-    """({linear module name: (in, out)}, head parameters, number of layers) from a meta-device model."""
-    from transformers import AutoModelForSequenceClassification
-
-    model_lib._quiet_transformers()
-    hf_config = model_lib.backbone_config(backbone, num_labels)
-    with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(hf_config)
-    head = sum(p.numel() for n, p in model.named_parameters() if _in_head(n))
-    linears = {n: (m.in_features, m.out_features) for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and not _in_head(n)}
-    return linears, head, hf_config.num_hidden_layers
-
-
-def lora_cost(linears, targets, layers=()) -> tuple[int, tuple]:
-    """(parameters per unit of rank, modules wrapped): LoRA adds r * (in + out) to each linear module peft
-    matches (name equal to a target or ending in .target; only the given layers, when any are given)."""
-    per_r, hit = 0, []
-    for name, (fin, fout) in linears.items():
-        if not any(name == t or name.endswith("." + t) for t in targets):
-            continue
-        if layers:
-            m = _LAYER.match(name)
-            if m is None or int(m.group(1)) not in layers:
-                continue
-        per_r += fin + fout
-        hit.append(name)
-    return per_r, tuple(hit)
-
-
-def layer_sets(n: int) -> list[tuple[str, tuple]]:
-    """A few layer placements: all, each half, every other, the first and last few; no two alike."""
-    half, k = n // 2, max(1, n // 6)
-    cands = [("all", ()), ("bottom half", tuple(range(half))), ("top half", tuple(range(n - half, n))),
-             ("every other", tuple(range(0, n, 2))), (f"first+last {k}", tuple(range(k)) + tuple(range(n - k, n)))]
-    out, seen = [], set()
-    for label, layers in cands:
-        key = frozenset(layers or range(n))  # an empty half (one layer) counts as all: dropped
-        if key not in seen:
-            seen.add(key)
-            out.append((label, layers))
-    return out
-
-
-def propose(budget: int, backbone: str, targets, num_labels=4, min_r=1, max_r=None) -> list[dict]:
-    """Every placement (target subset x layer set) at the largest rank that fits (capped at max_r when
-    given, and at the smallest wrapped matrix's own rank: beyond it LoRA adds parameters, not capacity),
-    most parameters first; among equals, more modules at a lower rank first."""
-    linears, head, n_layers = backbone_shapes(backbone, num_labels)
-    for t in targets:
-        if not lora_cost(linears, [t])[1]:
-            names = sorted({n.rsplit(".", 1)[-1] for n in linears})
-            raise UserError(f"--targets: no linear module named {t!r} in {backbone} (names: {', '.join(names)}; "
-                            f"dotted paths like attention.output.dense work)")
-    if head >= budget:
-        raise UserError(f"--budget {budget:,}: the classification head alone has {head:,} parameters")
-    out, seen = [], set()
-    subsets = [s for k in range(1, len(targets) + 1) for s in itertools.combinations(targets, k)]
-    for label, layers in layer_sets(n_layers):
-        for subset in subsets:
-            per_r, hit = lora_cost(linears, subset, layers)
-            if not hit or hit in seen:  # e.g. dense already covers output.dense: same modules, same count
-                continue
-            seen.add(hit)
-            r = min((budget - head) // per_r, min(min(linears[n]) for n in hit))
-            r = r if max_r is None else min(r, max_r)
-            if r >= min_r:
-                out.append({"r": r, "targets": subset, "layers": layers, "layer_set": label, "modules": len(hit),
-                            "trainable": head + r * per_r})
-    out.sort(key=lambda p: (-p["trainable"], -p["modules"], len(p["targets"])))
-    return out
-
-
-def _layers_text(p) -> str:
-    return f"{p['layer_set']} ({','.join(map(str, p['layers']))})" if p["layers"] else "all"
-
-
-def fit_budget(budget=1_000_000, backbone=model_lib.EMBEDDED, targets="query,key,value,dense", num_labels=4,
-               top=15, write=None, min_r=1, max_r=None) -> list[dict]:
-    """Print the placements that use the budget best; with write, save them as a sweep file."""
-    if isinstance(targets, str):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    targets = list(dict.fromkeys(targets))
-    for ok, msg in ((budget >= 1, f"--budget {budget}: must be positive"), (bool(targets), "--targets: empty"),
-                    (num_labels >= 2, f"--labels {num_labels}: needs at least 2"),
-                    (top >= 1, f"--top {top}: must be at least 1"), (min_r >= 1, f"--min-r {min_r}: must be >= 1"),
-                    (max_r is None or max_r >= min_r, f"--max-r {max_r}: must be >= --min-r {min_r}")):
-        if not ok:
-            raise UserError(msg)
-    props = propose(budget, backbone, targets, num_labels, min_r, max_r)[:top]
-    if not props:
-        raise UserError(f"no placement of {','.join(targets)} fits {budget:,} parameters at rank >= {min_r}")
-    print(f"{backbone}, {num_labels} labels, budget {budget:,}: the {len(props)} placements with most parameters")
-    tw = max(7, *(len(",".join(p["targets"])) for p in props))
-    lw = max(6, *(len(_layers_text(p)) for p in props))
-    print(f"{'r':>4}  {'targets':<{tw}}  {'layers':<{lw}}  {'modules':>7}  {'trainable':>11}  {'% budget':>8}")
-    for p in props:
-        print(f"{p['r']:>4}  {','.join(p['targets']):<{tw}}  {_layers_text(p):<{lw}}  {p['modules']:>7}  "
-              f"{p['trainable']:>11,}  {100 * p['trainable'] / budget:>7.2f}%")
-    if write:
-        write_fit_sweep(write, props, budget, backbone, num_labels)
-        print(f"sweep file: {write} (run it with: lorakd sweep {write} --data PATH)")
-    return props
-
+# ---------------------------------------------------------------- fit-budget's sweep file
 
 def write_fit_sweep(path, props, budget, backbone, num_labels):
     """A sweep file with one member per proposal, on the reference student recipe."""

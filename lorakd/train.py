@@ -20,10 +20,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from . import atomic, dist
+from . import atomic, backbones, dist
+from . import budget as budget_lib
 from . import config as config_lib
 from . import data as data_lib
 from . import distill
+from . import graphs
 from . import model as model_lib
 from .errors import UserError
 from .evaluate import autocast, format_table, logits_for, metrics, progress_bar
@@ -54,7 +56,7 @@ class Step:
         device = self.store.ids.device
         self.flat_grad = flat_gradients(self.params, device)
         self.acc, self.share = torch.zeros(3, device=device), torch.ones((), device=device)
-        self.ready_mask = model_lib.needs_ready_mask(self.model)
+        self.ready_mask = graphs.needs_ready_mask(self.model)
 
     def __call__(self, idx, width):
         """One batch, one optimizer step: what GraphedStep captures."""
@@ -74,7 +76,7 @@ class Step:
     def add_gradients(self, idx, width):
         ids, mask = self.store.batch(idx, width)
         if self.ready_mask:
-            mask = model_lib.additive_mask(mask)
+            mask = graphs.additive_mask(mask)
         with autocast(ids.device, self.amp):
             logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
         dc = self.cfg.distill
@@ -218,16 +220,16 @@ class StopOnSignal:
 # ---------------------------------------------------------------- set-up
 
 def warm_spec(cfg, device, world):
-    """What train.prewarm warms on a GPU while the imports run (model.start_device): the backbone's widths,
+    """What train.prewarm warms on a GPU while the imports run (graphs.start_device): the backbone's widths,
     this process's batch (at most 64 rows), each padded width the length buckets can give (at most 8, the widest
     first), and the run's precision."""
     if not cfg.train.prewarm or device.type != "cuda" or torch.cuda.is_initialized():
         return None  # a process that has run on its GPU before (a pipeline's student, a sweep's next run) is warm
-    dims = model_lib.warm_dims(cfg.model.backbone)
+    dims = graphs.warm_dims(cfg.model.backbone)
     dc = cfg.data
     multiple = data_lib.pad_multiple(dc.pad_multiple, dc.max_length, device.type, cfg.train.batch_size)
     widths = sorted({data_lib.pad_length(n, multiple, dc.max_length) for n in range(1, dc.max_length + 1)}, reverse=True)
-    bf16 = model_lib.amp_dtype(cfg.train.precision, device) is not None
+    bf16 = graphs.amp_dtype(cfg.train.precision, device) is not None
     return dims and (dims, max(1, min(64, cfg.train.batch_size // world)), widths[:8], bf16)
 
 
@@ -235,8 +237,8 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
     """Everything the loop runs on: processes, run folder, data, model, optimizer, the step, resumed state."""
     phases = phases or Phases()
     rank, world, local_rank = dist.env()
-    device = model_lib.pick_device(cfg.train.device, local_rank)
-    context = model_lib.start_device(device, warm_spec(cfg, device, world))  # overlaps the imports and build below
+    device = graphs.pick_device(cfg.train.device, local_rank)
+    context = graphs.start_device(device, warm_spec(cfg, device, world))  # overlaps the imports and build below
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init(device, world)
@@ -252,25 +254,25 @@ def setup(cfg, run_dir: Path, resume: bool, log, phases=None):
 
     torch.manual_seed(tc.seed)
     model = model_lib.build(cfg.model, len(cfg.data.label_names))  # the same initial weights on every process
-    counts = model_lib.summarize_params(model)  # what count_params gives without weights, from the model itself
-    model_lib.check_budget(cfg, counts)
+    counts = budget_lib.summarize_params(model)  # what count_params gives without weights, from the model itself
+    budget_lib.check_budget(cfg, counts)
     phases.mark("build")
     splits, stores, teacher_probs, hf_config = setup_data(cfg, device, log)
     phases.mark("data")
     dist.barrier(world)  # every process has checked the folder before rank 0 writes to it
     if rank == 0:
-        open_run_folder(cfg, run_dir, resume, counts, model_lib.backbone_fingerprint(hf_config))
+        open_run_folder(cfg, run_dir, resume, counts, backbones.backbone_fingerprint(hf_config))
     log(f"run folder: {run_dir}")
     if world > 1:  # what each process runs: small shards make latency-bound steps (README: when it pays)
         log(f"data parallel: {world} processes ({device.type}), {tc.batch_size // world} rows each of every "
             f"global batch of {tc.batch_size}")
     log(f"trainable parameters: {counts['trainable']:,} of {counts['total']:,}"
-        + (f" (budget {cfg.model.budget:,})" if cfg.role == "student" and cfg.model.budget else ""))
+        + (f" (budget {cfg.model.budget:,})" if budget_lib.budget_applies(cfg) else ""))
 
     torch.manual_seed(tc.seed + rank)  # dropout masks differ across processes
-    amp = model_lib.amp_dtype(tc.precision, device)
+    amp = graphs.amp_dtype(tc.precision, device)
     if amp is not None:
-        model_lib.freeze_to(model, amp)
+        graphs.freeze_to(model, amp)
     if context is not None:
         context.stop.set()  # a warm-up still running ends after its current shape
         context.join()
@@ -293,9 +295,9 @@ def setup_data(cfg, device, log):
     """(splits, their token stores on the device, the teachers' soft targets or None, the backbone's config)."""
     tc = cfg.train
     splits = data_lib.load_splits(cfg.data, tc.seed)
-    tok = model_lib.load_tokenizer(cfg.model.backbone)
-    hf_config = model_lib.backbone_config(cfg.model.backbone, len(cfg.data.label_names))  # what load_run checks
-    limit = model_lib.max_tokens(tok, hf_config)
+    tok = backbones.load_tokenizer(cfg.model.backbone)
+    hf_config = backbones.backbone_config(cfg.model.backbone, len(cfg.data.label_names))  # what load_run checks
+    limit = backbones.max_tokens(tok, hf_config)
     if limit and cfg.data.max_length > limit:  # longer inputs would fail inside the model's position table
         raise UserError(f"data.max_length {cfg.data.max_length}: {cfg.model.backbone} takes at most {limit} tokens")
     train_rows, teacher_probs = distill.student_rows(cfg, splits, device, log, tok)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from lorakd import RUN_FORMAT, config, data, runs
-from lorakd import model as model_lib
+from lorakd import backbones
 from lorakd import train as train_lib
 from lorakd.cli import main
 from lorakd.errors import UserError
@@ -483,7 +483,7 @@ def test_a_model_folder_without_tokenizer_files_is_refused(tmp_path, tiny_backbo
     bare.mkdir()
     for f in ("config.json", "model.safetensors"):  # what save_pretrained writes, and a full fine-tune keeps
         shutil.copy(tiny_backbone / f, bare / f)
-    assert "no tokenizer files" in one_line_error(model_lib.load_tokenizer, str(bare))
+    assert "no tokenizer files" in one_line_error(backbones.load_tokenizer, str(bare))
 
 
 def test_cli_predict_bad_label_format(capsys, tmp_path, trained_run):
@@ -506,7 +506,7 @@ def fake_run(folder, backbone="bert-base-uncased", run_format=RUN_FORMAT):
     """run.json and config.yaml as training writes them, for a backbone known without weights."""
     folder.mkdir()
     cfg = config.load(None, [f"model.backbone={backbone}"])
-    fingerprint = model_lib.backbone_fingerprint(model_lib.backbone_config(backbone, len(cfg.data.label_names)))
+    fingerprint = backbones.backbone_fingerprint(backbones.backbone_config(backbone, len(cfg.data.label_names)))
     write(folder / "config.yaml", config.to_yaml(cfg))
     write(folder / "run.json", json.dumps({"format": run_format, "backbone": backbone,
                                             "backbone_fingerprint": fingerprint, "status": "done"}))
@@ -753,7 +753,7 @@ def test_a_model_folder_that_asks_for_code_is_refused_before_loading(capsys, tmp
 
 
 def test_every_from_pretrained_passes_trust_remote_code_false():
-    """The one way lorakd opens a model folder (model.safe_kwargs) is the only one in the sources."""
+    """The one way lorakd opens a model folder (backbones.safe_kwargs) is the only one in the sources."""
     import re
     from pathlib import Path
 

@@ -218,10 +218,10 @@ def test_hub_error_names_data_path(monkeypatch, path):
 
 def test_hub_out_of_reach_loads_offline_at_once(monkeypatch):
     """No half minute of datasets' retries: with the hub out of reach the load runs offline (the local cache)."""
-    import lorakd.model as model_lib
+    from lorakd import backbones
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored after the test
-    monkeypatch.setattr(model_lib, "hub_out_of_reach", lambda: True)
+    monkeypatch.setattr(backbones, "hub_out_of_reach", lambda: True)
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(UserError):
         data.read_splits("hub:ag_news", NAMES)

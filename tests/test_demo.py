@@ -33,11 +33,11 @@ def test_demo_unreachable_hub_says_to_pass_data(capsys, monkeypatch):
     """The 2-second connection check finds no hub: one line at once, datasets never asked."""
     import datasets
 
-    from lorakd import model
+    from lorakd import backbones
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(model, "_HUB_OUT_OF_REACH", True)
+    monkeypatch.setattr(backbones, "_HUB_OUT_OF_REACH", True)
     monkeypatch.setattr(datasets, "load_dataset_builder", lambda *a, **k: pytest.fail("datasets was asked"))
     err = demo_error(capsys)
     assert "from the hub, which is out of reach" in err and "--data DIR" in err
@@ -47,11 +47,11 @@ def test_demo_hub_that_fails_later_says_to_pass_data(capsys, monkeypatch):
     """The host answers but datasets cannot get AG News (a firewall, an outage): one line too."""
     import datasets
 
-    from lorakd import model
+    from lorakd import backbones
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(model, "_HUB_OUT_OF_REACH", False)
+    monkeypatch.setattr(backbones, "_HUB_OUT_OF_REACH", False)
 
     def no_network(*a, **k):
         raise ConnectionError("no route to host")

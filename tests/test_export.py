@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import make_texts
-from lorakd import model as model_lib
+from lorakd import backbones
 from lorakd.cli import main
 from lorakd.errors import UserError
 from lorakd.export import export, portable_base
@@ -179,10 +179,10 @@ def test_adapter_with_embedded_base_is_resolved_by_lorakd(learned_run, exported,
     adapter = tmp_path / "adapter"
     shutil.copytree(exported[1], adapter)
     cfg_path = adapter / "adapter_config.json"
-    cfg_path.write_text(json.dumps(dict(json.loads(cfg_path.read_text()), base_model_name_or_path=model_lib.EMBEDDED)))
-    real = model_lib.resolve_backbone
-    monkeypatch.setattr(model_lib, "resolve_backbone",
-                        lambda name: str(tiny_backbone) if name == model_lib.EMBEDDED else real(name))
+    cfg_path.write_text(json.dumps(dict(json.loads(cfg_path.read_text()), base_model_name_or_path=backbones.EMBEDDED)))
+    real = backbones.resolve_backbone
+    monkeypatch.setattr(backbones, "resolve_backbone",
+                        lambda name: str(tiny_backbone) if name == backbones.EMBEDDED else real(name))
     want = lorakd_labels(learned_run, texts[1], tmp_path / "run.csv")
     assert lorakd_labels(adapter, texts[1], tmp_path / "a.csv") == want
 

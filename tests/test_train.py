@@ -130,7 +130,7 @@ def test_prewarm_warms_each_padded_width_of_the_run(tiny_config):
     batch and every padded width the length buckets give (the widest first, at most 8); off, or on a CPU,
     nothing is warmed. The warm step itself runs here on the CPU: no random numbers drawn, so a seeded run
     trains as it would without it."""
-    from lorakd import model as model_lib
+    from lorakd import graphs
     from lorakd.train import warm_spec
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # warm_spec only reads the device type
@@ -143,13 +143,13 @@ def test_prewarm_warms_each_padded_width_of_the_run(tiny_config):
     assert warm_spec(tiny_config(**{"train.prewarm": False}), cuda, 1) is None
     assert warm_spec(tiny_config(**{"data.max_length": 100, "data.pad_multiple": 1}), cuda, 1)[2] == list(range(100, 92, -1))
     assert warm_spec(tiny_config(**{"model.backbone": "someone/not-here"}), cuda, 1) is None  # a hub id: no config
-    assert model_lib.warm_dims("roberta-base") == (768, 12, 3072)
-    assert model_lib.warm_dims("embedded:minilm") == (384, 12, 1536)
-    assert model_lib.start_device(cpu, ((32, 2, 64), 8, [16], True)) is None
+    assert graphs.warm_dims("roberta-base") == (768, 12, 3072)
+    assert graphs.warm_dims("embedded:minilm") == (384, 12, 1536)
+    assert graphs.start_device(cpu, ((32, 2, 64), 8, [16], True)) is None
 
     before = torch.get_rng_state()
     for bf16 in (True, False):
-        model_lib._warm_step(cpu, 32, 2, 64, batch=4, length=16, bf16=bf16)
+        graphs._warm_step(cpu, 32, 2, 64, batch=4, length=16, bf16=bf16)
     assert torch.equal(torch.get_rng_state(), before)
 
 
