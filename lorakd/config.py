@@ -360,8 +360,15 @@ def validate(cfg: Config):
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise UserError(f"config key {key}: {brief(flat[key])} is not one of {', '.join(allowed)}")
+    for ok, key, msg in _checks(cfg):
+        if not ok:
+            raise UserError(f"config key {key}: {brief(flat[key])} {msg}")
+
+
+def _checks(cfg: Config) -> list[tuple[bool, str, str]]:
+    """(holds, key, what it must be) for every value rule of the config."""
     m, t, d, dc = cfg.model, cfg.train, cfg.data, cfg.distill
-    checks = [
+    return [
         (m.r >= 1, "model.r", "must be at least 1"),
         (m.alpha > 0, "model.alpha", "must be positive"),
         (0 <= m.dropout < 1, "model.dropout", "must be in [0, 1)"),
@@ -410,9 +417,6 @@ def validate(cfg: Config):
         (all(w >= 0 for w in dc.weights) and (not dc.weights or sum(dc.weights) > 0), "distill.weights",
          "must be non-negative and not all zero"),
     ]
-    for ok, key, msg in checks:
-        if not ok:
-            raise UserError(f"config key {key}: {brief(flat[key])} {msg}")
 
 
 def shipped_file(folder: Path, name_or_path) -> Path | None:

@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 from . import atomic
+from .budget import budget_applies
 from .errors import UserError
 from .onnx_export import calibration_texts_from, export_onnx
 from .predict import merged
@@ -71,7 +72,7 @@ def model_card(cfg, info, evals, run_dir, adapter_only, files, scales="") -> str
         f"- Backbone: `{local_name(m.backbone)}`" + (" (a local folder)" if local_name(m.backbone) != m.backbone else "")
         + f"; {what}.",
         f"- Trainable parameters: {params.get('trainable', 0):,} of {params.get('total', 0):,}"
-        + (f" (budget {m.budget:,})." if cfg.role == "student" and m.budget else "."),
+        + (f" (budget {m.budget:,})." if budget_applies(cfg) else "."),
         f"- AdamW lr {t.lr:g}, batch {t.batch_size}, {steps}, {t.schedule} schedule, warmup {t.warmup_ratio:g}, "
         f"weight decay {t.weight_decay:g}, gradient clip {t.grad_clip:g}, seed {t.seed}.",
         f"- Distillation: {teachers}.",

@@ -106,6 +106,26 @@ def round_config(teacher_cfg, student_cfg, member: int, previous: list[Path]):
     return config_lib.override(teacher_cfg, **over) if over else teacher_cfg
 
 
+def _predict_stage(root: Path, student_dir: Path, predict_input, log) -> str:
+    """predictions.csv of the student over predict_input, skipped while both (by their hashes) are unchanged."""
+    from .distill import _weights_hash
+    from .predict import predict
+
+    pred = root / "predictions.csv"
+    stamp = {"input": _file_hash(predict_input), "student": _weights_hash(student_dir)}
+    stamp_path = root / "predictions.json"
+    try:
+        old = read_json(stamp_path) if stamp_path.exists() else None
+    except UserError:  # a damaged stamp: predict again
+        old = None
+    if pred.exists() and old == stamp:
+        log(f"[predict] done already: {pred}")
+        return "skipped"
+    predict(student_dir, predict_input, pred, log=log)
+    atomic.write_json(stamp_path, stamp)
+    return "written"
+
+
 def run_pipeline(config_path, overrides=(), out=None, data=None, predict_input=None, log=print) -> dict:
     teacher_cfg, student_cfg = split_configs(config_lib.read_yaml(config_path), overrides, data)
     if predict_input:  # a bad input file fails now, not after the teacher and the student have trained
@@ -150,24 +170,8 @@ def run_pipeline(config_path, overrides=(), out=None, data=None, predict_input=N
     if len(rounds) > 1 or len(rounds[0]) > 1:
         summary["teacher_summaries"] = {d.name: read_json(d / "run.json").get("summary") for f in rounds for d in f}
     if predict_input:
-        from .distill import _weights_hash
-        from .predict import predict
-
-        pred = root / "predictions.csv"
-        stamp = {"input": _file_hash(predict_input), "student": _weights_hash(student_dir)}
-        stamp_path = root / "predictions.json"
-        try:
-            old = read_json(stamp_path) if stamp_path.exists() else None
-        except UserError:  # a damaged stamp: predict again
-            old = None
-        if pred.exists() and old == stamp:
-            log(f"[predict] done already: {pred}")
-            stages["predict"] = "skipped"
-        else:
-            predict(student_dir, predict_input, pred, log=log)
-            atomic.write_json(stamp_path, stamp)
-            stages["predict"] = "written"
-        summary["predictions"] = str(pred)
+        stages["predict"] = _predict_stage(root, student_dir, predict_input, log)
+        summary["predictions"] = str(root / "predictions.csv")
     summary["wall_s"] = round(time.time() - t0, 2)
     atomic.write_json(root / "pipeline.json", summary)
     log(f"pipeline folder: {root}")

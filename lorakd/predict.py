@@ -216,30 +216,8 @@ def open_model(kind, p: Path, device="auto", backbone=None, threads=0, runtime="
         raise UserError(f"{p}: --runtime openvino runs an ONNX model: export it first (lorakd export RUN --onnx) "
                         f"and give the export folder or its model.onnx")
     if kind == "onnx":
-        for need in ("config.json", "tokenizer_config.json"):
-            if not (p.parent / need).exists():
-                raise UserError(f"{p}: no {need} beside it; predict on a folder written by lorakd export --onnx")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = threads or cores
-        tok = onnx_tokenizer(p.parent)
-        if runtime == "openvino":  # padded to a multiple of 16 tokens: fewer shapes for OpenVINO to prepare
-            run, precision = openvino_runner(p, workers)
-            return SimpleNamespace(tok=tok, max_length=_max_length(tok), run=run, workers=workers, pad_multiple=16,
-                                   device=f"cpu, OpenVINO {p.name} ({precision})")
-        try:
-            # small batches on one thread each, one batch per core at a time: on a CPU this beats
-            # splitting each batch's matrix products across cores (measured: bench/predict_cpu.py)
-            sess = onnx_session(p, 1)
-        except ImportError:
-            raise UserError('running an ONNX model needs onnxruntime: pip install "lorakd[onnx]"') from None
-        except Exception as e:  # onnxruntime's refusals (a broken graph, external data outside the folder)
-            raise UserError(f"{p}: onnxruntime cannot load this model ({' '.join(str(e).split())[:200]})") from None
-        run = lambda ids, mask: sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]  # noqa: E731
-        return SimpleNamespace(tok=tok, max_length=_max_length(tok), run=run, workers=workers,
-                               device=f"cpu, onnxruntime {p.name}")
+        return _open_onnx(p, threads, runtime)
     import torch
-    from safetensors import SafetensorError
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from . import backbones
     from . import graphs
@@ -253,45 +231,94 @@ def open_model(kind, p: Path, device="auto", backbone=None, threads=0, runtime="
         cfg, _, model, tok = open_trained(p, dev, backbone)
         amp, max_length = graphs.amp_dtype(cfg.train.precision, dev), cfg.data.max_length
     else:
-        if kind == "adapter":  # base named in adapter_config.json; embedded:* and hub ids resolved here
-            from peft import PeftModel
-
-            base = backbone or read_json(p / "adapter_config.json").get("base_model_name_or_path")
-            if not isinstance(base, str):
-                raise UserError(f"{p}/adapter_config.json: no base_model_name_or_path; pass --backbone")
-            id2label = dict(enumerate(_labels_of(kind, p)))
-            src = backbones.resolve_backbone(base)
-            try:
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    src, id2label=id2label, label2id={n: i for i, n in id2label.items()}, **backbones.safe_kwargs(src))
-            except (OSError, SafetensorError) as e:
-                raise backbones.load_error("base model", base, "weights", e) from None
-            check_folder(p)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    model = PeftModel.from_pretrained(model, p)
-                except (RuntimeError, SafetensorError) as e:
-                    raise UserError(f"{p}: the adapter does not load ({first_line(e)})") from None
-        else:
-            try:
-                model = AutoModelForSequenceClassification.from_pretrained(p, **backbones.safe_kwargs(p))
-            except (OSError, SafetensorError) as e:
-                raise UserError(f"{p}: cannot load its weights ({first_line(e)})") from None
-        tok_kwargs = backbones.safe_kwargs(p)  # outside the try: its own UserError stays as it is
-        try:
-            tok = AutoTokenizer.from_pretrained(p, **tok_kwargs)
-            tok("a probe text", truncation=True, max_length=8)  # a bad post-processor panics at the first encode
-        except BaseException as e:  # the Rust tokenizer's panic on a bad tokenizer.json is a BaseException
-            if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                raise
-            raise UserError(f"{p}: cannot load its tokenizer ({first_line(e)})") from None
+        model = _open_adapter(p, backbone) if kind == "adapter" else _open_export(p)
+        tok = _open_tokenizer(p)
         amp, max_length = graphs.amp_dtype("auto", dev), _max_length(tok)
     model = merged(model.float())
     if amp is not None:
         graphs.freeze_to(model, amp)
     return SimpleNamespace(tok=tok, max_length=max_length, run=_torch_runner(model, dev, amp), workers=1,
                            device=str(dev))
+
+
+def _open_onnx(p: Path, threads, runtime):
+    for need in ("config.json", "tokenizer_config.json"):
+        if not (p.parent / need).exists():
+            raise UserError(f"{p}: no {need} beside it; predict on a folder written by lorakd export --onnx")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = threads or cores
+    tok = onnx_tokenizer(p.parent)
+    if runtime == "openvino":  # padded to a multiple of 16 tokens: fewer shapes for OpenVINO to prepare
+        run, precision = openvino_runner(p, workers)
+        return SimpleNamespace(tok=tok, max_length=_max_length(tok), run=run, workers=workers, pad_multiple=16,
+                               device=f"cpu, OpenVINO {p.name} ({precision})")
+    try:
+        # small batches on one thread each, one batch per core at a time: on a CPU this beats
+        # splitting each batch's matrix products across cores (measured: bench/predict_cpu.py)
+        sess = onnx_session(p, 1)
+    except ImportError:
+        raise UserError('running an ONNX model needs onnxruntime: pip install "lorakd[onnx]"') from None
+    except Exception as e:  # onnxruntime's refusals (a broken graph, external data outside the folder)
+        raise UserError(f"{p}: onnxruntime cannot load this model ({' '.join(str(e).split())[:200]})") from None
+    run = lambda ids, mask: sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]  # noqa: E731
+    return SimpleNamespace(tok=tok, max_length=_max_length(tok), run=run, workers=workers,
+                           device=f"cpu, onnxruntime {p.name}")
+
+
+def _open_adapter(p: Path, backbone):
+    """An adapter folder on its base, named in adapter_config.json (embedded:* and hub ids resolved here)."""
+    from peft import PeftModel
+    from safetensors import SafetensorError
+    from transformers import AutoModelForSequenceClassification
+
+    from . import backbones
+
+    base = backbone or read_json(p / "adapter_config.json").get("base_model_name_or_path")
+    if not isinstance(base, str):
+        raise UserError(f"{p}/adapter_config.json: no base_model_name_or_path; pass --backbone")
+    id2label = dict(enumerate(_labels_of("adapter", p)))
+    src = backbones.resolve_backbone(base)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            src, id2label=id2label, label2id={n: i for i, n in id2label.items()}, **backbones.safe_kwargs(src))
+    except (OSError, SafetensorError) as e:
+        raise backbones.load_error("base model", base, "weights", e) from None
+    check_folder(p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return PeftModel.from_pretrained(model, p)
+        except (RuntimeError, SafetensorError) as e:
+            raise UserError(f"{p}: the adapter does not load ({first_line(e)})") from None
+
+
+def _open_export(p: Path):
+    """An exported Hugging Face folder (LoRA merged)."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForSequenceClassification
+
+    from . import backbones
+
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(p, **backbones.safe_kwargs(p))
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"{p}: cannot load its weights ({first_line(e)})") from None
+
+
+def _open_tokenizer(p: Path):
+    from transformers import AutoTokenizer
+
+    from . import backbones
+
+    tok_kwargs = backbones.safe_kwargs(p)  # outside the try: its own UserError stays as it is
+    try:
+        tok = AutoTokenizer.from_pretrained(p, **tok_kwargs)
+        tok("a probe text", truncation=True, max_length=8)  # a bad post-processor panics at the first encode
+    except BaseException as e:  # the Rust tokenizer's panic on a bad tokenizer.json is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise UserError(f"{p}: cannot load its tokenizer ({first_line(e)})") from None
+    return tok
 
 
 def logits_of(m, texts, batch_size) -> np.ndarray:
