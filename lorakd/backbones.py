@@ -13,7 +13,8 @@ import zipfile
 from pathlib import Path
 
 from .errors import UserError
-from .trust import ATTENTION_KEYS, check_folder, first_line, remote_code
+from .errors import first_line
+from .trust import ATTENTION_KEYS, check_folder, remote_code
 
 EMBEDDED = "embedded:minilm"
 MPNET = "embedded:mpnet"

@@ -12,7 +12,7 @@ import torch
 
 from .backbones import EMBEDDED, backbone_config, quiet_transformers
 from .config import ModelConfig
-from .errors import UserError
+from .errors import UserError, first_line
 
 HEAD_NAMES = ("classifier", "score")
 
@@ -92,7 +92,7 @@ def attach_adapters(model, mcfg):
             return get_peft_model(model, lora_config(mcfg, heads))
         except ValueError as e:
             raise UserError(f"model.targets / model.layers: peft refused the placement "
-                            f"({str(e).splitlines()[0][:200]})") from None
+                            f"({first_line(e, 200)})") from None
 
 
 # ---------------------------------------------------------------- exact counts

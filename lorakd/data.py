@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import AG_NEWS_LABELS
-from .errors import UserError
+from .errors import UserError, first_line
 
 HUB_ALIASES = {"ag_news": "fancyzhx/ag_news", "fancyzhx/ag_news": "fancyzhx/ag_news"}
 FORMATS = (".csv", ".jsonl", ".parquet")
@@ -396,8 +396,7 @@ def _read_pickle(path: Path, names) -> Split:
         raise UserError(f"{path}: pickle refers to {e.module}.{e.name}, which lorakd does not load "
                         f"(only {PICKLE_TYPES})") from None
     except Exception as e:
-        first = (str(e).splitlines() or [""])[0]
-        raise UserError(f"{path}: not a readable pickle ({type(e).__name__}: {first})") from None
+        raise UserError(f"{path}: not a readable pickle ({type(e).__name__}: {first_line(e)})") from None
     if type(obj) is dict:
         lists = all(isinstance(v, (list, tuple, np.ndarray)) for v in obj.values())
         if not lists or len({len(v) for v in obj.values()}) > 1:
@@ -483,7 +482,7 @@ def _load_hub(name, names) -> dict[str, Split]:
         ds = datasets.load_dataset(hub_id)
     except Exception as e:
         raise UserError(f"data.path {name}: could not load {hub_id} from the hub ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+                        f"{first_line(e, 200)})") from None
     out = {}
     for split in sorted(ds, key=lambda s: s != "train"):  # train first: its classes, when from the data, are all's
         out[split] = _frame_to_split(ds[split].to_pandas(), names, f"{hub_id}[{split}]")

@@ -16,3 +16,8 @@ def brief(value, limit=120) -> str:
     formatted whole."""
     text = _BRIEF.repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def first_line(e: BaseException, limit=160) -> str:
+    """An exception's first line for a one-line message (its type when it says nothing)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]

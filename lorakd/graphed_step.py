@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 class GraphedStep:
@@ -53,7 +53,7 @@ class GraphedStep:
             except Exception as e:  # noqa: BLE001  any failure inside capture means: this shape did not capture
                 if n + 1 < len(tries):
                     continue
-                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                why = first_line(e, 200)
                 if self.required:
                     raise UserError(f"train.cuda_graphs=on: this backbone's step cannot be captured as a CUDA "
                                     f"graph ({why}); use train.cuda_graphs=auto or off") from None

@@ -8,7 +8,8 @@ from .backbones import check_attention, load_error, quiet_transformers, resolve_
 from .budget import attach_adapters
 from .errors import UserError
 from .graphs import attention, graph_safe
-from .trust import check_folder, first_line
+from .errors import first_line
+from .trust import check_folder
 
 def build(mcfg, num_labels: int):
     """Backbone with pretrained weights (fp32) and adapters attached."""
@@ -31,7 +32,7 @@ def build(mcfg, num_labels: int):
     except ValueError as e:  # an attention this architecture lacks (say, sdpa for MPNet)
         if mcfg.attention == "auto":
             raise
-        raise UserError(f"model.attention {mcfg.attention}: {str(e).splitlines()[0][:200]}; use auto") from None
+        raise UserError(f"model.attention {mcfg.attention}: {first_line(e, 200)}; use auto") from None
     base = graph_safe(base.float())  # a bf16 checkpoint trains its adapters in fp32; frozen weights cast later
     return attach_adapters(base, mcfg)
 
@@ -55,7 +56,7 @@ def save_trained(model, out_dir: Path, full_finetune: bool):
     try:
         replace_folder(out_dir, fill)  # adapter/ or model/ planted as a link elsewhere is refused
     except SafetensorError as e:
-        raise UserError(f"{out_dir}: cannot write ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{out_dir}: cannot write ({first_line(e)})") from None
 
 
 def load_trained(cfg, run_dir: Path, num_labels: int):

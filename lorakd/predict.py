@@ -18,7 +18,8 @@ import numpy as np
 from . import atomic
 from . import data as data_lib
 from .errors import UserError
-from .trust import check_folder, first_line, read_json
+from .errors import first_line
+from .trust import check_folder, read_json
 
 LABEL_FORMATS = ("index", "name", "charcnn")  # 0..K-1 | class name | 1..K
 CHUNK = 2048  # texts read, tokenised, predicted and written at a time: memory stays bounded for any input

@@ -27,7 +27,7 @@ from . import data as data_lib
 from . import distill
 from . import graphs
 from . import model as model_lib
-from .errors import UserError
+from .errors import UserError, first_line
 from .evaluate import autocast, format_table, logits_for, metrics, progress_bar
 from .graphed_step import GraphedStep, graphed
 from .runfiles import Phases, RunLog, mark_failed, open_run_folder, update_info
@@ -560,7 +560,7 @@ def finish(run, plots=False) -> dict:
             try:
                 plot_run(run.run_dir)
             except Exception as e:  # noqa: BLE001
-                why = (str(e).splitlines() or [""])[0][:160]
+                why = first_line(e)
                 run.log(f"plots: not drawn ({type(e).__name__}: {why}); the run is done")
             phases.mark("plots")
         # graph_capture is part of train_loop, so not in the total

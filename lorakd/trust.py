@@ -69,6 +69,3 @@ def check_folder(src) -> str:
     return str(src)
 
 
-def first_line(e: BaseException, limit=160) -> str:
-    """An exception's first line for a one-line message (its type when it says nothing)."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
