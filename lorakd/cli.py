@@ -208,7 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="lorakd", description="Budgeted LoRA text classifiers with distillation.")
     p.add_argument("--version", action="version", version=f"lorakd {__version__}")
     sub = p.add_subparsers(dest="command")  # bare `lorakd` prints the help (main)
+    _add_run_commands(sub)
+    _add_design_commands(sub)
+    for command in sub.choices.values():
+        command.set_defaults(parser=command)
+    return p
 
+
+def _add_run_commands(sub):
+    """train, demo, eval, predict, export: what makes and uses one run."""
     t = sub.add_parser("train", help="train one run (a student or, with role=teacher, a teacher)")
     t.add_argument("--config", help="YAML config file or preset name")
     t.add_argument("--data", help="data folder, file or hub:ag_news (sets data.path)")
@@ -261,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--backbone", help="a local copy of the run's backbone")
     x.set_defaults(func=cmd_export)
 
+
+def _add_design_commands(sub):
+    """params, pipeline, sweep, report, fit-budget: counting, chaining and comparing runs."""
     c = sub.add_parser("params", help="exact trainable/total parameter counts, without weights")
     c.add_argument("--preset", help="a preset name or config file")
     c.add_argument("--config", help="a config file")
@@ -312,9 +323,6 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-r", type=int, help="cap the rank of proposals (default: the largest that fits)")
     f.add_argument("--write", help="write the proposals as a sweep YAML")
     f.set_defaults(func=cmd_fit_budget)
-    for command in sub.choices.values():
-        command.set_defaults(parser=command)
-    return p
 
 
 def main(argv=None):
