@@ -27,7 +27,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from lorakd import data as data_lib  # noqa: E402
+from lorakd import readers  # noqa: E402
 from lorakd.export import export  # noqa: E402
 from lorakd.predict import predict  # noqa: E402
 from lorakd.runs import load_run  # noqa: E402
@@ -63,7 +63,7 @@ def main():
 
     tmp = Path(tempfile.mkdtemp(prefix="lorakd-predict-cpu-"))
     cfg, _ = load_run(args.run)
-    split = data_lib.read_file(args.data, cfg.data.label_names)
+    split = readers.read_file(args.data, cfg.data.label_names)
     inp = tmp / "unlabelled.csv"
     with open(inp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)

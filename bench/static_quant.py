@@ -23,6 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from lorakd import data as data_lib  # noqa: E402
+from lorakd import readers  # noqa: E402
 from lorakd import onnx_export, onnx_int8  # noqa: E402
 from lorakd.predict import CHUNK, logits_of, merged, onnx_session, open_model  # noqa: E402
 from lorakd.runs import load_run, open_trained  # noqa: E402
@@ -126,7 +127,7 @@ def main():
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     cfg, _ = load_run(args.run)
-    split = data_lib.read_file(args.data, cfg.data.label_names)
+    split = readers.read_file(args.data, cfg.data.label_names)
     ref_path = work / "pytorch_labels.npy"
     if not ref_path.exists():
         m = open_model("run", Path(args.run), "cpu")

@@ -14,6 +14,8 @@ from . import atomic, backbones
 from . import data as data_lib
 from . import dist, graphs
 from . import model as model_lib
+from . import readers
+from . import rows as rows_lib
 from .errors import UserError
 
 CHUNK = 16_384  # texts tokenised and labelled at a time: a large transfer set streams through the teacher
@@ -48,7 +50,7 @@ def soften(teacher_logits: list[torch.Tensor], weights, temperature: float) -> t
 
 # ---------------------------------------------------------------- the rows
 
-def transfer_rows(cfg, splits, tokenizer=None, log=print) -> data_lib.Split | None:
+def transfer_rows(cfg, splits, tokenizer=None, log=print) -> rows_lib.Split | None:
     """Texts without labels for the teachers to label: the train rows data.labelled left out, the
     distill.unlabeled file (less any validation or test text), and distill.augment copies of each labelled text
     (of every text with augment_scope all); at most distill.max_transfer."""
@@ -68,7 +70,7 @@ def transfer_rows(cfg, splits, tokenizer=None, log=print) -> data_lib.Split | No
     if dc.unlabeled:
         # a held-out text among them would be trained on with the teachers' label: its score would flatter
         held = {t for name in ("validation", "test") if name in splits for t in splits[name].texts}
-        texts = data_lib.read_unlabelled(dc.unlabeled, cfg.data.label_names).texts
+        texts = readers.read_unlabelled(dc.unlabeled, cfg.data.label_names).texts
         parts.append([t for t in texts if t not in held])
         if len(parts[-1]) < len(texts):
             log(f"distill.unlabeled: {len(texts) - len(parts[-1]):,} texts that are also validation or test texts "
@@ -81,7 +83,7 @@ def transfer_rows(cfg, splits, tokenizer=None, log=print) -> data_lib.Split | No
     if dc.max_transfer and len(texts) > dc.max_transfer:
         keep = np.sort(np.random.default_rng([cfg.train.seed, 3]).permutation(len(texts))[: dc.max_transfer])
         texts = [texts[i] for i in keep]
-    return data_lib.Split(texts, None)
+    return rows_lib.Split(texts, None)
 
 
 def student_rows(cfg, splits, device, log, tokenizer=None):
@@ -99,12 +101,12 @@ def student_rows(cfg, splits, device, log, tokenizer=None):
     if cfg.distill.transfer_targets == "hard":  # self-training: the teachers' labels, as if given
         labels = probs[len(train):].argmax(-1).cpu().numpy()
     log(f"transfer rows: {len(transfer):,} ({cfg.distill.transfer_targets} targets) beside {len(train):,} labelled")
-    return data_lib.Split(train.texts + transfer.texts, np.concatenate([train.labels, labels])), probs
+    return rows_lib.Split(train.texts + transfer.texts, np.concatenate([train.labels, labels])), probs
 
 
 # ---------------------------------------------------------------- teachers' logits
 
-def soft_targets(cfg, parts: list[data_lib.Split], device, log) -> torch.Tensor:
+def soft_targets(cfg, parts: list[rows_lib.Split], device, log) -> torch.Tensor:
     """Averaged softened teacher distributions over the rows of `parts`, in order, on the device."""
     all_logits = []
     for t in cfg.distill.teachers:

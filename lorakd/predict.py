@@ -17,6 +17,8 @@ import numpy as np
 
 from . import atomic
 from . import data as data_lib
+from . import readers
+from .rows import row_text
 from .errors import UserError
 from .errors import first_line
 from .trust import check_folder, read_json
@@ -42,14 +44,14 @@ def merged(model):
 def read_input(path, size=None, layout="auto"):
     """(number of texts, a function returning the input's chunks). The whole input is
     checked first (bad rows, duplicate IDs; only the IDs are kept), so a bad file fails before any model loads.
-    data.py reads it (the one reader of input files); `layout` is a headerless CSV's (data.LAYOUTS)."""
+    data.py reads it (the one reader of input files); `layout` is a headerless CSV's (readers.LAYOUTS)."""
     path, size = Path(path), size or CHUNK
-    if path.suffix.lower() not in data_lib.STREAMED:
-        split = data_lib.read_unlabelled(path, [], layout)
+    if path.suffix.lower() not in readers.STREAMED:
+        split = readers.read_unlabelled(path, [], layout)
         return len(split), lambda: (split.subset(np.arange(i, min(i + size, len(split))))
                                     for i in range(0, len(split), size))
     seen, n = set(), 0
-    for split in data_lib.unlabelled_chunks(path, size, layout):
+    for split in readers.unlabelled_chunks(path, size, layout):
         for i in split.ids:
             if i in seen:
                 raise UserError(f"{path}: duplicate ID {i!r}")
@@ -57,7 +59,7 @@ def read_input(path, size=None, layout="auto"):
         n += len(split)
     if not n:
         raise UserError(f"{path}: no rows")
-    return n, lambda: data_lib.unlabelled_chunks(path, size, layout)
+    return n, lambda: readers.unlabelled_chunks(path, size, layout)
 
 
 # ---------------------------------------------------------------- models: run, exported folder, ONNX
@@ -352,8 +354,8 @@ def check_options(batch_size, threads, layout="auto"):
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
     if threads < 0:
         raise UserError(f"--threads {threads}: must be >= 0 (0 = one per core)")
-    if layout not in data_lib.LAYOUTS:  # checked here too: a file with a header never asks
-        raise UserError(f"--layout {layout!r}: expected one of {', '.join(data_lib.LAYOUTS)}")
+    if layout not in readers.LAYOUTS:  # checked here too: a file with a header never asks
+        raise UserError(f"--layout {layout!r}: expected one of {', '.join(readers.LAYOUTS)}")
 
 
 def default_batch_size(kind, runtime) -> int:
@@ -384,7 +386,7 @@ def predict(run_dir, input_path, out_path, device="auto", batch_size=None, label
             layout="auto") -> dict:
     """Predict every text of input_path with the model at run_dir (a run, an export or an .onnx file).
     scores: also one probability column per class (softmax of the logits, named by the class) and the top
-    one (Score). layout: a headerless CSV's, data.LAYOUTS."""
+    one (Score). layout: a headerless CSV's, readers.LAYOUTS."""
     from tqdm import tqdm
 
     if label_format not in LABEL_FORMATS:
@@ -439,7 +441,7 @@ def predict_texts(run_dir, texts, device="auto", batch_size=None, backbone=None,
     check_options(batch_size, threads)
     kind, path = model_kind(run_dir, runtime)
     names = _labels_of(kind, path)
-    texts = [data_lib._text(t, None, f"texts[{i}]") for i, t in enumerate(texts)]  # the rule for a file's rows
+    texts = [row_text(t, None, f"texts[{i}]") for i, t in enumerate(texts)]  # the rule for a file's rows
     if not texts:
         raise UserError("no texts to predict")
     m = open_model(kind, path, device, backbone, threads, runtime)

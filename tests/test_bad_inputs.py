@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from lorakd import RUN_FORMAT, config, data, runs
+from lorakd import readers
 from lorakd import backbones
 from lorakd import train as train_lib
 from lorakd.cli import main
@@ -61,8 +62,8 @@ def write(path, content):
 
 
 READERS = {
-    "labelled": lambda p: data.read_file(p, NAMES),
-    "unlabelled": lambda p: data.read_unlabelled(p, NAMES),
+    "labelled": lambda p: readers.read_file(p, NAMES),
+    "unlabelled": lambda p: readers.read_unlabelled(p, NAMES),
     "folder": lambda p: data.read_splits(str(p), NAMES),
     "splits": lambda p: data.load_splits(config.DataConfig(path=str(p), label_names=NAMES), 0),
 }
@@ -224,7 +225,7 @@ def test_tolerated_input_reads_as_documented(tmp_path, name, content, reader, te
 def test_pickled_hf_dataset_is_read(tmp_path):
     datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_dict({"id": [5, 6], "text": ["a", "b"]})
-    split = data.read_unlabelled(write(tmp_path / "in.pkl", pickled(ds)), NAMES)
+    split = readers.read_unlabelled(write(tmp_path / "in.pkl", pickled(ds)), NAMES)
     assert split.texts == ["a", "b"] and split.ids == ["5", "6"]
 
 
@@ -232,7 +233,7 @@ def test_ten_megabyte_row_is_read_then_truncated_at_tokenisation(tmp_path, tiny_
     from transformers import AutoTokenizer
 
     big = "goal " * 2_000_000
-    split = data.read_file(write(tmp_path / "a.csv", f'"2","{big}",""\n"1","peace",""\n'), NAMES)
+    split = readers.read_file(write(tmp_path / "a.csv", f'"2","{big}",""\n"1","peace",""\n'), NAMES)
     assert len(split.texts[0]) == len(big.strip()) and split.labels.tolist() == [1, 0]
     ids = data.encode(AutoTokenizer.from_pretrained(tiny_backbone), split.texts, 32)
     assert [len(i) for i in ids] == [32, 3]
@@ -942,10 +943,10 @@ def test_memory_bombs_stay_under_the_stated_bound(tmp_path):
 
     files = [write(tmp_path / "a.pkl", BYTES_BOMB), write(tmp_path / "b.pkl", ARRAY_BOMB),
              write(tmp_path / "c.parquet", dictionary_bomb), write(tmp_path / "d.yaml", ALIAS_BOMB)]
-    code = ("import resource, sys\nfrom lorakd import config, data\nfrom lorakd.errors import UserError\n"
+    code = ("import resource, sys\nfrom lorakd import config, readers\nfrom lorakd.errors import UserError\n"
             "import pyarrow.parquet, pandas\nbase = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             "for f in sys.argv[1:]:\n    try:\n"
-            "        config.load(f) if f.endswith('.yaml') else data.read_file(f, ('a', 'b'), f.endswith('.parquet'))\n"
+            "        config.load(f) if f.endswith('.yaml') else readers.read_file(f, ('a', 'b'), f.endswith('.parquet'))\n"
             "    except UserError:\n        pass\n"
             "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)\n")
     grown_mb = int(subprocess.run([sys.executable, "-c", code, *map(str, files)], capture_output=True, text=True,

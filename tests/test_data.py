@@ -9,6 +9,7 @@ import pytest
 
 from conftest import SHARED_AG_NEWS, make_texts, write_charcnn
 from lorakd import config, data
+from lorakd import readers, rows
 from lorakd.errors import UserError
 
 NAMES = config.AG_NEWS_LABELS
@@ -142,12 +143,12 @@ def test_pad_rows_pads_to_the_longest_or_a_multiple_never_past_max_length():
 # ---------------------------------------------------------------- fingerprint
 
 def test_fingerprint_follows_texts_labels_and_extra():
-    base = data.Split(["a b", "c"], np.array([0, 1]))
+    base = rows.Split(["a b", "c"], np.array([0, 1]))
     fp = data.fingerprint(base)
-    assert fp == data.fingerprint(data.Split(["a b", "c"], np.array([0, 1])))
-    assert fp != data.fingerprint(data.Split(["a b", "d"], np.array([0, 1])))
-    assert fp != data.fingerprint(data.Split(["a b", "c"], np.array([0, 2])))
-    assert fp != data.fingerprint(data.Split(["a", "b c"], np.array([0, 1])))  # texts are separated
+    assert fp == data.fingerprint(rows.Split(["a b", "c"], np.array([0, 1])))
+    assert fp != data.fingerprint(rows.Split(["a b", "d"], np.array([0, 1])))
+    assert fp != data.fingerprint(rows.Split(["a b", "c"], np.array([0, 2])))
+    assert fp != data.fingerprint(rows.Split(["a", "b c"], np.array([0, 1])))  # texts are separated
     assert fp != data.fingerprint(base, "other-backbone|128")
 
 
@@ -155,7 +156,7 @@ def test_fingerprint_follows_texts_labels_and_extra():
 
 def test_charcnn_layout_has_1_based_classes(tmp_path):
     rows = make_texts(5, seed=3)
-    split = data.read_file(write_charcnn(tmp_path / "train.csv", rows), NAMES)
+    split = readers.read_file(write_charcnn(tmp_path / "train.csv", rows), NAMES)
     assert split.labels.tolist() == [label for label, _ in rows]
     assert split.texts == [" ".join(text.split()) for _, text in rows]  # title and description joined
 

@@ -7,7 +7,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorakd import config, data
+from lorakd import config
+from lorakd import readers
 from lorakd.errors import UserError
 
 NAMES = config.AG_NEWS_LABELS
@@ -57,7 +58,7 @@ def check_read(path, content: bytes, need_labels: bool):
     """read_file gives a sound Split (labels 0..3, non-empty texts, one ID each) or a UserError naming the file."""
     path.write_bytes(content)
     try:
-        split = data.read_file(path, NAMES, need_labels)
+        split = readers.read_file(path, NAMES, need_labels)
     except UserError as e:
         assert str(path) in one_line(e)
         return

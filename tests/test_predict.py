@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lorakd import data as data_lib
+from lorakd import readers
 from lorakd import predict as predict_lib
 from lorakd.errors import UserError
 from lorakd.evaluate import logits_for
@@ -118,17 +119,17 @@ def test_headerless_texts_may_start_with_a_comma_phrase(tmp_path):
            "d.csv": ("some text,1\nother text,2\n", "every row has 2 columns and there is no header")}
     for name, (content, texts) in ok.items():
         (tmp_path / name).write_text(content)
-        assert data_lib.read_unlabelled(tmp_path / name, []).texts == texts
+        assert readers.read_unlabelled(tmp_path / name, []).texts == texts
         assert [t for s in predict_lib.read_input(tmp_path / name)[1]() for t in s.texts] == texts
     for name, (content, why) in bad.items():
         (tmp_path / name).write_text(content)
-        for read in (lambda p: predict_lib.read_input(p), lambda p: data_lib.read_unlabelled(p, [])):
+        for read in (lambda p: predict_lib.read_input(p), lambda p: readers.read_unlabelled(p, [])):
             with pytest.raises(UserError, match=why):
                 read(tmp_path / name)
 
 
 def test_input_matches_the_whole_file_reader(tmp_path):
-    """The streamed reader builds what data.read_unlabelled builds: texts, IDs, title + description."""
+    """The streamed reader builds what readers.read_unlabelled builds: texts, IDs, title + description."""
     cases = {"a.csv": "\ufeffid,title,description\r\n7,Big,deal\r\n\r\n8,Small,\r\n",
              "b.jsonl": '{"id": "x", "text": "one"}\n\n{"id": "y", "text": "two\\u2028lines"}\n',
              "c.csv": "just a text\nanother, with a comma\n",
@@ -137,14 +138,14 @@ def test_input_matches_the_whole_file_reader(tmp_path):
         (tmp_path / name).write_text(content, encoding="utf-8")
         n, chunks = predict_lib.read_input(tmp_path / name)
         got = [(i, t) for s in chunks() for i, t in zip(s.ids, s.texts)]
-        whole = data_lib.read_unlabelled(tmp_path / name, [])
+        whole = readers.read_unlabelled(tmp_path / name, [])
         assert got == list(zip(whole.ids, whole.texts)) and n == len(whole), name
     assert whole.texts == ["Wall St. Bears Short-sellers are back.", "Chip news"]  # the class is not the text
-    assert data_lib.read_unlabelled(tmp_path / "c.csv", []).texts == ["just a text", "another, with a comma"]
+    assert readers.read_unlabelled(tmp_path / "c.csv", []).texts == ["just a text", "another, with a comma"]
     for bad, why in [('"1","a","b","c"\n', "every row has 4 columns and there is no header"),
                      ('"1","a","b"\n"2","c"\n', "row 2: 2 columns, the first row has 3")]:
         (tmp_path / "bad.csv").write_text(bad)
-        for read in (lambda p: predict_lib.read_input(p), lambda p: data_lib.read_unlabelled(p, [])):
+        for read in (lambda p: predict_lib.read_input(p), lambda p: readers.read_unlabelled(p, [])):
             with pytest.raises(UserError, match=why):
                 read(tmp_path / "bad.csv")
 
@@ -155,17 +156,17 @@ def test_an_ambiguous_headerless_file_is_refused_with_the_row_and_the_fix(tmp_pa
     texts = ["100,000 protesters march in Paris", "Apple, Google shares rise", "Storm, floods hit Florida"]
     path = tmp_path / "h.csv"
     path.write_text("".join(t + "\n" for t in texts))
-    for read in (lambda **k: predict_lib.read_input(path, **k)[1](), lambda **k: [data_lib.read_unlabelled(path, [], **k)]):
+    for read in (lambda **k: predict_lib.read_input(path, **k)[1](), lambda **k: [readers.read_unlabelled(path, [], **k)]):
         with pytest.raises(UserError, match=r"h.csv: row 1: .*--layout text .*header: text"):
             read()
         assert [t for s in read(layout="text") for t in s.texts] == texts
     (tmp_path / "later.csv").write_text("3,Wall St. Bears\n4,Chips\nApple, Google shares rise\n")
     with pytest.raises(UserError, match=r"row 3: 'Apple' is not a class number: .*--layout text"):
-        data_lib.read_unlabelled(tmp_path / "later.csv", [])
-    forced = data_lib.read_unlabelled(tmp_path / "later.csv", [], layout="charcnn")
+        readers.read_unlabelled(tmp_path / "later.csv", [])
+    forced = readers.read_unlabelled(tmp_path / "later.csv", [], layout="charcnn")
     assert forced.texts == ["Wall St. Bears", "Chips", "Google shares rise"]  # as asked: the first field is the class
     with pytest.raises(UserError, match="--layout 'csv': expected one of auto, text, charcnn"):
-        data_lib.read_unlabelled(path, [], layout="csv")
+        readers.read_unlabelled(path, [], layout="csv")
 
 
 def test_scores_give_each_class_probability_and_keep_the_id_column_name(learned_run, tmp_path):

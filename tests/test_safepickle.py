@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lorakd import config, data, safepickle
+from lorakd import config, safepickle
+from lorakd import readers
 from lorakd.errors import UserError
 
 NAMES = config.AG_NEWS_LABELS
@@ -35,7 +36,7 @@ def call_pickle(module, name, *args):
 def read(tmp_path, content):
     path = tmp_path / "in.pkl"
     path.write_bytes(content if isinstance(content, bytes) else pickle.dumps(content))
-    return data.read_unlabelled(path, NAMES)
+    return readers.read_unlabelled(path, NAMES)
 
 
 def refused(tmp_path, content):
