@@ -29,6 +29,7 @@ from result_files import result_paths, write_result  # noqa: E402
 
 from lorakd import config as config_lib  # noqa: E402
 from lorakd import train as train_lib  # noqa: E402
+from lorakd import train_setup  # noqa: E402
 
 KINDS = [  # (kind, pattern over kernel or operator names), first match wins
     ("fused by inductor (train.compile)", r"^triton_"),
@@ -122,7 +123,7 @@ def main():
         cfg = config_lib.override(bench.reference(folder, args.data, **over), **dict(o.split("=", 1) for o in args.set))
         row = {"batch": batch}
         for mode in ("off", "auto"):
-            run = train_lib.setup(config_lib.override(cfg, **{"train.cuda_graphs": mode}), tmp / f"b{batch}-{mode}",
+            run = train_setup.setup(config_lib.override(cfg, **{"train.cuda_graphs": mode}), tmp / f"b{batch}-{mode}",
                                   False, lambda *a, **k: None)
             batches = train_lib.epoch_batches(run, 0)
             if mode == "off":

@@ -14,7 +14,8 @@ from lorakd import config as config_lib
 from lorakd.errors import UserError
 from lorakd.report import collect
 from lorakd.runs import read_metrics
-from lorakd.train import make_optimizer, make_scheduler, train
+from lorakd.step import make_optimizer, make_scheduler
+from lorakd.train import train
 
 
 @pytest.mark.parametrize("schedule, at_20", [("linear", 30 / 45), ("cosine", 0.75),
@@ -131,7 +132,7 @@ def test_prewarm_warms_each_padded_width_of_the_run(tiny_config):
     nothing is warmed. The warm step itself runs here on the CPU: no random numbers drawn, so a seeded run
     trains as it would without it."""
     from lorakd import graphs
-    from lorakd.train import warm_spec
+    from lorakd.train_setup import warm_spec
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # warm_spec only reads the device type
     cfg = tiny_config(**{"data.max_length": 128, "data.pad_multiple": 32, "train.batch_size": 24})
