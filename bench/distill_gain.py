@@ -158,8 +158,9 @@ def merge(paths, out, scale=False, students=""):
                                                        for x in rows}.values())
     summary = summarize(merged)
     if scale:
-        atomic.write_json(out / "distill-scale-summary.json", scale_summary(summary, students.split(",")))
-        print(json.dumps(scale_summary(summary, students.split(",")), indent=1))
+        scaled = scale_summary(summary, students.split(","))
+        atomic.write_json(out / "distill-scale-summary.json", scaled)
+        print(json.dumps(scaled, indent=1))
         return
     atomic.write_json(out / "distill-gain-summary.json", summary)
     print_summary(summary)

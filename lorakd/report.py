@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import atomic
 from . import config as config_lib
-from .config import fmt_value  # noqa: F401  (the table's and the sweep's)
+from .config import fmt_value
 from .errors import UserError, brief
 from .runs import load_run, read_eval, read_json, read_metrics
 

@@ -24,7 +24,8 @@ from . import data as data_lib
 from . import budget as budget_lib
 from . import train as train_lib
 from .errors import UserError, brief
-from .report import fmt_value, report
+from .config import fmt_value
+from .report import report
 from .runs import load_run, run_lock, run_state
 
 REPO = Path(__file__).resolve().parent.parent

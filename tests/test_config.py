@@ -196,3 +196,9 @@ def test_local_paths_are_stored_absolute(tmp_path, monkeypatch):
     (tmp_path / "run.yaml").write_text(config.to_yaml(cfg))
     monkeypatch.chdir(tmp_path / "data")
     assert config.load(tmp_path / "run.yaml") == cfg
+
+
+def test_fmt_value():
+    assert config.fmt_value("model.targets", ("query", "value")) == "query+value"
+    assert config.fmt_value("model.layers", ()) == "all"
+    assert config.fmt_value("train.lr", 2e-4) == "0.0002"

@@ -10,7 +10,7 @@ import pytest
 
 from lorakd import config
 from lorakd.errors import UserError
-from lorakd.report import differing_keys, collect, fmt_value, pareto_front, report
+from lorakd.report import differing_keys, collect, pareto_front, report
 
 
 def test_pareto_front():
@@ -19,12 +19,6 @@ def test_pareto_front():
     assert pareto_front(pts) == [4, 6, 0, 5]
     assert pareto_front([]) == []
     assert pareto_front([(10, 0.5)]) == [0]
-
-
-def test_fmt_value():
-    assert fmt_value("model.targets", ("query", "value")) == "query+value"
-    assert fmt_value("model.layers", ()) == "all"
-    assert fmt_value("train.lr", 2e-4) == "0.0002"
 
 
 def fake_run(folder, r, val, status="done", test=None, steps=(10, 20), **keys):
