@@ -2,7 +2,8 @@
 # Issue 30's GPU runs (bench/distill_gain.py's 50k regimes), in the background on the lent GPU so that the calls
 # which bring the mpnet teacher over (five parts) overlap them. Run from the repo root there:
 #   bash bench/device_scale.sh ce        # CE twins of every regime (no teacher needed) + memory_scale
-#   bash bench/device_scale.sh kd        # teachers (round 1, round 2) and distilled students, /tmp/mpnet needed
+#   bash bench/device_scale.sh kd        # teachers (2-teacher ensemble, round 2) and distilled students (MiniLM
+#                                        # filling the budget, mpnet r6 q/k/v), 3 seeds; /tmp/mpnet needed
 # Results: /tmp/res (raw JSONs and logs); `tar czf $OUT/res.tgz -C /tmp res` brings them back.
 set -u
 mkdir -p /tmp/res /tmp/d50
@@ -21,12 +22,14 @@ if [ "$1" = ce ]; then
   setsid nohup python bench/memory_scale.py --backbone $S --data /tmp/d50 --repeats 1,10 --out /tmp/res \
     > /tmp/res/memory.log 2>&1 &
 fi
-if [ "$1" = kd ]; then
-  K="--teacher-backbone /tmp/mpnet --round2 --kd-set train.lr=1e-3"
-  for r in 50k-1000 50k-8791; do
-    setsid nohup $G $K --regimes $r --tag=-kd$r --arms kd_transfer,kd_r2 > /tmp/res/kd$r.log 2>&1 &
-  done
-  setsid nohup $G --teacher-backbone /tmp/mpnet --kd-set train.lr=1e-3 --regimes 50k-all --tag=-kdall \
-    --arms kd_transfer > /tmp/res/kdall.log 2>&1 &
+if [ "$1" = kd ]; then  # two streams side by side (six at once slowed the mpnet teacher ~4x): 8,791 labels; all, then 1,000
+  K="--teacher-backbone /tmp/mpnet --kd-set train.lr=1e-3 --students minilm-fill,mpnet-r6-qkv"
+  K="$K --student-set mpnet-r6-qkv:train.lr=5e-4"  # the base-size student's lr (preset pipeline-mpnet-r6)
+  setsid nohup $G $K --teachers 2 --round2 --regimes 50k-8791 --tag=-kd8791 --deadline-s ${DEADLINE_A:-840} \
+    --arms minilm-fill:kd_transfer,minilm-fill:kd_ens,minilm-fill:kd_r2,mpnet-r6-qkv:kd_ens > /tmp/res/kd8791.log 2>&1 &
+  setsid nohup bash -c "$G $K --regimes 50k-all --tag=-kdall --deadline-s ${DEADLINE_B1:-300} \
+    --arms minilm-fill:kd_transfer > /tmp/res/kdall.log 2>&1;
+    $G $K --regimes 50k-1000 --tag=-kd1000 --deadline-s ${DEADLINE_B2:-480} \
+    --arms minilm-fill:kd_transfer,mpnet-r6-qkv:kd_transfer > /tmp/res/kd1000.log 2>&1" > /dev/null 2>&1 &
 fi
 sleep 2; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv

@@ -91,7 +91,10 @@ def main():
                          "every row (it can beat its teacher with few labels), teaching arms kd_chain, self_train_chain")
     ap.add_argument("--chain-set", nargs="*", default=["train.lr=5e-4"], metavar="key=value",
                     help="the assistant's overrides (default: the lr that measured best for that student)")
-    ap.add_argument("--arms", default="", help="only these student arms (comma-separated; default: all)")
+    ap.add_argument("--arms", default="", help="only these student arms (comma-separated; default: all); "
+                    "STUDENT:ARM runs that arm for that student alone")
+    ap.add_argument("--student-set", nargs="*", default=[], metavar="STUDENT:key=value",
+                    help="overrides of one student's every arm, after the arm's own (its lr, say)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--deadline-s", type=float, default=0, help="start no new run after this many seconds")
     ap.add_argument("--tag", default="", help="suffix of the raw JSON (several processes side by side)")
@@ -300,17 +303,21 @@ def one_seed(args, seed, run, result, raw_path, tmp, quiet, variants, base_stude
         teach = dict(others).get(args.variants_teacher, transfer)
         arms += [(n, o) if n.startswith("ce_") else (n, teach + hard + taught + o) if n.startswith("self_train")
                  else (f"kd_{n}", teach + taught + o) for n, o in variants]
-        if args.arms:
-            arms = [a for a in arms if a[0] in args.arms.split(",")]
+        wanted = args.arms.split(",") if args.arms else []
+        if wanted:
+            arms = [a for a in arms if a[0] in wanted or any(w.endswith(f":{a[0]}") for w in wanted)]
         if not tdirs:
             arms = [a for a in arms if a[0] == "ce" or a[0].startswith("ce_")]
         for arm, over in arms:  # each arm for every student before the next arm: a deadline cuts arms, not students
             for student in args.students.split(","):
+                if wanted and arm not in wanted and f"{student}:{arm}" not in wanted:
+                    continue
+                own = [o.split(":", 1)[1] for o in args.student_set if o.split(":", 1)[0] == student]
                 base = [f"model.backbone={args.student_backbone}", *common,
                         *(o.format(teacher=args.teacher_backbone) for o in STUDENTS[student])]
                 name = f"{regime}-{student}-{arm}-{seed}"
                 t0 = time.time()
-                s = run(name, base + over, base_student)
+                s = run(name, base + over + own, base_student)
                 result["runs"].append({"seed": seed, "regime": regime, "student": student, "arm": arm,
                                        "val": s["validation_accuracy"], "val_last": s["val_last"],
                                        "evals": s["evals"], "steps": s["steps"],
