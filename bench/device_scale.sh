@@ -25,11 +25,11 @@ fi
 if [ "$1" = kd ]; then  # two streams side by side (six at once slowed the mpnet teacher ~4x): 8,791 labels; all, then 1,000
   K="--teacher-backbone /tmp/mpnet --kd-set train.lr=1e-3 --students minilm-fill,mpnet-r6-qkv"
   K="$K --student-set mpnet-r6-qkv:train.lr=5e-4"  # the base-size student's lr (preset pipeline-mpnet-r6)
-  setsid nohup $G $K --teachers 2 --round2 --regimes 50k-8791 --tag=-kd8791 --deadline-s ${DEADLINE_A:-840} \
+  setsid nohup $G $K --teachers 2 --round2 --regimes 50k-8791 --tag=-kd8791 --deadline-s ${DEADLINE_A:-1100} \
     --arms minilm-fill:kd_transfer,minilm-fill:kd_ens,minilm-fill:kd_r2,mpnet-r6-qkv:kd_ens > /tmp/res/kd8791.log 2>&1 &
-  setsid nohup bash -c "$G $K --regimes 50k-all --tag=-kdall --deadline-s ${DEADLINE_B1:-300} \
-    --arms minilm-fill:kd_transfer > /tmp/res/kdall.log 2>&1;
-    $G $K --regimes 50k-1000 --tag=-kd1000 --deadline-s ${DEADLINE_B2:-480} \
+  setsid nohup bash -c "$G $K --regimes 50k-all --tag=-kdall --deadline-s ${DEADLINE_B1:-480} \
+    --arms minilm-fill:kd_transfer,minilm-fill:ce_e6 > /tmp/res/kdall.log 2>&1;
+    $G $K --regimes 50k-1000 --tag=-kd1000 --deadline-s ${DEADLINE_B2:-560} \
     --arms minilm-fill:kd_transfer,mpnet-r6-qkv:kd_transfer > /tmp/res/kd1000.log 2>&1" > /dev/null 2>&1 &
 fi
 sleep 2; nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
