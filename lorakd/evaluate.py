@@ -1,17 +1,10 @@
 """Evaluate: logits in large length-sorted batches, then accuracy, macro-F1, per-class scores, confusion."""
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 
-
-def autocast(device, dtype):
-    """bf16 autocast on a GPU; a no-op context in fp32. cache_enabled=False so CUDA graphs can capture it."""
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=False)
+from .graphs import autocast
 
 
 def progress_bar(total: int, desc: str):

@@ -115,7 +115,7 @@ def _max_length(tok) -> int:
 def _torch_runner(model, device, amp):
     import torch
 
-    from .evaluate import autocast
+    from .graphs import autocast
 
     model = model.to(device).eval()
 
