@@ -1,5 +1,5 @@
-"""Run folders: one writer at a time; read what a run wrote, refuse foreign formats and backbones, reopen its
-trained model."""
+"""Run folders: one writer at a time; read what a run wrote, refuse foreign formats and backbones (inference.py
+reopens a run's trained model)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +13,6 @@ from pathlib import Path
 from . import RUN_FORMAT
 from . import atomic, backbones
 from . import config as config_lib
-from . import model as model_lib
 from .errors import UserError
 from .trust import read_json
 
@@ -80,14 +79,6 @@ def with_backbone(cfg, info, backbone=None):
         raise UserError(f"backbone {cfg.model.backbone} is not the one this run was trained on "
                         f"({info.get('backbone')}): its architecture differs")
     return cfg
-
-
-def open_trained(run_dir, device, backbone=None):
-    """(config, info, model on device in eval mode, tokenizer) of a finished run."""
-    cfg, info = load_run(run_dir)
-    cfg = with_backbone(cfg, info, backbone)
-    model = model_lib.load_trained(cfg, run_dir, len(cfg.data.label_names))
-    return cfg, info, model.to(device).eval(), backbones.load_tokenizer(cfg.model.backbone)
 
 
 def _open_lock(path: Path) -> int:

@@ -18,8 +18,9 @@ from . import atomic, dist
 from . import data as data_lib
 from . import model as model_lib
 from .errors import first_line
-from .evaluate import format_table, logits_for, metrics, progress_bar
+from .evaluate import format_table, metrics
 from .graphed_step import GraphedStep
+from .inference import logits_for, progress_bar
 from .runfiles import Phases, RunLog, mark_failed, update_info
 from .runs import load_run
 from .train_setup import setup
