@@ -15,6 +15,7 @@ from . import atomic, backbones
 from . import config as config_lib
 from .errors import UserError
 from .trust import read_json
+from .yaml_files import read_yaml
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -62,7 +63,7 @@ def load_run(run_dir):
         if not isinstance(info.get(key, {}), dict):
             raise UserError(f"{run_dir}/run.json: {key} is not an object; the file is damaged")
     path = run_dir / "config.yaml"
-    raw = config_lib.read_yaml(path)  # names the file itself
+    raw = read_yaml(path)  # names the file itself
     try:
         return config_lib.from_dict(raw), info
     except UserError as e:  # which run's config: report and sweeps read many

@@ -194,7 +194,7 @@ def should_stop_early(run) -> bool:
 
 def _import_plotting():
     try:
-        from .report import import_plotting
+        from .plots import import_plotting
         import_plotting()
     except Exception:  # noqa: BLE001  plot_run imports again and reports a real failure
         pass
@@ -270,7 +270,7 @@ def finish(run, plots=False) -> dict:
         atomic.write_json(run.run_dir / "eval.json", results)
         phases.mark("files")
         if plots:  # a plot is a view of the run, not its result: one that fails leaves the run done
-            from .report import plot_run
+            from .plots import plot_run
 
             try:
                 plot_run(run.run_dir)

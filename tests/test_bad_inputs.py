@@ -707,7 +707,7 @@ def test_links_planted_at_file_names_are_replaced_not_followed(capsys, tmp_path,
 
 @pytest.mark.parametrize("folder_name", ["plots", "export"])
 def test_a_planted_folder_link_is_refused(capsys, tmp_path, shared_run, folder_name):
-    from lorakd.report import plot_run
+    from lorakd.plots import plot_run
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -814,7 +814,8 @@ def test_csv_cells_never_start_a_formula(tmp_path, tiny_backbone):
 
 
 def test_names_reach_reports_and_plots_as_plain_text(tmp_path, shared_run):
-    from lorakd.report import plot_run, report
+    from lorakd.plots import plot_run
+    from lorakd.report import report
 
     odd = tmp_path / "$\\bogus{$=cmd|'calc'!A0<img src=x>"
     shared_run.rename(odd)
@@ -828,11 +829,11 @@ def test_names_reach_reports_and_plots_as_plain_text(tmp_path, shared_run):
 
 
 def test_a_run_whose_plots_fail_is_still_done(tmp_path, tiny_config, monkeypatch):
-    from lorakd import report
+    from lorakd import plots
 
     def fail(run_dir):
         raise ValueError("mathtext exploded")
-    monkeypatch.setattr(report, "plot_run", fail)
+    monkeypatch.setattr(plots, "plot_run", fail)
     said = []
     train_lib.train(tiny_config(**{"train.max_steps": 2}), tmp_path / "run", plots=True, log=said.append)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "done"
