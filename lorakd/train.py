@@ -281,7 +281,7 @@ def finish(run, plots=False) -> dict:
         # graph_capture is part of train_loop, so not in the total
         summary["phases_s"] = {**phases.rounded(), "graph_capture": summary["graph_capture_s"], "total": phases.total()}
         update_info(run.run_dir, status="done", summary=summary)
-        run.ckpt_path.unlink(missing_ok=True)
+        atomic.remove(run.ckpt_path)  # with any state.pt.*.tmp a kill mid-checkpoint left behind
         if run.ckpt_path.parent.is_dir() and not any(run.ckpt_path.parent.iterdir()):
             run.ckpt_path.parent.rmdir()  # a finished run keeps no empty checkpoint/ folder
     dist.barrier(run.world)
