@@ -10,12 +10,13 @@ import os
 import stat
 from pathlib import Path
 
-from . import RUN_FORMAT
 from . import atomic, backbones
 from . import config as config_lib
 from .errors import UserError
 from .trust import read_json
 from .yaml_files import read_yaml
+
+RUN_FORMAT = 1  # bumped when a run folder's layout changes incompatibly
 
 
 def read_metrics(run_dir) -> list[dict]:

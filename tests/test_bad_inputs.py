@@ -9,7 +9,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from lorakd import RUN_FORMAT, config, data, runs
+from lorakd import config, data, runs
 from lorakd import readers
 from lorakd import backbones
 from lorakd import train as train_lib
@@ -503,7 +503,7 @@ def test_cli_eval_data_gone_keeps_eval_json(capsys, tmp_path, trained_run):
     assert (run / "eval.json").read_bytes() == before
 
 
-def fake_run(folder, backbone="bert-base-uncased", run_format=RUN_FORMAT):
+def fake_run(folder, backbone="bert-base-uncased", run_format=runs.RUN_FORMAT):
     """run.json and config.yaml as training writes them, for a backbone known without weights."""
     folder.mkdir()
     cfg = config.load(None, [f"model.backbone={backbone}"])
@@ -522,9 +522,9 @@ def test_cli_on_a_folder_that_is_not_a_run(capsys, tmp_path, command):
 
 
 def test_run_from_a_newer_lorakd_is_refused(capsys, tmp_path):
-    run = fake_run(tmp_path / "run", run_format=RUN_FORMAT + 1)
+    run = fake_run(tmp_path / "run", run_format=runs.RUN_FORMAT + 1)
     assert "newer lorakd" in one_line_error(runs.load_run, run)
-    assert f"run format {RUN_FORMAT + 1}" in cli_error(capsys, "eval", run)
+    assert f"run format {runs.RUN_FORMAT + 1}" in cli_error(capsys, "eval", run)
 
 
 @pytest.mark.parametrize("run_json,fragment", [
