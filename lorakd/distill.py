@@ -16,7 +16,7 @@ from . import dist
 from . import readers
 from . import rows as rows_lib
 from .errors import UserError
-from .inference import open_run
+from .inference import open_loaded
 from .runs import load_run, with_backbone
 
 
@@ -134,7 +134,7 @@ def teacher_logits(teacher_dir, cfg, parts, device, log) -> list[torch.Tensor]:
 
         def compute():
             nonlocal teacher
-            teacher = teacher or open_run(teacher_dir, device, backbone)  # opened once, only when a cache misses
+            teacher = teacher or open_loaded(teacher_dir, t_cfg, t_info, device)  # once, only when a cache misses
             return teacher.logits(part.texts, t_cfg.train.eval_batch_size, "teacher logits")
 
         t0 = time.time()

@@ -59,7 +59,11 @@ def open_run(run_dir, device, backbone=None, merge=True, precision=None) -> Trai
     """A finished run's model (its backbone optionally an equal copy elsewhere: runs.with_backbone), in the
     run's train.precision unless `precision` says otherwise; merge=False keeps its adapter apart."""
     cfg, info = load_run(run_dir)
-    cfg = with_backbone(cfg, info, backbone)
+    return open_loaded(run_dir, with_backbone(cfg, info, backbone), info, device, merge, precision)
+
+
+def open_loaded(run_dir, cfg, info, device, merge=True, precision=None) -> TrainedModel:
+    """open_run for a run whose config and run.json the caller has read already (load_run, with_backbone)."""
     model = model_lib.load_trained(cfg, run_dir, len(cfg.data.label_names))
     tok = backbones.load_tokenizer(cfg.model.backbone)
     return _for_inference(model, tok, device, precision or cfg.train.precision, cfg.data.max_length, cfg, info,
@@ -78,8 +82,8 @@ def _for_inference(model, tok, device, precision, max_length, cfg=None, info=Non
     """The one precision rule: LoRA folded into the weights (the same function, fewer products); nothing trains,
     so every weight is frozen and stored in the amp dtype (bf16 on a GPU: half the traffic, and autocast computes
     in it anyway). On a CPU under precision auto amp is None: fp32, as trained."""
-    amp = graphs.amp_dtype(precision, device)
     model = (merged(model.float()) if merge else model.float()).to(device).eval().requires_grad_(False)
+    amp = graphs.amp_dtype(precision, device)
     if amp is not None:
         graphs.freeze_to(model, amp)
     return TrainedModel(cfg, info, model, tok, device, amp, max_length)
