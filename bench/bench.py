@@ -45,6 +45,7 @@ from lorakd import data as data_lib  # noqa: E402
 from lorakd import backbones  # noqa: E402
 from lorakd.runs import read_metrics  # noqa: E402
 from lorakd.train import train  # noqa: E402
+from lorakd.yaml_files import preset_path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from result_files import result_paths, write_result  # noqa: E402
 
@@ -73,7 +74,7 @@ def reference(backbone, data, **over):
     base = {"name": "bench", "data.path": data, "model.backbone": backbone, "train.log_every": 50,
             "train.checkpoint_every": 0, "train.eval_batch_size": 512}
     base.update(over)
-    return config_lib.load(config_lib.preset_path("agnews-minilm"), [], base)
+    return config_lib.load(preset_path("agnews-minilm"), [], base)
 
 
 def peak_mem_reset():

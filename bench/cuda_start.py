@@ -25,9 +25,10 @@ import json, sys, time
 t0 = time.perf_counter()
 import torch
 from lorakd import config as config_lib, graphs, model as model_lib
+from lorakd.yaml_files import preset_path
 t_import = time.perf_counter()
 device = torch.device("cuda:0")
-cfg = config_lib.load(config_lib.preset_path("agnews-minilm"), [f"model.backbone={sys.argv[2]}"])
+cfg = config_lib.load(preset_path("agnews-minilm"), [f"model.backbone={sys.argv[2]}"])
 thread = None
 if sys.argv[1] == "sequential":
     torch.empty(1, device=device)

@@ -42,6 +42,7 @@ from lorakd import backbones  # noqa: E402
 from lorakd import graphs  # noqa: E402
 from lorakd.runs import read_metrics  # noqa: E402
 from lorakd.train import train  # noqa: E402
+from lorakd.yaml_files import preset_path  # noqa: E402
 
 STUDENTS = {  # name: overrides of the reference student (preset agnews-minilm); {teacher}: --teacher-backbone
     "minilm-r6-qkv": [],
@@ -117,7 +118,7 @@ def main():
     raw_path = result_paths(f"distill-gain{args.tag}", out, dev)[1]  # the runs: scratch; the summary is current
     quiet = lambda *a, **k: None  # noqa: E731
     variants = [parse_variant(v) for v in args.variants]
-    base_student = str(config_lib.preset_path("agnews-minilm"))
+    base_student = str(preset_path("agnews-minilm"))
 
     def run(name, over, path):
         if args.deadline_s and time.time() - t_start > args.deadline_s:
@@ -190,7 +191,7 @@ def scale_summary(summary, students):
             continue
         student, arm, m, e = best
         over = [o.format(teacher="embedded:mpnet") for o in STUDENTS[student]]
-        cfg = config_lib.load(config_lib.preset_path("agnews-minilm"), over)
+        cfg = config_lib.load(preset_path("agnews-minilm"), over)
         ce = max((a for a in e["arms"] if a == "ce" or a.startswith("ce_")), key=lambda a: e["arms"][a]["mean"])
         kd = max((a for a in e["arms"] if a.startswith("kd_")), key=lambda a: e["arms"][a]["mean"], default=None)
         out["regimes"][regime] = {
@@ -231,7 +232,7 @@ def one_seed(args, seed, run, result, raw_path, tmp, quiet, variants, base_stude
     for regime in args.regimes.split(","):
         data_over, teacher_over, tune_epochs, transfer_over, round2_over = REGIMES[regime]
         common = [f"train.seed={seed}", *data_over] + ([f"data.labelled={args.labelled}"] if regime == "few" else [])
-        teacher_preset = config_lib.preset_path("mpnet-teacher")
+        teacher_preset = preset_path("mpnet-teacher")
         tdirs = []
         for k in range(args.teachers):  # teacher k trains with seed + 1000k on the same split (data seed fixed)
             tdir = tmp / f"teacher-{regime}-{seed}-{k}"

@@ -21,9 +21,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench import print_table  # noqa: E402
 from result_files import result_paths, write_result  # noqa: E402
 
-from lorakd import config as config_lib  # noqa: E402
 from lorakd.pipeline import run_pipeline, split_configs  # noqa: E402
 from lorakd.train import train  # noqa: E402
+from lorakd.yaml_files import preset_path, read_yaml  # noqa: E402
 
 
 def main():
@@ -41,8 +41,8 @@ def main():
               "rows": []}
     out_paths = result_paths("distill-seeds", args.out, dev)
     quiet = lambda *a, **k: None  # noqa: E731
-    args.config = str(config_lib.preset_path(args.config))  # a file or a preset name
-    raw = config_lib.read_yaml(args.config)
+    args.config = str(preset_path(args.config))  # a file or a preset name
+    raw = read_yaml(args.config)
     for seed in args.seeds:
         over = [f"model.backbone={args.backbone}", f"train.seed={seed}", *args.set]
         _, ce_cfg = split_configs(raw, over, args.data)  # no teacher: CE only

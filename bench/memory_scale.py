@@ -4,7 +4,7 @@ logits streamed in chunks, for the 50,754-row file and that file repeated 10 tim
     python bench/memory_scale.py --backbone DIR --data DIR [--repeats 1,10] [--out bench/results]
 
 Per size: a short teacher (a MiniLM full fine-tune, 30 steps: only its logits' size matters), then a student
-distilled from it over every row (its logits computed in distill.CHUNK-row chunks and kept as soft targets on the
+distilled from it over every row (its logits computed in inference.CHUNK-row chunks and kept as soft targets on the
 GPU), 50 steps. Reports rows, the token-id store's bytes, the soft targets' bytes and the peak GPU memory of each
 phase (torch.cuda.max_memory_allocated, reset per phase). Writes bench/results/memory-scale.json.
 """
@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lorakd import atomic, distill  # noqa: E402
+from lorakd import atomic, inference  # noqa: E402
 from lorakd import data as data_lib  # noqa: E402
 from lorakd import config as config_lib  # noqa: E402
 from lorakd.train import train  # noqa: E402
@@ -62,7 +62,7 @@ def main():
         n = s["steps"]
         row = {"repeat": repeat, "train_rows": len(data_lib.load_splits(cfg.data, cfg.train.seed)["train"]),
                "peak_gpu_gb": peak_gb(), "wall_s": round(time.time() - t0, 1),
-               "steps": n, "logit_chunk_rows": distill.CHUNK, "data_s": s["phases_s"].get("data")}
+               "steps": n, "logit_chunk_rows": inference.CHUNK, "data_s": s["phases_s"].get("data")}
         rows.append(row)
         print(row, flush=True)
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "rows": rows,

@@ -170,7 +170,7 @@ def main():
             measure(f"roberta-base shapes b{batch} ({args.roberta_steps} steps)", {n: cfg for n in both}, "strong")
     if "sweep" in only and args.gpus > 1:
         sweep_file = tmp / "ranks.yaml"
-        sweep_file.write_text(f"name: ranks\nbase: agnews-minilm\n"
+        sweep_file.write_text("name: ranks\nbase: agnews-minilm\n"
                               "grid:\n  model.r: [1, 2, 3, 4, 5, 6, 7, 8]\n")
         sets = [f"model.backbone={args.backbone}"] + args.set
         for n in both:

@@ -16,7 +16,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -25,8 +24,9 @@ sys.path.insert(0, str(ROOT))
 from lorakd import data as data_lib  # noqa: E402
 from lorakd import readers  # noqa: E402
 from lorakd import onnx_export, onnx_int8  # noqa: E402
-from lorakd.predict import CHUNK, logits_of, merged, onnx_session, open_model  # noqa: E402
-from lorakd.runs import load_run, open_trained  # noqa: E402
+from lorakd.inference import open_run  # noqa: E402
+from lorakd.predict import CHUNK, OnnxModel, logits_of, onnx_session, open_model  # noqa: E402
+from lorakd.runs import load_run  # noqa: E402
 
 
 def static_variants():
@@ -58,7 +58,7 @@ class Reader:
         self.batches = []
         for i in range(0, len(enc), batch):
             part = enc[i:i + batch]
-            ids = np.full((len(part), len(enc[-1] if fixed else part[-1])), tok.pad_token_id or 0, dtype=np.int64)
+            ids = np.full((len(part), len(enc[-1] if fixed else part[-1])), data_lib.pad_id(tok), dtype=np.int64)
             mask = np.zeros_like(ids)
             for r, e in enumerate(part):
                 ids[r, :len(e)], mask[r, :len(e)] = e, 1
@@ -78,8 +78,8 @@ def build(run, work: Path, calib_n: int, variants):
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic, quantize_static
 
-    cfg, _, model, tok = open_trained(run, torch.device("cpu"))
-    model = merged(model)
+    trained = open_run(run, torch.device("cpu"), precision="fp32")  # merged, as the export quantises it
+    cfg, model, tok = trained.cfg, trained.model, trained.tok
     model.set_attn_implementation("eager")
     split_path = work / "split.onnx"
     first = onnx_export._first_token_only(model)  # the model is this function's own: rewritten in place
@@ -136,9 +136,8 @@ def main():
     quant_s, tok = build(args.run, work, args.calib, args.variants)
     for name in args.variants:
         sess = onnx_session(work / f"{name}.onnx", 1)
-        m = SimpleNamespace(tok=tok, max_length=cfg.data.max_length, workers=2,
-                            run=lambda ids, mask, s=sess: s.run(["logits"], {"input_ids": ids,
-                                                                              "attention_mask": mask})[0])
+        m = OnnxModel(tok, cfg.data.max_length, lambda ids, mask, s=sess: s.run(["logits"], {
+            "input_ids": ids, "attention_mask": mask})[0], workers=2, device="cpu")
         logits_of(m, split.texts[:256], 8)  # warm-up
         tries = []
         for _ in range(args.repeat):

@@ -51,6 +51,7 @@ from lorakd import distill  # noqa: E402
 from lorakd import backbones  # noqa: E402
 from lorakd.errors import UserError  # noqa: E402
 from lorakd.pipeline import split_configs  # noqa: E402
+from lorakd.yaml_files import preset_path, read_yaml  # noqa: E402
 
 GPU = torch.cuda.is_available()
 
@@ -180,8 +181,7 @@ def load_configs(args):
     """(teacher config, student config, splits, transfer texts) as `lorakd pipeline` would have them."""
     overrides = [f"model.backbone={args.student_backbone}", f"teacher.model.backbone={args.teacher_backbone}",
                  f"data.labelled={args.labelled}", f"train.seed={args.seed}", *args.overrides]
-    teacher_cfg, student_cfg = split_configs(config_lib.read_yaml(config_lib.preset_path(args.config)), overrides,
-                                             args.data)
+    teacher_cfg, student_cfg = split_configs(read_yaml(preset_path(args.config)), overrides, args.data)
     splits = data_lib.load_splits(student_cfg.data, student_cfg.train.seed)
     # transfer_rows only asks whether a teacher exists; this script's teacher is trained below, not a run folder
     named = config_lib.override(student_cfg, **{"distill.teachers": ["trainer-way"]})

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from . import config as config_lib
 from .errors import UserError
+from .yaml_files import preset_path, read_yaml
 
 if TYPE_CHECKING:
     import numpy as np
@@ -110,7 +111,7 @@ def load_config(config=None, *, data=None, budget=None, overrides=()) -> config_
         extra["model.budget"] = budget
     if isinstance(overrides, Mapping):
         extra, overrides = {**extra, **overrides}, ()
-    path = config_lib.preset_path(str(config)) if config else None
+    path = preset_path(str(config)) if config else None
     return config_lib.load(path, _override_list(overrides), extra)
 
 
@@ -150,9 +151,9 @@ def pipeline(config, *, data=None, out=None, overrides=(), predict=None, log=pri
     from .pipeline import pipeline_root, run_pipeline, split_configs, teacher_names
     from .runs import run_lock
 
-    path, overrides = config_lib.preset_path(str(config)), _override_list(overrides)
+    path, overrides = preset_path(str(config)), _override_list(overrides)
     root = pipeline_root(path, overrides, out, data)
-    student = split_configs(config_lib.read_yaml(path), overrides, data)[1]
+    student = split_configs(read_yaml(path), overrides, data)[1]
     # its own folder, and the runs in it: a `lorakd train --resume ROOT/student` meanwhile is refused too
     with ExitStack() as locks:
         for name in ["", *(n for names in teacher_names(student) for n in names), "student"]:

@@ -72,6 +72,18 @@ def _beside(path: Path, make, kind="tmp"):
             continue
 
 
+def remove(path):
+    """path gone, and with it every temporary file that a write of it killed mid-way (SIGKILL, power loss) left
+    beside it: its finally never ran, so only the writer's name for it (_beside's) can find it."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    left = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{8}}\.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        for tmp in path.parent.iterdir():
+            if left.fullmatch(tmp.name):
+                tmp.unlink(missing_ok=True)
+
+
 def _open_temp(path: Path):
     """(name, fd) of a new file beside path."""
     return _beside(path, lambda tmp: os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))

@@ -7,7 +7,7 @@ import sys
 
 from . import api
 from . import config as config_lib
-from .config import preset_path
+from .yaml_files import preset_path, read_yaml
 from .errors import UserError
 
 
@@ -122,7 +122,7 @@ def cmd_params(args):
         raise UserError(f"--labels {args.labels}: needs at least 2")
     if args.preset or args.config:
         path = preset_path(args.preset or args.config)
-        raw = config_lib.read_yaml(path)
+        raw = read_yaml(path)
         if "teacher" in raw:  # a pipeline config: count its student, and say what its teacher trains
             from .pipeline import split_configs
 

@@ -1,4 +1,5 @@
-"""One frozen, typed config: dataclasses that round-trip to YAML and take `section.key=value` overrides."""
+"""One frozen, typed config: dataclasses that round-trip to YAML and take `section.key=value` overrides, every
+value checked. The YAML files themselves are read (and presets found) by yaml_files."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,9 +14,9 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError, brief
+from .yaml_files import Loader, read_yaml
 
 AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
-PRESETS = Path(__file__).resolve().parent / "presets"  # shipped inside the package (pyproject package-data)
 
 
 @dataclass(frozen=True)
@@ -114,52 +115,6 @@ CHOICES = {
     "distill.round_targets": ("soft", "hard"),
 }
 AUGMENT_OPS = ("delete", "swap", "mask", "mix")
-
-
-MAX_YAML_NODES = 100_000  # values a config or sweep file may hold once its aliases are expanded
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML with only true/false as booleans (as YAML 1.2): `on`, `off`, `yes`, `no` stay text, so
-    train.cuda_graphs: on means "on"; a bool key still takes them (see _coerce).
-
-    Aliases (*name) are read, but what they expand to is counted: a few lines of nested aliases (a "billion
-    laughs") would otherwise become gigabytes once the values are checked, copied or shown in a message."""
-
-    def compose_document(self):
-        node = super().compose_document()
-        _expanded_size(node)
-        return node
-
-
-def _expanded_size(root) -> int:
-    """The number of values a YAML node holds with every alias expanded; past MAX_YAML_NODES, or a value
-    that holds itself, a YAMLError. Each node is counted once (memo), so this is quick whatever the total."""
-    def children(node):
-        return [] if isinstance(node, yaml.ScalarNode) else [
-            n for item in node.value for n in (item if isinstance(item, tuple) else (item,))]
-
-    sizes, on_path, stack = {}, set(), [(root, False)]
-    while stack:
-        node, done = stack.pop()
-        if done:
-            on_path.discard(id(node))
-            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children(node))
-            if sizes[id(node)] > MAX_YAML_NODES:
-                raise yaml.YAMLError(f"aliases expand past {MAX_YAML_NODES:,} values")
-        elif id(node) in on_path:
-            raise yaml.YAMLError("an alias inside the value it names")
-        elif id(node) not in sizes:
-            on_path.add(id(node))
-            stack.append((node, True))
-            stack.extend((c, False) for c in children(node))
-    return sizes[id(root)]
-
-
-_Loader.yaml_implicit_resolvers = {c: [(tag, rx) for tag, rx in rs if tag != "tag:yaml.org,2002:bool"]
-                                   for c, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
 
 
 def _coerce(value, tp, key):
@@ -268,7 +223,7 @@ def parse_override(text: str):
     if value.strip().startswith("[") != value.strip().endswith("]"):
         raise UserError(f"override {text!r}: a list needs both brackets, e.g. model.targets=[query,value]")
     try:
-        parsed = yaml.load(value, Loader=_Loader) if value.strip() else ""
+        parsed = yaml.load(value, Loader=Loader) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
     return key.strip(), parsed
@@ -283,30 +238,6 @@ def merge(raw: dict, overrides: dict) -> dict:
         else:
             _set_dotted(out, key, value)
     return out
-
-
-def read_yaml(path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such config file")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder, expected a YAML config file")
-    try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-    except RecursionError:
-        raise UserError(f"{path}: not valid YAML (nested too deeply)") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        problem = (str(getattr(e, "problem", None) or e).splitlines() or [""])[0]
-        raise UserError(f"{path}:{where} not valid YAML ({problem})") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping of config keys at the top")
-    return raw
 
 
 def from_dict(raw: dict) -> Config:
@@ -419,25 +350,6 @@ def _checks(cfg: Config) -> list[tuple[bool, str, str]]:
     ]
 
 
-def shipped_file(folder: Path, name_or_path) -> Path | None:
-    """A file the user names, else one shipped in the package's `folder` by name (with or without .yaml),
-    also as `presets/NAME.yaml` (the checkout's path before presets/ and sweeps/ moved into the package)."""
-    p = Path(name_or_path)
-    if p.exists():
-        return p
-    names = [str(name_or_path), f"{name_or_path}.yaml"] + ([p.name] if p.parent == Path(folder.name) else [])
-    return next((folder / n for n in names if (folder / n).is_file()), None)
-
-
-def preset_path(name_or_path: str) -> Path:
-    """A config file path, or the name of a preset in lorakd/presets (with or without .yaml)."""
-    found = shipped_file(PRESETS, name_or_path)
-    if found:
-        return found
-    known = ", ".join(sorted(f.stem for f in PRESETS.glob("*.yaml")))
-    raise UserError(f"{name_or_path}: no such config file or preset (presets: {known})")
-
-
 def changed_key(old: Config, new: Config, ignore=()) -> str | None:
     """The first key, in config order, whose value differs between two configs; keys in `ignore` left out."""
     a, b = flatten(old), flatten(new)
@@ -456,8 +368,7 @@ def flatten(cfg) -> dict:
 
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "TrainConfig", "DistillConfig", "load", "from_dict",
-           "to_dict", "to_yaml", "flatten", "override", "merge", "read_yaml", "parse_override", "replace",
-           "preset_path", "shipped_file", "PRESETS"]
+           "to_dict", "to_yaml", "flatten", "override", "merge", "parse_override", "replace"]
 
 
 def fmt_value(key: str, value) -> str:

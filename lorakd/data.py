@@ -216,6 +216,17 @@ def encode(tokenizer, texts, max_length, chunk=4096) -> list[np.ndarray]:
     return out
 
 
+def pad_id(tok) -> int:
+    """The one rule for the id padding is written with: the tokenizer's, else 0 (the mask hides it either way)."""
+    return tok.pad_token_id or 0
+
+
+def folder_max_length(tok) -> int:
+    """The length an exported folder's texts are cut to: `lorakd export` writes the run's data.max_length into
+    its tokenizer; a folder from elsewhere may say 1e30 (transformers' "unknown"), then 512."""
+    return tok.model_max_length if tok.model_max_length <= 4096 else 512
+
+
 def batch_order(lengths, batch_size, seed, epoch, group_by_length=True, shuffle=True) -> list[np.ndarray]:
     """The batches of one epoch, a pure function of (seed, epoch): resume replays the same order.
 

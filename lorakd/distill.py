@@ -12,13 +12,12 @@ import torch.nn.functional as F
 
 from . import atomic, backbones
 from . import data as data_lib
-from . import dist, graphs
-from . import model as model_lib
+from . import dist
 from . import readers
 from . import rows as rows_lib
 from .errors import UserError
-
-CHUNK = 16_384  # texts tokenised and labelled at a time: a large transfer set streams through the teacher
+from .inference import open_loaded
+from .runs import load_run, with_backbone
 
 
 # ---------------------------------------------------------------- the loss
@@ -119,8 +118,6 @@ def soft_targets(cfg, parts: list[rows_lib.Split], device, log) -> torch.Tensor:
 
 def teacher_logits(teacher_dir, cfg, parts, device, log) -> list[torch.Tensor]:
     """One teacher's logits over each part, each from its cache or computed once and cached."""
-    from .runs import load_run, with_backbone
-
     t_cfg, t_info = load_run(teacher_dir)
     if t_info.get("status") != "done":  # half-trained weights, or a run another process is still writing
         raise UserError(f"{teacher_dir}: the teacher has not finished training (status {t_info.get('status')}); "
@@ -128,16 +125,17 @@ def teacher_logits(teacher_dir, cfg, parts, device, log) -> list[torch.Tensor]:
     if list(t_cfg.data.label_names) != list(cfg.data.label_names):  # logit i must mean the same class
         raise UserError(f"{teacher_dir}: the teacher's classes ({', '.join(t_cfg.data.label_names)}) are not the "
                         f"student's ({', '.join(cfg.data.label_names)}), in the same order")
-    t_cfg = with_backbone(t_cfg, t_info, teacher_backbone(cfg, t_cfg))
-    model = None
+    backbone = teacher_backbone(cfg, t_cfg)
+    t_cfg = with_backbone(t_cfg, t_info, backbone)
+    teacher = None
     out = []
     for part in parts:
         data_key = data_lib.fingerprint(part, f"{t_cfg.model.backbone}|{t_cfg.data.max_length}")
 
         def compute():
-            nonlocal model
-            model = model or _open_teacher(t_cfg, teacher_dir, device)
-            return run_logits(model, t_cfg, part, device)
+            nonlocal teacher
+            teacher = teacher or open_loaded(teacher_dir, t_cfg, t_info, device)  # once, only when a cache misses
+            return teacher.logits(part.texts, t_cfg.train.eval_batch_size, "teacher logits")
 
         t0 = time.time()
         logits, hit = cached_teacher_logits(teacher_dir, data_key, compute)
@@ -155,36 +153,6 @@ def teacher_backbone(cfg, t_cfg):
         return None
     except UserError:
         return cfg.model.backbone
-
-
-def _open_teacher(t_cfg, teacher_dir, device):
-    model = model_lib.load_trained(t_cfg, teacher_dir, len(t_cfg.data.label_names)).to(device)
-    amp = graphs.amp_dtype(t_cfg.train.precision, device)
-    if amp is not None:
-        graphs.freeze_to(model, amp)
-    return model
-
-
-def run_logits(model, run_cfg, split, device) -> torch.Tensor:
-    """A trained model's logits [N, C] over a split, CHUNK texts at a time (memory stays bounded), split
-    across processes in a multi-GPU run and gathered."""
-    from .evaluate import logits_for, progress_bar
-
-    rank, world, _ = dist.env()
-    dist.init(device, world)  # the pipeline labels rows before any training process group exists
-    tok = backbones.load_tokenizer(run_cfg.model.backbone)
-    amp = graphs.amp_dtype(run_cfg.train.precision, device)
-    chunks, starts = [], range(0, len(split), CHUNK)
-    mine = sum(len(dist.shard(min(CHUNK, len(split) - s), rank, world)) for s in starts)  # this process's rows
-    with progress_bar(mine, "teacher logits") as bar:
-        for start in starts:
-            texts = split.texts[start: start + CHUNK]
-            store = data_lib.TokenStore(data_lib.encode(tok, texts, run_cfg.data.max_length), None,
-                                        tok.pad_token_id or 0, device)
-            rows = dist.shard(len(store), rank, world)
-            part = logits_for(model, store, run_cfg.train.eval_batch_size, amp, rows, bar)
-            chunks.append(dist.gather_rows(part, rows, len(store), world, device))
-    return torch.cat(chunks)
 
 
 # ---------------------------------------------------------------- the cache

@@ -1,53 +1,18 @@
-"""Evaluate: logits in large length-sorted batches, then accuracy, macro-F1, per-class scores, confusion."""
+"""Evaluate: a run's logits over its validation or test split, then accuracy, macro-F1, per-class scores,
+confusion."""
 from __future__ import annotations
 
-import contextlib
+from pathlib import Path
 
 import numpy as np
 import torch
 
-
-def autocast(device, dtype):
-    """bf16 autocast on a GPU; a no-op context in fp32. cache_enabled=False so CUDA graphs can capture it."""
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=False)
-
-
-def progress_bar(total: int, desc: str):
-    """A bar over `total` rows for an evaluation or a teacher's pass, as the training bar: on rank 0 and on a
-    terminal only. It leaves no line behind, so the metric lines after it stand alone."""
-    from tqdm import tqdm
-
-    from . import dist
-
-    return tqdm(total=total, desc=desc, unit="rows", leave=False, dynamic_ncols=True, mininterval=1.0,
-                disable=dist.env()[0] != 0 or None)
-
-
-@torch.inference_mode()
-def logits_for(model, store, batch_size, amp_dtype=None, indices=None, bar=None) -> torch.Tensor:
-    """float32 logits [N, C] on the CPU, batches sorted by length so little is padded; `bar` (progress_bar)
-    counts the rows."""
-    idx_all = np.arange(len(store)) if indices is None else np.asarray(indices)
-    order = idx_all[np.argsort(-store.lengths_np[idx_all], kind="stable")]
-    device = store.ids.device
-    was_training = model.training
-    model.eval()
-    out = torch.empty(len(idx_all), model.config.num_labels if hasattr(model, "config") else 0)
-    pos = {int(i): k for k, i in enumerate(idx_all)}
-    chunks = []
-    for start in range(0, len(order), batch_size):
-        idx = order[start: start + batch_size]
-        ids, mask = store.batch(torch.as_tensor(idx, device=device), store.width(idx))
-        with autocast(device, amp_dtype):
-            chunks.append((idx, model(input_ids=ids, attention_mask=mask).logits.float()))
-        if bar is not None:
-            bar.update(len(idx))
-    for idx, logits in chunks:
-        out[[pos[int(i)] for i in idx]] = logits.cpu()
-    model.train(was_training)
-    return out
+from . import atomic
+from . import data as data_lib
+from .errors import UserError
+from .graphs import pick_device
+from .inference import open_run
+from .runs import read_eval
 
 
 def metrics(logits: torch.Tensor, labels, names) -> dict:
@@ -88,16 +53,9 @@ def format_table(split: str, m: dict) -> str:
 
 def evaluate_run(run_dir, split="validation", device="auto", backbone=None, log=print) -> dict:
     """Re-evaluate a finished run on its validation or test split; updates eval.json atomically."""
-    from pathlib import Path
-
-    from . import atomic
-    from . import data as data_lib
-    from .errors import UserError
-    from .runs import open_trained, read_eval
-    from .graphs import amp_dtype, pick_device
-
     dev = pick_device(device, key="--device")
-    cfg, _, model, tok = open_trained(run_dir, dev, backbone)
+    trained = open_run(run_dir, dev, backbone)
+    cfg = trained.cfg
     splits = data_lib.load_splits(cfg.data, cfg.train.seed)
     if split not in splits:
         raise UserError(f"--split {split}: this run's data ({cfg.data.path}) has no {split} split")
@@ -105,11 +63,7 @@ def evaluate_run(run_dir, split="validation", device="auto", backbone=None, log=
         raise UserError(f"--split {split}: this run's {split} split is empty (data.val_fraction="
                         f"{cfg.data.val_fraction})")
     s = splits[split]
-    store = data_lib.TokenStore(data_lib.encode(tok, s.texts, cfg.data.max_length), s.labels,
-                                tok.pad_token_id or 0, dev)
-    with progress_bar(len(store), split) as bar:
-        logits = logits_for(model, store, cfg.train.eval_batch_size, amp_dtype(cfg.train.precision, dev), bar=bar)
-    m = metrics(logits, s.labels, cfg.data.label_names)
+    m = metrics(trained.logits(s.texts, cfg.train.eval_batch_size, split), s.labels, cfg.data.label_names)
     log(format_table(split, m))
     path = Path(run_dir) / "eval.json"
     results = read_eval(run_dir)

@@ -9,9 +9,9 @@ from pathlib import Path
 from . import atomic
 from .budget import budget_applies
 from .errors import UserError
+from .inference import open_run
 from .onnx_export import calibration_texts_from, export_onnx
-from .predict import merged
-from .runs import load_run, open_trained, read_eval
+from .runs import load_run, read_eval
 
 
 def portable_base(backbone: str) -> str:
@@ -159,14 +159,15 @@ def export(run_dir, out_dir=None, adapter_only=False, onnx=False, backbone=None,
         raise UserError("--adapter-only: " + ("ONNX holds a whole model; drop --onnx" if onnx else
                                               "a full fine-tune has no adapter; export it without --adapter-only"))
     out = Path(out_dir) if out_dir else run_dir / ("export-adapter" if adapter_only else "export")
-    # the run's own config names the base (a --backbone copy is only where this machine keeps it)
-    _, _, model, tok = open_trained(run_dir, torch.device("cpu"), backbone)
+    # the run's own config names the base (a --backbone copy is only where this machine keeps it); the files hold
+    # fp32 weights whatever precision the run computed in
+    trained = open_run(run_dir, torch.device("cpu"), backbone, merge=not adapter_only, precision="fp32")
+    model, tok = trained.model, trained.tok
     names = list(cfg.data.label_names)
     id2label, label2id = {i: n for i, n in enumerate(names)}, {n: i for i, n in enumerate(names)}
     tok.model_max_length = cfg.data.max_length  # so the folder's tokenizer truncates as training did
     evals = read_eval(run_dir)
     result = {"out": str(out), "kind": "adapter" if adapter_only else "merged"}
-    model = model if adapter_only else merged(model)
 
     def fill(tmp):
         with warnings.catch_warnings():

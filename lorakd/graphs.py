@@ -2,6 +2,7 @@
 make a transformers model capturable as a CUDA graph."""
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from pathlib import Path
@@ -116,6 +117,13 @@ def amp_dtype(precision: str, device: torch.device):
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
+
+
+def autocast(device, dtype):
+    """bf16 autocast on a GPU; a no-op context in fp32. cache_enabled=False so CUDA graphs can capture it."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=False)
 
 
 def _position_bias_on_device(self, x, position_ids=None, num_buckets=32):

@@ -12,6 +12,7 @@ from . import atomic
 from . import config as config_lib
 from .errors import UserError
 from .runs import read_json, run_state
+from .yaml_files import read_yaml
 
 
 def split_configs(raw: dict, overrides=(), data=None):
@@ -78,7 +79,7 @@ def _file_hash(path: Path) -> str:
 
 def pipeline_root(config_path, overrides=(), out=None, data=None) -> Path:
     """The pipeline's folder: out, else runs/NAME (the student's name)."""
-    return Path(out or Path("runs") / split_configs(config_lib.read_yaml(config_path), overrides, data)[1].name)
+    return Path(out or Path("runs") / split_configs(read_yaml(config_path), overrides, data)[1].name)
 
 
 def teacher_names(student_cfg) -> list[list[str]]:
@@ -127,7 +128,7 @@ def _predict_stage(root: Path, student_dir: Path, predict_input, log) -> str:
 
 
 def run_pipeline(config_path, overrides=(), out=None, data=None, predict_input=None, log=print) -> dict:
-    teacher_cfg, student_cfg = split_configs(config_lib.read_yaml(config_path), overrides, data)
+    teacher_cfg, student_cfg = split_configs(read_yaml(config_path), overrides, data)
     if predict_input:  # a bad input file fails now, not after the teacher and the student have trained
         from .predict import read_input
 

@@ -8,10 +8,10 @@ import io
 import os
 import queue
 import time
-import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -28,15 +28,6 @@ CHUNK = 2048  # texts read, tokenised, predicted and written at a time: memory s
 ONNX_NAMES = ("model.int8.onnx", "model.onnx")  # a folder with no PyTorch weights runs the first one found
 # where an ONNX model runs: onnxruntime (int8 export by default), or OpenVINO (the fp32 export; bf16 on AMX CPUs)
 RUNTIMES = ("onnxruntime", "openvino")
-
-
-def merged(model):
-    """Fold LoRA into the frozen weights for inference: the same function with plain Linear layers."""
-    if hasattr(model, "merge_and_unload"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return model.merge_and_unload()
-    return model
 
 
 # ---------------------------------------------------------------- reading the input
@@ -105,26 +96,6 @@ def _labels_of(kind, p: Path) -> list[str]:
     if not all(isinstance(n, str) for n in names):
         raise UserError(f"{src}: id2label does not name classes 0..K-1; export the model with `lorakd export`")
     return names
-
-
-def _max_length(tok) -> int:
-    # export sets model_max_length to the run's data.max_length; a folder from elsewhere may say 1e30
-    return tok.model_max_length if tok.model_max_length <= 4096 else 512
-
-
-def _torch_runner(model, device, amp):
-    import torch
-
-    from .evaluate import autocast
-
-    model = model.to(device).eval()
-
-    @torch.inference_mode()
-    def run(ids, mask):
-        with autocast(device, amp):
-            out = model(input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device))
-        return out.logits.float().cpu().numpy()
-    return run
 
 
 # onnxruntime fusions whose CPU kernels (1.32) are slower than the plain ops they replace (bench/predict_cpu.py,
@@ -205,13 +176,13 @@ def onnx_tokenizer(folder: Path):
     tok.no_padding()  # batches pad themselves (data.pad_rows)
     pad = config.get("pad_token")
     pad = pad.get("content") if isinstance(pad, dict) else pad
-    tok.pad_token_id = (tok.token_to_id(pad) if pad else None) or 0
+    tok.pad_token_id = tok.token_to_id(pad) if pad else None  # as AutoTokenizer's; data.pad_id pads with it
     tok.model_max_length = config.get("model_max_length") or 512
     return tok
 
 
 def open_model(kind, p: Path, device="auto", backbone=None, threads=0, runtime="onnxruntime"):
-    """The model behind a path: tokenizer, max_length and run(ids, mask) -> logits (numpy), loaded once.
+    """The model behind a path, loaded once: an inference.TrainedModel, or an OnnxModel with its interface.
     ONNX models load without transformers and torch, which a fresh process would spend seconds importing."""
     if backbone and kind not in ("run", "adapter"):
         raise UserError("--backbone applies to run folders and adapter folders only")
@@ -222,26 +193,14 @@ def open_model(kind, p: Path, device="auto", backbone=None, threads=0, runtime="
         return _open_onnx(p, threads, runtime)
     import torch
 
-    from . import backbones
-    from . import graphs
-    from .runs import open_trained
+    from . import graphs, inference
 
     if threads:
         torch.set_num_threads(threads)
     dev = graphs.pick_device(device, key="--device")
-    backbones.quiet_transformers()
     if kind == "run":
-        cfg, _, model, tok = open_trained(p, dev, backbone)
-        amp, max_length = graphs.amp_dtype(cfg.train.precision, dev), cfg.data.max_length
-    else:
-        model = _open_adapter(p, backbone) if kind == "adapter" else _open_export(p)
-        tok = _open_tokenizer(p)
-        amp, max_length = graphs.amp_dtype("auto", dev), _max_length(tok)
-    model = merged(model.float())
-    if amp is not None:
-        graphs.freeze_to(model, amp)
-    return SimpleNamespace(tok=tok, max_length=max_length, run=_torch_runner(model, dev, amp), workers=1,
-                           device=str(dev))
+        return inference.open_run(p, dev, backbone)
+    return inference.open_folder(kind, p, dev, _labels_of(kind, p), backbone)
 
 
 def _open_onnx(p: Path, threads, runtime):
@@ -251,10 +210,10 @@ def _open_onnx(p: Path, threads, runtime):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = threads or cores
     tok = onnx_tokenizer(p.parent)
+    max_length = data_lib.folder_max_length(tok)
     if runtime == "openvino":  # padded to a multiple of 16 tokens: fewer shapes for OpenVINO to prepare
         run, precision = openvino_runner(p, workers)
-        return SimpleNamespace(tok=tok, max_length=_max_length(tok), run=run, workers=workers, pad_multiple=16,
-                               device=f"cpu, OpenVINO {p.name} ({precision})")
+        return OnnxModel(tok, max_length, run, workers, f"cpu, OpenVINO {p.name} ({precision})", pad_multiple=16)
     try:
         # small batches on one thread each, one batch per core at a time: on a CPU this beats
         # splitting each batch's matrix products across cores (measured: bench/predict_cpu.py)
@@ -264,87 +223,48 @@ def _open_onnx(p: Path, threads, runtime):
     except Exception as e:  # onnxruntime's refusals (a broken graph, external data outside the folder)
         raise UserError(f"{p}: onnxruntime cannot load this model ({' '.join(str(e).split())[:200]})") from None
     run = lambda ids, mask: sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]  # noqa: E731
-    return SimpleNamespace(tok=tok, max_length=_max_length(tok), run=run, workers=workers,
-                           device=f"cpu, onnxruntime {p.name}")
+    return OnnxModel(tok, max_length, run, workers, f"cpu, onnxruntime {p.name}")
 
 
-def _open_adapter(p: Path, backbone):
-    """An adapter folder on its base, named in adapter_config.json (embedded:* and hub ids resolved here)."""
-    from peft import PeftModel
-    from safetensors import SafetensorError
-    from transformers import AutoModelForSequenceClassification
+@dataclass(frozen=True)
+class OnnxModel:
+    """An ONNX model with inference.TrainedModel's interface (tok, max_length, pad_id, device, logits), in numpy:
+    run(ids, mask) -> logits, `workers` batches at a time (onnxruntime and OpenVINO release the GIL)."""
+    tok: object
+    max_length: int
+    run: Callable
+    workers: int
+    device: str
+    pad_multiple: int = 1
 
-    from . import backbones
+    @property
+    def pad_id(self) -> int:
+        return data_lib.pad_id(self.tok)
 
-    base = backbone or read_json(p / "adapter_config.json").get("base_model_name_or_path")
-    if not isinstance(base, str):
-        raise UserError(f"{p}/adapter_config.json: no base_model_name_or_path; pass --backbone")
-    id2label = dict(enumerate(_labels_of("adapter", p)))
-    src = backbones.resolve_backbone(base)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            src, id2label=id2label, label2id={n: i for i, n in id2label.items()}, **backbones.safe_kwargs(src))
-    except (OSError, SafetensorError) as e:
-        raise backbones.load_error("base model", base, "weights", e) from None
-    check_folder(p)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return PeftModel.from_pretrained(model, p)
-        except (RuntimeError, SafetensorError) as e:
-            raise UserError(f"{p}: the adapter does not load ({first_line(e)})") from None
+    def logits(self, texts, batch_size) -> np.ndarray:
+        """Logits [N, C] in input order; batches of similar length, padded only to their longest text."""
+        encoded = data_lib.encode(self.tok, texts, self.max_length)
+        order = np.argsort([-len(e) for e in encoded], kind="stable")
+        batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
+        def run(idx):
+            return self.run(*data_lib.pad_rows([encoded[i] for i in idx], self.pad_id, self.pad_multiple,
+                                               self.max_length))
 
-def _open_export(p: Path):
-    """An exported Hugging Face folder (LoRA merged)."""
-    from safetensors import SafetensorError
-    from transformers import AutoModelForSequenceClassification
-
-    from . import backbones
-
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(p, **backbones.safe_kwargs(p))
-    except (OSError, SafetensorError) as e:
-        raise UserError(f"{p}: cannot load its weights ({first_line(e)})") from None
-
-
-def _open_tokenizer(p: Path):
-    from transformers import AutoTokenizer
-
-    from . import backbones
-
-    tok_kwargs = backbones.safe_kwargs(p)  # outside the try: its own UserError stays as it is
-    try:
-        tok = AutoTokenizer.from_pretrained(p, **tok_kwargs)
-        tok("a probe text", truncation=True, max_length=8)  # a bad post-processor panics at the first encode
-    except BaseException as e:  # the Rust tokenizer's panic on a bad tokenizer.json is a BaseException
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise UserError(f"{p}: cannot load its tokenizer ({first_line(e)})") from None
-    return tok
+        if self.workers > 1:  # threads run batches side by side
+            with ThreadPoolExecutor(self.workers) as pool:
+                outs = list(pool.map(run, batches))
+        else:
+            outs = [run(idx) for idx in batches]
+        out = np.empty((len(texts), outs[0].shape[-1]), dtype=np.float32)
+        for idx, logits in zip(batches, outs):
+            out[idx] = logits
+        return out
 
 
 def logits_of(m, texts, batch_size) -> np.ndarray:
-    """Logits [N, C] in input order; batches of similar length, padded only to their longest text."""
-    encoded = data_lib.encode(m.tok, texts, m.max_length)
-    pad_id = m.tok.pad_token_id or 0
-    order = np.argsort([-len(e) for e in encoded], kind="stable")
-    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-
-    multiple = getattr(m, "pad_multiple", 1)
-
-    def run(idx):
-        return m.run(*data_lib.pad_rows([encoded[i] for i in idx], pad_id, multiple, m.max_length))
-
-    if m.workers > 1:  # onnxruntime and OpenVINO release the GIL: threads run batches side by side
-        with ThreadPoolExecutor(m.workers) as pool:
-            outs = list(pool.map(run, batches))
-    else:
-        outs = [run(idx) for idx in batches]
-    out = np.empty((len(texts), outs[0].shape[-1]), dtype=np.float32)
-    for idx, logits in zip(batches, outs):
-        out[idx] = logits
-    return out
+    """m's logits [N, C] in input order, as numpy (a TrainedModel's come as a CPU tensor)."""
+    return np.asarray(m.logits(texts, batch_size))
 
 
 # ---------------------------------------------------------------- predict
@@ -424,7 +344,7 @@ def predict(run_dir, input_path, out_path, device="auto", batch_size=None, label
     with tqdm(total=n, unit="text", desc="predict", disable=None if progress is None else not progress) as bar:
         atomic.write_stream(out_path, write)
     seconds = time.perf_counter() - t0
-    stats = {"n": n, "seconds": seconds, "texts_per_s": n / max(seconds, 1e-9), "device": m.device}
+    stats = {"n": n, "seconds": seconds, "texts_per_s": n / max(seconds, 1e-9), "device": str(m.device)}
     log(f"wrote {n:,} predictions to {out_path} ({stats['texts_per_s']:.0f} texts/s on {m.device})")
     return stats
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
-from . import RUN_FORMAT, STARTED, __version__, atomic, dist
+from . import STARTED, __version__, atomic, dist
 from . import config as config_lib
 from .errors import UserError
+from .runs import RUN_FORMAT
 
 
 def update_info(run_dir: Path, **fields):

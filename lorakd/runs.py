@@ -1,5 +1,5 @@
-"""Run folders: one writer at a time; read what a run wrote, refuse foreign formats and backbones, reopen its
-trained model."""
+"""Run folders: one writer at a time; read what a run wrote, refuse foreign formats and backbones (inference.py
+reopens a run's trained model)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,12 +10,13 @@ import os
 import stat
 from pathlib import Path
 
-from . import RUN_FORMAT
 from . import atomic, backbones
 from . import config as config_lib
-from . import model as model_lib
 from .errors import UserError
 from .trust import read_json
+from .yaml_files import read_yaml
+
+RUN_FORMAT = 1  # bumped when a run folder's layout changes incompatibly
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -63,7 +64,7 @@ def load_run(run_dir):
         if not isinstance(info.get(key, {}), dict):
             raise UserError(f"{run_dir}/run.json: {key} is not an object; the file is damaged")
     path = run_dir / "config.yaml"
-    raw = config_lib.read_yaml(path)  # names the file itself
+    raw = read_yaml(path)  # names the file itself
     try:
         return config_lib.from_dict(raw), info
     except UserError as e:  # which run's config: report and sweeps read many
@@ -80,14 +81,6 @@ def with_backbone(cfg, info, backbone=None):
         raise UserError(f"backbone {cfg.model.backbone} is not the one this run was trained on "
                         f"({info.get('backbone')}): its architecture differs")
     return cfg
-
-
-def open_trained(run_dir, device, backbone=None):
-    """(config, info, model on device in eval mode, tokenizer) of a finished run."""
-    cfg, info = load_run(run_dir)
-    cfg = with_backbone(cfg, info, backbone)
-    model = model_lib.load_trained(cfg, run_dir, len(cfg.data.label_names))
-    return cfg, info, model.to(device).eval(), backbones.load_tokenizer(cfg.model.backbone)
 
 
 def _open_lock(path: Path) -> int:

@@ -12,7 +12,7 @@ from . import config as config_lib
 from . import data as data_lib
 from . import distill
 from . import graphs
-from .evaluate import autocast
+from .graphs import autocast
 
 
 # ---------------------------------------------------------------- the step

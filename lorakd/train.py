@@ -18,8 +18,9 @@ from . import atomic, dist
 from . import data as data_lib
 from . import model as model_lib
 from .errors import first_line
-from .evaluate import format_table, logits_for, metrics, progress_bar
+from .evaluate import format_table, metrics
 from .graphed_step import GraphedStep
+from .inference import logits_for, progress_bar
 from .runfiles import Phases, RunLog, mark_failed, update_info
 from .runs import load_run
 from .train_setup import setup
@@ -193,7 +194,7 @@ def should_stop_early(run) -> bool:
 
 def _import_plotting():
     try:
-        from .report import import_plotting
+        from .plots import import_plotting
         import_plotting()
     except Exception:  # noqa: BLE001  plot_run imports again and reports a real failure
         pass
@@ -269,7 +270,7 @@ def finish(run, plots=False) -> dict:
         atomic.write_json(run.run_dir / "eval.json", results)
         phases.mark("files")
         if plots:  # a plot is a view of the run, not its result: one that fails leaves the run done
-            from .report import plot_run
+            from .plots import plot_run
 
             try:
                 plot_run(run.run_dir)
@@ -280,7 +281,7 @@ def finish(run, plots=False) -> dict:
         # graph_capture is part of train_loop, so not in the total
         summary["phases_s"] = {**phases.rounded(), "graph_capture": summary["graph_capture_s"], "total": phases.total()}
         update_info(run.run_dir, status="done", summary=summary)
-        run.ckpt_path.unlink(missing_ok=True)
+        atomic.remove(run.ckpt_path)  # with any state.pt.*.tmp a kill mid-checkpoint left behind
         if run.ckpt_path.parent.is_dir() and not any(run.ckpt_path.parent.iterdir()):
             run.ckpt_path.parent.rmdir()  # a finished run keeps no empty checkpoint/ folder
     dist.barrier(run.world)

@@ -109,10 +109,9 @@ def setup_data(cfg, device, log):
         raise UserError(f"data.max_length {cfg.data.max_length}: {cfg.model.backbone} takes at most {limit} tokens")
     train_rows, teacher_probs = distill.student_rows(cfg, splits, device, log, tok)
     splits["train"] = train_rows
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     multiple = data_lib.pad_multiple(cfg.data.pad_multiple, cfg.data.max_length, device.type, tc.batch_size)
-    stores = {name: data_lib.TokenStore(data_lib.encode(tok, s.texts, cfg.data.max_length), s.labels, pad_id, device,
-                                        multiple)
+    stores = {name: data_lib.TokenStore(data_lib.encode(tok, s.texts, cfg.data.max_length), s.labels,
+                                        data_lib.pad_id(tok), device, multiple)
               for name, s in splits.items() if len(s) and name != "unlabelled"}
     if tc.early_stop_patience and "validation" not in stores:
         raise UserError("train.early_stop_patience: early stopping needs a validation split (data.val_fraction > 0)")

@@ -46,6 +46,18 @@ def write_charcnn(path, rows):
     return path
 
 
+def write_sweep(folder, tiny_config, **spec):
+    """A base config next to a sweep file that names it relatively."""
+    import yaml
+    from lorakd import config
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "base.yaml").write_text(config.to_yaml(tiny_config(**{"train.epochs": 1})))
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny", "base": "base.yaml", **spec}, sort_keys=False))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory):
     """A 2-layer, 32-wide BERT with random weights and a word-level vocabulary of the generated data."""

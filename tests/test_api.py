@@ -13,6 +13,7 @@ import lorakd
 from lorakd import config as config_lib
 from lorakd.errors import UserError
 from lorakd.runs import read_eval, read_json
+from lorakd.yaml_files import preset_path, read_yaml
 
 QUIET = dict(log=lambda *a, **k: None)
 TEXTS = ["election treaty minister", "goal match season coach", "shares profit oil", "nasa linux chip"]
@@ -27,7 +28,7 @@ def test_import_lorakd_and_load_config_import_no_torch():
 
 
 def test_load_config_layers_a_preset_data_budget_and_overrides(tiny_data):
-    preset = config_lib.read_yaml(config_lib.preset_path("agnews-minilm"))
+    preset = read_yaml(preset_path("agnews-minilm"))
     cfg = lorakd.load_config("agnews-minilm", data=tiny_data, budget=50_000, overrides=["model.r=2", "train.lr=1e-3"])
     assert cfg.data.path == str(tiny_data) and cfg.model.budget == 50_000
     assert (cfg.model.r, cfg.train.lr) == (2, 1e-3) and cfg.name == preset["name"]

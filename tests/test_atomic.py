@@ -3,6 +3,7 @@ that leaves the old file whole and no temporary file behind."""
 import errno
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,22 @@ def test_disk_full_mid_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch)
         atomic.torch_save(ckpt, {"step": 14, "w": torch.zeros(10_000)})
     assert ckpt.read_bytes() == before and not leftovers(ckpt.parent)
     assert torch.load(ckpt, weights_only=True)["step"] == 7
+
+
+def test_remove_takes_the_temporary_file_a_killed_write_left(tmp_path):
+    """A write killed between its temporary file and the rename never runs its clean-up: the temporary file
+    stays beside the target. remove() takes the target and that file, and nothing else in the folder."""
+    ckpt = tmp_path / "checkpoint" / "state.pt"
+    atomic.torch_save(ckpt, {"step": 7})
+    killed = ("import os, sys, torch; from lorakd import atomic; os.fsync = lambda fd: os._exit(9); "
+              "atomic.torch_save(sys.argv[1], {'step': 14})")
+    assert subprocess.run([sys.executable, "-c", killed, str(ckpt)]).returncode == 9
+    assert len(leftovers(ckpt.parent)) == 1 and torch.load(ckpt, weights_only=True)["step"] == 7
+    keep = [ckpt.parent / "other.pt", ckpt.parent / ".state.pt.notours.tmp"]
+    for f in keep:
+        f.write_text("x")
+    atomic.remove(ckpt)
+    assert sorted(ckpt.parent.iterdir()) == sorted(keep)
 
 
 def test_read_only_folder(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from lorakd import RUN_FORMAT, config, data, runs
+from lorakd import config, data, runs
 from lorakd import readers
 from lorakd import backbones
 from lorakd import train as train_lib
@@ -503,7 +503,7 @@ def test_cli_eval_data_gone_keeps_eval_json(capsys, tmp_path, trained_run):
     assert (run / "eval.json").read_bytes() == before
 
 
-def fake_run(folder, backbone="bert-base-uncased", run_format=RUN_FORMAT):
+def fake_run(folder, backbone="bert-base-uncased", run_format=runs.RUN_FORMAT):
     """run.json and config.yaml as training writes them, for a backbone known without weights."""
     folder.mkdir()
     cfg = config.load(None, [f"model.backbone={backbone}"])
@@ -522,9 +522,9 @@ def test_cli_on_a_folder_that_is_not_a_run(capsys, tmp_path, command):
 
 
 def test_run_from_a_newer_lorakd_is_refused(capsys, tmp_path):
-    run = fake_run(tmp_path / "run", run_format=RUN_FORMAT + 1)
+    run = fake_run(tmp_path / "run", run_format=runs.RUN_FORMAT + 1)
     assert "newer lorakd" in one_line_error(runs.load_run, run)
-    assert f"run format {RUN_FORMAT + 1}" in cli_error(capsys, "eval", run)
+    assert f"run format {runs.RUN_FORMAT + 1}" in cli_error(capsys, "eval", run)
 
 
 @pytest.mark.parametrize("run_json,fragment", [
@@ -707,7 +707,7 @@ def test_links_planted_at_file_names_are_replaced_not_followed(capsys, tmp_path,
 
 @pytest.mark.parametrize("folder_name", ["plots", "export"])
 def test_a_planted_folder_link_is_refused(capsys, tmp_path, shared_run, folder_name):
-    from lorakd.report import plot_run
+    from lorakd.plots import plot_run
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -814,7 +814,8 @@ def test_csv_cells_never_start_a_formula(tmp_path, tiny_backbone):
 
 
 def test_names_reach_reports_and_plots_as_plain_text(tmp_path, shared_run):
-    from lorakd.report import plot_run, report
+    from lorakd.plots import plot_run
+    from lorakd.report import report
 
     odd = tmp_path / "$\\bogus{$=cmd|'calc'!A0<img src=x>"
     shared_run.rename(odd)
@@ -828,11 +829,11 @@ def test_names_reach_reports_and_plots_as_plain_text(tmp_path, shared_run):
 
 
 def test_a_run_whose_plots_fail_is_still_done(tmp_path, tiny_config, monkeypatch):
-    from lorakd import report
+    from lorakd import plots
 
     def fail(run_dir):
         raise ValueError("mathtext exploded")
-    monkeypatch.setattr(report, "plot_run", fail)
+    monkeypatch.setattr(plots, "plot_run", fail)
     said = []
     train_lib.train(tiny_config(**{"train.max_steps": 2}), tmp_path / "run", plots=True, log=said.append)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "done"

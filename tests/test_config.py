@@ -1,12 +1,11 @@
 """Config: YAML round trip, key=value overrides, frozen values, clear errors, every preset loads."""
 import dataclasses
-from pathlib import Path
 
 import pytest
 
 from lorakd import config
-from lorakd.config import PRESETS, preset_path
 from lorakd.errors import UserError
+from lorakd.yaml_files import PRESETS, preset_path, read_yaml
 
 
 def test_yaml_round_trip(tmp_path):
@@ -50,16 +49,6 @@ def test_precedence_file_then_extra_then_overrides(tmp_path):
     path.write_text("name: file\nmodel:\n  r: 2\n  alpha: 4\ndata:\n  path: from-file\n")
     cfg = config.load(path, ["model.r=8"], {"model.r": 5, "data.path": "from-extra"})
     assert (cfg.name, cfg.model.r, cfg.model.alpha, cfg.data.path) == ("file", 8, 4.0, "from-extra")
-
-
-def test_yaml_on_and_off_are_text_where_text_is_expected(tmp_path):
-    """Only true/false are YAML booleans here: `cuda_graphs: off` is the choice "off", not False."""
-    path = tmp_path / "c.yaml"
-    path.write_text("name: yes\ntrain:\n  cuda_graphs: off\n  tensorboard: on\n")
-    cfg = config.load(path)
-    assert (cfg.name, cfg.train.cuda_graphs, cfg.train.tensorboard) == ("yes", "off", True)
-    path.write_text(config.to_yaml(cfg))
-    assert config.load(path) == cfg
 
 
 def test_large_integers_stay_exact():
@@ -117,7 +106,7 @@ def test_flatten_lists_every_key_once():
 @pytest.mark.parametrize("preset", sorted(PRESETS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_preset_loads(tmp_path, preset):
     """A pipeline preset (with a `teacher:` section) loads as `lorakd pipeline` splits it."""
-    raw = config.read_yaml(preset_path(preset.stem))  # by name, as `--config NAME` finds it
+    raw = read_yaml(preset_path(preset.stem))  # by name, as `--config NAME` finds it
     if "teacher" in raw:
         from lorakd.pipeline import split_configs
 
@@ -143,7 +132,7 @@ def test_every_preset_key_differs_from_the_default(preset):
     teacher the pipeline makes of the student (role teacher, full fine-tune)."""
     from lorakd.pipeline import split_configs
 
-    raw = config.read_yaml(preset_path(preset.stem))
+    raw = read_yaml(preset_path(preset.stem))
     teacher_raw = raw.pop("teacher", None)
     default = config.flatten(config.Config())
     student = config.flatten(config.from_dict(raw))
@@ -153,34 +142,6 @@ def test_every_preset_key_differs_from_the_default(preset):
         teacher = config.flatten(split_configs({**raw, "teacher": teacher_raw})[0])
         same += [f"teacher.{k}" for k in _leaves(teacher_raw) if teacher[k] == teacher_default[k]]
     assert same == [], f"{preset.name} restates the defaults of {same}"
-
-
-def test_shipped_presets_and_sweeps_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
-    """presets and sweeps ship inside the package: found by name, with .yaml, or as the old checkout path
-    presets/NAME.yaml, from a folder without them; a user's own file path still wins."""
-    from lorakd import sweep
-
-    monkeypatch.chdir(tmp_path)
-    assert config.PRESETS.parent == sweep.SWEEPS.parent == Path(config.__file__).parent
-    for preset in sorted(PRESETS.glob("*.yaml")):
-        for form in (preset.stem, preset.name, f"presets/{preset.name}"):
-            assert preset_path(form) == preset, form
-    for s in sorted(sweep.SWEEPS.glob("*.yaml")):
-        for form in (s.stem, s.name, f"sweeps/{s.name}"):
-            assert sweep.find_sweep(form) == s, form
-            assert sweep.plan(form)[2]  # its members build, from the preset it names as base
-    mine = tmp_path / "presets" / "agnews-minilm.yaml"
-    mine.parent.mkdir()
-    mine.write_text("name: mine\n")
-    assert preset_path("presets/agnews-minilm.yaml") == Path("presets/agnews-minilm.yaml")
-    assert config.load(preset_path("presets/agnews-minilm.yaml")).name == "mine"
-    with pytest.raises(UserError, match="no such sweep file"):
-        sweep.find_sweep("elsewhere/minilm-ranks.yaml")
-
-
-def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(UserError, match="no such config file or preset .*agnews-minilm"):
-        preset_path("no-such-preset")
 
 
 def test_local_paths_are_stored_absolute(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from lorakd import config as config_lib
 from lorakd.errors import UserError
 from lorakd.pipeline import run_pipeline
 from lorakd.runs import read_metrics
+from lorakd.yaml_files import read_yaml
 
 
 def test_pipeline_runs_then_skips(tiny_config, tmp_path):
@@ -22,9 +23,9 @@ def test_pipeline_runs_then_skips(tiny_config, tmp_path):
     logs = []
     s = run_pipeline(cfg_path, out=out, predict_input=inp, log=logs.append)
     assert s["stages"] == {"teacher": "trained", "logits": "cached", "student": "trained", "predict": "written"}
-    teacher_cfg = config_lib.from_dict(config_lib.read_yaml(out / "teacher" / "config.yaml"))
+    teacher_cfg = config_lib.from_dict(read_yaml(out / "teacher" / "config.yaml"))
     assert teacher_cfg.role == "teacher" and teacher_cfg.model.full_finetune and teacher_cfg.train.lr == 3e-3
-    student_cfg = config_lib.from_dict(config_lib.read_yaml(out / "student" / "config.yaml"))
+    student_cfg = config_lib.from_dict(read_yaml(out / "student" / "config.yaml"))
     assert student_cfg.distill.teachers == (str(out / "teacher"),)
     assert list((out / "teacher" / "logits").glob("*.pt"))
     train_records = [r for r in read_metrics(out / "student") if r["split"] == "train"]
@@ -81,7 +82,7 @@ def test_pipeline_teacher_rounds_and_ensembles(tiny_config, tmp_path):
     s = run_pipeline(cfg_path, out=out, log=lambda *a: None)
     assert s["teachers"] == [[str(out / "teacher"), str(out / "teacher-r1-2")],
                              [str(out / "teacher-r2-1"), str(out / "teacher-r2-2")]]
-    load = lambda name: config_lib.from_dict(config_lib.read_yaml(out / name / "config.yaml"))  # noqa: E731
+    load = lambda name: config_lib.from_dict(read_yaml(out / name / "config.yaml"))  # noqa: E731
     first, second = load("teacher"), load("teacher-r1-2")
     assert first.distill.teachers == () and second.train.seed == first.train.seed + 1
     assert second.data.split_seed == first.train.seed  # every member sees the same validation rows
@@ -115,7 +116,7 @@ def test_pipeline_and_sweep_take_text_labels_from_the_data(tiny_config, tmp_path
     for _ in range(2):
         s = run_pipeline(tmp_path / "pipe.yaml", out=tmp_path / "pipe", log=lambda *a: None)
     assert s["stages"]["teacher"] == s["stages"]["student"] == "skipped"
-    student = config_lib.from_dict(config_lib.read_yaml(tmp_path / "pipe" / "student" / "config.yaml"))
+    student = config_lib.from_dict(read_yaml(tmp_path / "pipe" / "student" / "config.yaml"))
     assert student.data.label_names == ("negative", "positive")
     (tmp_path / "base.yaml").write_text(yaml.safe_dump({k: v for k, v in raw.items() if k != "teacher"}))
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"name": "t", "base": "base.yaml", "grid": {"model.r": [2]},

@@ -1,27 +1,14 @@
-"""Predict: input formats, label formats, merged adapters give the same predictions."""
+"""Predict: input formats, label formats, streamed chunks, scores."""
 import csv
 import pickle
 
 import pandas as pd
 import pytest
-import torch
 
-from lorakd import data as data_lib
 from lorakd import readers
 from lorakd import predict as predict_lib
 from lorakd.errors import UserError
-from lorakd.evaluate import logits_for
-from lorakd.predict import merged, predict
-from lorakd.runs import open_trained
-
-
-def test_merged_adapters_give_the_same_logits(learned_run):
-    cfg, _, model, tok = open_trained(learned_run, torch.device("cpu"))
-    store = data_lib.TokenStore(data_lib.encode(tok, ["election treaty war", "goal match", "nasa chip"], 32), None,
-                                0, torch.device("cpu"))
-    before = logits_for(model, store, 8)
-    after = logits_for(merged(model), store, 8)
-    assert torch.allclose(before, after, atol=1e-4)
+from lorakd.predict import predict
 
 
 def test_pickle_course_format_and_label_formats(learned_run, tmp_path):

@@ -10,15 +10,7 @@ import pytest
 
 from lorakd import config
 from lorakd.errors import UserError
-from lorakd.report import differing_keys, collect, pareto_front, report
-
-
-def test_pareto_front():
-    pts = [(100, 0.80), (200, 0.85), (150, 0.70), (300, 0.85), (50, 0.60), (200, 0.90), (50, 0.60)]
-    # (150, .70) loses to (100, .80); (200, .85) to (200, .90); (300, .85) to (200, .90); equal points both stay
-    assert pareto_front(pts) == [4, 6, 0, 5]
-    assert pareto_front([]) == []
-    assert pareto_front([(10, 0.5)]) == [0]
+from lorakd.report import differing_keys, collect, report
 
 
 def fake_run(folder, r, val, status="done", test=None, steps=(10, 20), **keys):

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lorakd import config, safepickle
+from lorakd import config
 from lorakd import readers
 from lorakd.errors import UserError
 
