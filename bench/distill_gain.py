@@ -103,10 +103,12 @@ def main():
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every run (smoke tests)")
     ap.add_argument("--scale-summary", action="store_true",
                     help="with --merge: also write distill-scale-summary.json (issue 30's regimes, best student each)")
+    ap.add_argument("--prior", help="with --scale-summary: a scale summary whose arms and teachers that the merged "
+                                    "raw JSONs lack are kept as they are (mean, sd, n of an earlier call)")
     args = ap.parse_args()
     out = Path(args.out)
     if args.merge:
-        return merge(args.merge, out, args.scale_summary, args.students)
+        return merge(args.merge, out, args.scale_summary, args.students, args.prior)
     t_start = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="lorakd-gain-"))
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -149,7 +151,7 @@ def parse_variant(text):
     return name, re.split(r",(?![^\[]*\])", keys)
 
 
-def merge(paths, out, scale=False, students=""):
+def merge(paths, out, scale=False, students="", prior=None):
     """One summary from the raw results of several processes (seeds run side by side, or calls one after
     another: a CE-only call and a teachers' call of the same seeds)."""
     import json
@@ -162,7 +164,7 @@ def merge(paths, out, scale=False, students=""):
                                                        for x in rows}.values())
     summary = summarize(merged)
     if scale:
-        scaled = scale_summary(summary, students.split(","))
+        scaled = scale_summary(summary, students.split(","), json.loads(Path(prior).read_text()) if prior else None)
         atomic.write_json(out / "distill-scale-summary.json", scaled)
         print(json.dumps(scaled, indent=1))
         return
@@ -170,39 +172,39 @@ def merge(paths, out, scale=False, students=""):
     print_summary(summary)
 
 
-def scale_summary(summary, students):
+def scale_summary(summary, students, prior=None):
     """Issue 30's figures per regime: the round-one teacher, the best student arm under the budget (a KD arm or
-    a CE arm, by mean), its gain over the same student's best CE arm, and the seeds; plus every arm's mean/sd."""
+    a CE arm, by mean among the arms run on the most seeds, up to 2), its best KD arm's gain over the same
+    student's best CE arm, and the seeds; plus every arm's mean/sd/n. With `prior` (an earlier scale summary):
+    the arms and teachers the raw results lack are kept from it."""
     from lorakd.budget import count_params
 
     out = {"metric": summary["metric"], "device": summary["device"], "regimes": {}}
-    for regime, entry in summary["regimes"].items():
-        best = None
-        for student in students:
-            e = entry.get(student)
-            if not e or "arms" not in e:
-                continue
-            for arm, m in e["arms"].items():
-                if arm in e.get("incomplete_arms", []):
-                    continue
-                if best is None or m["mean"] > best[2]["mean"]:
-                    best = (student, arm, m, e)
-        if best is None:
+    for regime in sorted(set(summary["regimes"]) | set((prior or {}).get("regimes", {}))):
+        entry, old = summary["regimes"].get(regime, {}), (prior or {}).get("regimes", {}).get(regime, {})
+        arms = {s: {**old.get("arms", {}).get(s, {}), **entry.get(s, {}).get("arms", {})} for s in students}
+        arms = {s: a for s, a in arms.items() if a}
+        if not arms:
             continue
-        student, arm, m, e = best
+        most = min(2, max(m["n"] for a in arms.values() for m in a.values()))
+        best = max(((s, a, m) for s, a_ in arms.items() for a, m in a_.items() if m["n"] >= most),
+                   key=lambda x: x[2]["mean"])
+        student, arm, m = best
         over = [o.format(teacher="embedded:mpnet") for o in STUDENTS[student]]
         cfg = config_lib.load(preset_path("agnews-minilm"), over)
-        ce = max((a for a in e["arms"] if a == "ce" or a.startswith("ce_")), key=lambda a: e["arms"][a]["mean"])
-        kd = max((a for a in e["arms"] if a.startswith("kd_")), key=lambda a: e["arms"][a]["mean"], default=None)
+        own = arms[student]
+        ce = max((a for a in own if a == "ce" or a.startswith("ce_")), key=lambda a: own[a]["mean"], default=None)
+        kd = max((a for a in own if a.startswith("kd_")), key=lambda a: own[a]["mean"], default=None)
         out["regimes"][regime] = {
-            "teacher": entry.get("teacher"), "other_teachers": entry.get("teachers", {}),
+            "teacher": entry.get("teacher") or old.get("teacher"),
+            "other_teachers": {**old.get("other_teachers", {}), **entry.get("teachers", {})},
             "best_student": {"name": f"{student} {arm}", "trainable": count_params(cfg.model, 4)["trainable"],
                              "accuracy_mean": m["mean"], "accuracy_sd": m["sd"], "n": m["n"]},
-            "best_ce": {"name": f"{student} {ce}", **e["arms"][ce]},
-            "best_kd": {"name": f"{student} {kd}", **e["arms"][kd]} if kd else None,
-            "gain_over_ce_pt": round(e["arms"][kd]["mean"] - e["arms"][ce]["mean"], 2) if kd else None,  # best KD arm
-            "seeds": summary["seeds"],  # each arm's own count is its n
-            "arms": {s: entry[s]["arms"] for s in students if s in entry and "arms" in entry[s]}}
+            "best_ce": {"name": f"{student} {ce}", **own[ce]} if ce else None,
+            "best_kd": {"name": f"{student} {kd}", **own[kd]} if kd else None,
+            "gain_over_ce_pt": round(own[kd]["mean"] - own[ce]["mean"], 2) if kd and ce else None,
+            "seeds": sorted({*summary["seeds"], *old.get("seeds", [])}),  # each arm's own count is its n
+            "arms": arms}
     out["pipeline_speedup"] = pipeline_speedup(RESULTS)
     return out
 

@@ -92,6 +92,8 @@ class DistillConfig:
     teacher_ensemble: int = 1  # teachers per round (seeds train.seed, +1, ...); the next round and the student learn their average
     round_augment: int = 0  # rounds 2+: augmented copies of each labelled text as transfer rows (noise beside dropout)
     round_targets: str = "soft"  # rounds 2+: soft (KD on the transfer rows) | hard (CE on the previous round's argmax)
+    round_ensemble: int = 0  # rounds 2+: teachers per round (0 = teacher_ensemble)
+    round_epochs: int = 0  # rounds 2+: the teacher's epochs over labels + transfer rows (0 = its train.epochs)
 
 
 @dataclass(frozen=True)
@@ -338,6 +340,8 @@ def _checks(cfg: Config) -> list[tuple[bool, str, str]]:
         (dc.teacher_rounds >= 1, "distill.teacher_rounds", "must be at least 1"),
         (dc.teacher_ensemble >= 1, "distill.teacher_ensemble", "must be at least 1"),
         (dc.round_augment >= 0, "distill.round_augment", "must be >= 0"),
+        (dc.round_ensemble >= 0, "distill.round_ensemble", "must be >= 0 (0 = distill.teacher_ensemble)"),
+        (dc.round_epochs >= 0, "distill.round_epochs", "must be >= 0 (0 = the teacher's train.epochs)"),
         (all(op in AUGMENT_OPS for op in dc.augment_ops), "distill.augment_ops",
          f"takes only {', '.join(AUGMENT_OPS)}"),
         (len(d.label_names) >= 2, "data.label_names", "needs at least two classes"),

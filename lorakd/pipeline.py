@@ -83,17 +83,18 @@ def pipeline_root(config_path, overrides=(), out=None, data=None) -> Path:
 
 
 def teacher_names(student_cfg) -> list[list[str]]:
-    """The pipeline's own teachers' folder names, round by round: distill.teacher_ensemble seeds a round
-    (`teacher` is round 1's first, as before rounds existed)."""
+    """The pipeline's own teachers' folder names, round by round: distill.teacher_ensemble seeds round 1,
+    distill.round_ensemble (else the same) each later round (`teacher` is round 1's first, as before rounds existed)."""
     dc = student_cfg.distill
-    return [["teacher" if (r, m) == (1, 0) else f"teacher-r{r}" + (f"-{m + 1}" if dc.teacher_ensemble > 1 else "")
-             for m in range(dc.teacher_ensemble)] for r in range(1, dc.teacher_rounds + 1)]
+    sizes = [dc.teacher_ensemble] + [dc.round_ensemble or dc.teacher_ensemble] * (dc.teacher_rounds - 1)
+    return [["teacher" if (r, m) == (1, 0) else f"teacher-r{r}" + (f"-{m + 1}" if n > 1 else "")
+             for m in range(n)] for r, n in enumerate(sizes, 1)]
 
 
 def round_config(teacher_cfg, student_cfg, member: int, previous: list[Path]):
     """One teacher of a round. Member m trains with seed train.seed + m on the same split. A later round is a
     noisy student of the previous one: the labels plus the transfer rows with the previous round's (averaged)
-    targets, its own dropout on, and distill.round_augment copies of each labelled text."""
+    targets, its own dropout on, distill.round_augment copies of each labelled text, and distill.round_epochs."""
     over = {}
     if member:
         split = teacher_cfg.data.split_seed if teacher_cfg.data.split_seed >= 0 else teacher_cfg.train.seed
@@ -104,6 +105,8 @@ def round_config(teacher_cfg, student_cfg, member: int, previous: list[Path]):
                      "distill.temperature": dc.temperature, "distill.rest_as_transfer": dc.rest_as_transfer,
                      "distill.unlabeled": dc.unlabeled, "distill.augment": dc.round_augment,
                      "distill.transfer_targets": dc.round_targets, "distill.max_transfer": dc.max_transfer})
+        if dc.round_epochs:
+            over["train.epochs"] = dc.round_epochs
     return config_lib.override(teacher_cfg, **over) if over else teacher_cfg
 
 

@@ -124,3 +124,21 @@ def test_pipeline_and_sweep_take_text_labels_from_the_data(tiny_config, tmp_path
     for _ in range(2):
         members = sweep.run_sweep(tmp_path / "sweep.yaml")
     assert members[0]["cfg"].data.label_names == ("negative", "positive")
+
+
+def test_later_rounds_take_their_own_ensemble_size_and_epochs(tiny_config, tmp_path):
+    """distill.round_ensemble and round_epochs: round 1 averages two teachers, round 2 is one teacher that
+    trains round_epochs over the labels plus round 1's targets (the 50k preset pipeline-50k-8791)."""
+    from lorakd.pipeline import round_config, teacher_names
+
+    student = tiny_config(**{"distill.teacher_rounds": 2, "distill.teacher_ensemble": 2,
+                             "distill.round_ensemble": 1, "distill.round_epochs": 3, "train.epochs": 1})
+    assert teacher_names(student) == [["teacher", "teacher-r1-2"], ["teacher-r2"]]
+    previous = [tmp_path / "teacher", tmp_path / "teacher-r1-2"]
+    r2 = round_config(student, student, 0, previous)
+    assert r2.train.epochs == 3 and r2.distill.teachers == tuple(map(str, previous))
+    assert round_config(student, student, 1, []).train.epochs == 1  # round 1 keeps the teacher's own epochs
+    same = tiny_config(**{"distill.teacher_rounds": 2, "distill.teacher_ensemble": 2})
+    assert teacher_names(same)[1] == ["teacher-r2-1", "teacher-r2-2"]  # 0: as many as round 1
+    with pytest.raises(UserError, match="distill.round_epochs"):
+        tiny_config(**{"distill.round_epochs": -1})
