@@ -203,7 +203,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .package import __version__
 
     p = Parser(prog="lorakd", description="Budgeted LoRA text classifiers with distillation.")
     p.add_argument("--version", action="version", version=f"lorakd {__version__}")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import atomic, backbones
+from . import atomic
 from . import data as data_lib
 from . import dist
 from . import readers
@@ -125,8 +125,9 @@ def teacher_logits(teacher_dir, cfg, parts, device, log) -> list[torch.Tensor]:
     if list(t_cfg.data.label_names) != list(cfg.data.label_names):  # logit i must mean the same class
         raise UserError(f"{teacher_dir}: the teacher's classes ({', '.join(t_cfg.data.label_names)}) are not the "
                         f"student's ({', '.join(cfg.data.label_names)}), in the same order")
-    backbone = teacher_backbone(cfg, t_cfg)
-    t_cfg = with_backbone(t_cfg, t_info, backbone)
+    # a teacher trained elsewhere may name a backbone path that is not here: the student's then, when the
+    # architectures match (with_backbone checks that)
+    t_cfg = with_backbone(t_cfg, t_info, cfg.model.backbone, if_missing=True)
     teacher = None
     out = []
     for part in parts:
@@ -143,16 +144,6 @@ def teacher_logits(teacher_dir, cfg, parts, device, log) -> list[torch.Tensor]:
             f"({time.time() - t0:.1f}s)")
         out.append(logits)
     return out
-
-
-def teacher_backbone(cfg, t_cfg):
-    """A teacher trained elsewhere may name a backbone path that is not here: use the student's when the
-    architectures match (with_backbone checks that), else the teacher's own."""
-    try:
-        backbones.resolve_backbone(t_cfg.model.backbone)
-        return None
-    except UserError:
-        return cfg.model.backbone
 
 
 # ---------------------------------------------------------------- the cache

@@ -72,6 +72,6 @@ def evaluate_run(run_dir, split="validation", device="auto", backbone=None, log=
     return m
 
 
-from . import callable_module  # noqa: E402
+from .package import callable_module  # noqa: E402
 
-callable_module(__name__)  # lorakd.evaluate(...) runs the API call lorakd.api.evaluate (lorakd/__init__.py)
+callable_module(__name__)  # lorakd.evaluate(...) runs the API call lorakd.api.evaluate (lorakd/package.py)

@@ -200,6 +200,6 @@ def export(run_dir, out_dir=None, adapter_only=False, onnx=False, backbone=None,
     return result
 
 
-from . import callable_module  # noqa: E402
+from .package import callable_module  # noqa: E402
 
-callable_module(__name__)  # lorakd.export(...) runs the API call lorakd.api.export (lorakd/__init__.py)
+callable_module(__name__)  # lorakd.export(...) runs the API call lorakd.api.export (lorakd/package.py)

@@ -182,6 +182,6 @@ def run_pipeline(config_path, overrides=(), out=None, data=None, predict_input=N
     return summary
 
 
-from . import callable_module  # noqa: E402
+from .package import callable_module  # noqa: E402
 
-callable_module(__name__)  # lorakd.pipeline(...) runs the API call lorakd.api.pipeline (lorakd/__init__.py)
+callable_module(__name__)  # lorakd.pipeline(...) runs the API call lorakd.api.pipeline (lorakd/package.py)

@@ -368,6 +368,6 @@ def predict_texts(run_dir, texts, device="auto", batch_size=None, backbone=None,
     return names, probabilities(logits_of(m, texts, batch_size or default_batch_size(kind, runtime)))
 
 
-from . import callable_module  # noqa: E402
+from .package import callable_module  # noqa: E402
 
-callable_module(__name__)  # lorakd.predict(...) runs the API call lorakd.api.predict (lorakd/__init__.py)
+callable_module(__name__)  # lorakd.predict(...) runs the API call lorakd.api.predict (lorakd/package.py)

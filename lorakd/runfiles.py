@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
-from . import STARTED, __version__, atomic, dist
+from . import atomic, dist
 from . import config as config_lib
 from .errors import UserError
+from .package import STARTED, __version__
 from .runs import RUN_FORMAT
 
 

@@ -71,9 +71,16 @@ def load_run(run_dir):
         raise UserError(f"{path}: {e}") from None
 
 
-def with_backbone(cfg, info, backbone=None):
+def with_backbone(cfg, info, backbone=None, if_missing=False):
     """The run's config, its backbone optionally swapped for an equal copy (a local folder, say).
-    A backbone of another architecture than the one the adapter was trained on is refused."""
+    A backbone of another architecture than the one the adapter was trained on is refused. if_missing: swapped
+    only when the run's own backbone is not here (a teacher trained elsewhere may name a folder of its machine)."""
+    if backbone and if_missing:
+        try:
+            backbones.resolve_backbone(cfg.model.backbone)
+            backbone = None
+        except UserError:
+            pass
     if backbone:
         cfg = config_lib.override(cfg, **{"model.backbone": backbone})
     found = backbones.backbone_fingerprint(backbones.backbone_config(cfg.model.backbone, len(cfg.data.label_names)))

@@ -288,6 +288,6 @@ def finish(run, plots=False) -> dict:
     return summary
 
 
-from . import callable_module  # noqa: E402
+from .package import callable_module  # noqa: E402
 
-callable_module(__name__)  # lorakd.train(...) runs the API call lorakd.api.train (lorakd/__init__.py)
+callable_module(__name__)  # lorakd.train(...) runs the API call lorakd.api.train (lorakd/package.py)
