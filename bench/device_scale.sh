@@ -5,6 +5,9 @@
 #   bash bench/device_scale.sh kd        # teachers (2-teacher ensemble, round 2) and distilled students (MiniLM
 #                                        # filling the budget, mpnet r6 q/k/v), 3 seeds; /tmp/mpnet needed
 # Results: /tmp/res (raw JSONs and logs); `tar czf $OUT/res.tgz -C /tmp res` brings them back.
+# Poll with back-to-back calls (the machine is given back after 30 s idle, and /tmp with it): start each call with
+# `ls /tmp/mpnet | wc -l` (11) and stop at once if not; wait on the jobs by a pid file, not `pgrep -f NAME`
+# (which matches the polling command itself).
 set -u
 mkdir -p /tmp/res /tmp/d50
 [ -s /tmp/d50/train.csv ] || gunzip -c .device-carry/data/train50k.csv.gz > /tmp/d50/train.csv
