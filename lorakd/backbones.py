@@ -205,6 +205,14 @@ def backbone_fingerprint(hf_config) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def check_trained_on(name: str, num_labels: int, info: dict):
+    """Refuses backbone `name` for a run (`info`, its run.json) trained on another architecture."""
+    found = backbone_fingerprint(backbone_config(name, num_labels))
+    if info.get("backbone_fingerprint") and found != info["backbone_fingerprint"]:
+        raise UserError(f"backbone {name} is not the one this run was trained on ({info.get('backbone')}): its "
+                        "architecture differs")
+
+
 def quiet_transformers():
     from transformers.utils import logging as hf_logging
 

@@ -1,23 +1,20 @@
 """Distillation, all of it: which teachers, the transfer rows they label, their logits over any rows (computed
-once, cached in the teacher's run folder), averaging them into soft targets, and the student's loss."""
+once, cached in the teacher's run folder: logits_cache), averaging them into soft targets, and the student's loss."""
 from __future__ import annotations
 
-import hashlib
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import atomic
 from . import data as data_lib
-from . import dist
 from . import readers
 from . import rows as rows_lib
 from .errors import UserError
 from .inference import open_loaded
-from .runs import load_run, with_backbone
+from .logits_cache import cached_teacher_logits
+from .runs import load_teacher
 
 
 # ---------------------------------------------------------------- the loss
@@ -118,16 +115,7 @@ def soft_targets(cfg, parts: list[rows_lib.Split], device, log) -> torch.Tensor:
 
 def teacher_logits(teacher_dir, cfg, parts, device, log) -> list[torch.Tensor]:
     """One teacher's logits over each part, each from its cache or computed once and cached."""
-    t_cfg, t_info = load_run(teacher_dir)
-    if t_info.get("status") != "done":  # half-trained weights, or a run another process is still writing
-        raise UserError(f"{teacher_dir}: the teacher has not finished training (status {t_info.get('status')}); "
-                        f"finish it with lorakd train --resume {teacher_dir}")
-    if list(t_cfg.data.label_names) != list(cfg.data.label_names):  # logit i must mean the same class
-        raise UserError(f"{teacher_dir}: the teacher's classes ({', '.join(t_cfg.data.label_names)}) are not the "
-                        f"student's ({', '.join(cfg.data.label_names)}), in the same order")
-    # a teacher trained elsewhere may name a backbone path that is not here: the student's then, when the
-    # architectures match (with_backbone checks that)
-    t_cfg = with_backbone(t_cfg, t_info, cfg.model.backbone, if_missing=True)
+    t_cfg, t_info = load_teacher(teacher_dir, cfg)
     teacher = None
     out = []
     for part in parts:
@@ -144,40 +132,3 @@ def teacher_logits(teacher_dir, cfg, parts, device, log) -> list[torch.Tensor]:
             f"({time.time() - t0:.1f}s)")
         out.append(logits)
     return out
-
-
-# ---------------------------------------------------------------- the cache
-
-def _weights_hash(run_dir: Path) -> str:
-    """Identifies a teacher's trained weights: retraining it changes the hash and so invalidates caches."""
-    files = sorted((run_dir / "adapter").glob("*.safetensors")) + sorted((run_dir / "model").glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{run_dir}: teacher has no trained weights (adapter/ or model/); did it finish?")
-    h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}".encode())
-        with open(f, "rb") as fh:  # the head and tail of each file: cheap, and changes with the weights
-            h.update(fh.read(1 << 20))
-            fh.seek(max(0, st.st_size - (1 << 20)))
-            h.update(fh.read())
-    return h.hexdigest()[:16]
-
-
-def cached_teacher_logits(teacher_dir, data_key: str, compute):
-    """(logits [N, C], from cache?) over the rows data_key names, from TEACHER/logits/, recomputed when the
-    teacher's weights or the rows changed (a stale or broken cache is rebuilt, never silently used)."""
-    teacher_dir = Path(teacher_dir)
-    key = f"{_weights_hash(teacher_dir)}-{data_key}"
-    path = teacher_dir / "logits" / f"{data_key}.pt"
-    if path.exists():
-        try:
-            cached = torch.load(path, map_location="cpu", weights_only=True)
-            if cached.get("key") == key:
-                return cached["logits"], True
-        except Exception:  # a torn or foreign file: rebuild it
-            pass
-    logits = compute()
-    if dist.env()[0] == 0:
-        atomic.torch_save(path, {"key": key, "logits": logits})
-    return logits, False

@@ -1,10 +1,12 @@
-"""The graphed step's model side: the device and its warm start, precision, attention masks, and the patches that
-make a transformers model capturable as a CUDA graph."""
+"""The graphed step's model side: the device and its warm start, precision (inference's too: LoRA merged, frozen
+weights in the amp dtype), attention masks, and the patches that make a transformers model capturable as a CUDA
+graph."""
 from __future__ import annotations
 
 import contextlib
 import json
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -117,6 +119,27 @@ def amp_dtype(precision: str, device: torch.device):
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
+
+
+def for_inference(model, device, precision, merge=True):
+    """(model, its amp dtype): the one precision rule for inference. LoRA folded into the weights (the same
+    function, fewer products) unless merge=False; nothing trains, so every weight is frozen and stored in the amp
+    dtype (bf16 on a GPU: half the traffic, and autocast computes in it anyway). On a CPU under precision auto
+    amp is None: fp32, as trained."""
+    model = (merged(model.float()) if merge else model.float()).to(device).eval().requires_grad_(False)
+    amp = amp_dtype(precision, device)
+    if amp is not None:
+        freeze_to(model, amp)
+    return model, amp
+
+
+def merged(model):
+    """Fold LoRA into the frozen weights for inference: the same function with plain Linear layers."""
+    if hasattr(model, "merge_and_unload"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return model.merge_and_unload()
+    return model
 
 
 def autocast(device, dtype):

@@ -24,7 +24,8 @@ CHUNK = 16_384  # texts tokenised and labelled at a time: a large transfer set s
 @dataclass(frozen=True)
 class TrainedModel:
     """What inference needs of a trained model. cfg and info (run.json) are the run's, None for an exported folder;
-    model: in eval mode on `device`, in the precision _for_inference gives it; amp: its autocast dtype (None: fp32)."""
+    model: in eval mode on `device`, in the precision graphs.for_inference gives it; amp: its autocast dtype (None:
+    fp32)."""
     cfg: object
     info: dict | None
     model: torch.nn.Module
@@ -66,8 +67,8 @@ def open_loaded(run_dir, cfg, info, device, merge=True, precision=None) -> Train
     """open_run for a run whose config and run.json the caller has read already (load_run, with_backbone)."""
     model = model_lib.load_trained(cfg, run_dir, len(cfg.data.label_names))
     tok = backbones.load_tokenizer(cfg.model.backbone)
-    return _for_inference(model, tok, device, precision or cfg.train.precision, cfg.data.max_length, cfg, info,
-                          merge)
+    model, amp = graphs.for_inference(model, device, precision or cfg.train.precision, merge)
+    return TrainedModel(cfg, info, model, tok, device, amp, cfg.data.max_length)
 
 
 def open_folder(kind, p: Path, device, names=None, backbone=None) -> TrainedModel:
@@ -75,27 +76,8 @@ def open_folder(kind, p: Path, device, names=None, backbone=None) -> TrainedMode
     backbones.quiet_transformers()
     model = _open_adapter(p, backbone, names) if kind == "adapter" else _open_export(p)
     tok = _open_tokenizer(p)
-    return _for_inference(model, tok, device, "auto", data_lib.folder_max_length(tok))
-
-
-def _for_inference(model, tok, device, precision, max_length, cfg=None, info=None, merge=True) -> TrainedModel:
-    """The one precision rule: LoRA folded into the weights (the same function, fewer products); nothing trains,
-    so every weight is frozen and stored in the amp dtype (bf16 on a GPU: half the traffic, and autocast computes
-    in it anyway). On a CPU under precision auto amp is None: fp32, as trained."""
-    model = (merged(model.float()) if merge else model.float()).to(device).eval().requires_grad_(False)
-    amp = graphs.amp_dtype(precision, device)
-    if amp is not None:
-        graphs.freeze_to(model, amp)
-    return TrainedModel(cfg, info, model, tok, device, amp, max_length)
-
-
-def merged(model):
-    """Fold LoRA into the frozen weights for inference: the same function with plain Linear layers."""
-    if hasattr(model, "merge_and_unload"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return model.merge_and_unload()
-    return model
+    model, amp = graphs.for_inference(model, device, "auto")
+    return TrainedModel(None, None, model, tok, device, amp, data_lib.folder_max_length(tok))
 
 
 def progress_bar(total: int, desc: str):

@@ -66,31 +66,31 @@ def load_trained(cfg, run_dir: Path, num_labels: int):
 
     quiet_transformers()
     run_dir = Path(run_dir)
-    if cfg.model.full_finetune:
-        src = run_dir / "model"
-        if not (src / "config.json").exists():
-            raise UserError(f"{run_dir}: no trained model in model/ (did training finish?)")
-        try:
-            return graph_safe(AutoModelForSequenceClassification.from_pretrained(src, **safe_kwargs(src)).float())
-        except (OSError, SafetensorError) as e:
-            raise load_error("run", str(run_dir), "weights", e) from None
-    from peft import PeftModel
+    if not cfg.model.full_finetune:  # LoRA: the backbone plus adapter/
+        from peft import PeftModel
 
-    src = run_dir / "adapter"
-    if not (src / "adapter_config.json").exists():
-        raise UserError(f"{run_dir}: no adapter in adapter/ (did training finish?)")
-    src_base = resolve_backbone(cfg.model.backbone)
-    try:
-        base = AutoModelForSequenceClassification.from_pretrained(src_base, num_labels=num_labels,
-                                                                  **safe_kwargs(src_base))
-    except (OSError, SafetensorError) as e:
-        raise load_error("backbone", cfg.model.backbone, "weights", e) from None
-    base = graph_safe(base.float())
-    check_folder(src)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        src = run_dir / "adapter"
+        if not (src / "adapter_config.json").exists():
+            raise UserError(f"{run_dir}: no adapter in adapter/ (did training finish?)")
+        src_base = resolve_backbone(cfg.model.backbone)
         try:
-            return PeftModel.from_pretrained(base, src)
-        except (RuntimeError, SafetensorError) as e:  # shape mismatch: the adapter belongs to another backbone
-            raise UserError(f"{run_dir}: the adapter does not fit backbone {cfg.model.backbone} "
-                            f"({first_line(e)})") from None
+            base = AutoModelForSequenceClassification.from_pretrained(src_base, num_labels=num_labels,
+                                                                      **safe_kwargs(src_base))
+        except (OSError, SafetensorError) as e:
+            raise load_error("backbone", cfg.model.backbone, "weights", e) from None
+        base = graph_safe(base.float())
+        check_folder(src)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return PeftModel.from_pretrained(base, src)
+            except (RuntimeError, SafetensorError) as e:  # shape mismatch: the adapter belongs to another backbone
+                raise UserError(f"{run_dir}: the adapter does not fit backbone {cfg.model.backbone} "
+                                f"({first_line(e)})") from None
+    src = run_dir / "model"
+    if not (src / "config.json").exists():
+        raise UserError(f"{run_dir}: no trained model in model/ (did training finish?)")
+    try:
+        return graph_safe(AutoModelForSequenceClassification.from_pretrained(src, **safe_kwargs(src)).float())
+    except (OSError, SafetensorError) as e:
+        raise load_error("run", str(run_dir), "weights", e) from None

@@ -112,7 +112,7 @@ def round_config(teacher_cfg, student_cfg, member: int, previous: list[Path]):
 
 def _predict_stage(root: Path, student_dir: Path, predict_input, log) -> str:
     """predictions.csv of the student over predict_input, skipped while both (by their hashes) are unchanged."""
-    from .distill import _weights_hash
+    from .logits_cache import _weights_hash
     from .predict import predict
 
     pred = root / "predictions.csv"

@@ -71,23 +71,33 @@ def load_run(run_dir):
         raise UserError(f"{path}: {e}") from None
 
 
-def with_backbone(cfg, info, backbone=None, if_missing=False):
-    """The run's config, its backbone optionally swapped for an equal copy (a local folder, say).
-    A backbone of another architecture than the one the adapter was trained on is refused. if_missing: swapped
-    only when the run's own backbone is not here (a teacher trained elsewhere may name a folder of its machine)."""
-    if backbone and if_missing:
-        try:
-            backbones.resolve_backbone(cfg.model.backbone)
-            backbone = None
-        except UserError:
-            pass
+def with_backbone(cfg, info, backbone=None):
+    """The run's config, its backbone optionally swapped for an equal copy (a local folder, say). A backbone of
+    another architecture than the one the adapter was trained on is refused."""
     if backbone:
         cfg = config_lib.override(cfg, **{"model.backbone": backbone})
-    found = backbones.backbone_fingerprint(backbones.backbone_config(cfg.model.backbone, len(cfg.data.label_names)))
-    if info.get("backbone_fingerprint") and found != info["backbone_fingerprint"]:
-        raise UserError(f"backbone {cfg.model.backbone} is not the one this run was trained on "
-                        f"({info.get('backbone')}): its architecture differs")
+    backbones.check_trained_on(cfg.model.backbone, len(cfg.data.label_names), info)
     return cfg
+
+
+def load_teacher(run_dir, student):
+    """(config, run.json) of a finished run that can teach `student` (a config): the same classes, in the same
+    order. A teacher trained elsewhere may name a backbone folder that is not here: the student's backbone is
+    used then, when the architectures match."""
+    cfg, info = load_run(run_dir)
+    if info.get("status") != "done":  # half-trained weights, or a run another process is still writing
+        raise UserError(f"{run_dir}: the teacher has not finished training (status {info.get('status')}); "
+                        f"finish it with lorakd train --resume {run_dir}")
+    if list(cfg.data.label_names) != list(student.data.label_names):  # logit i must mean the same class
+        raise UserError(f"{run_dir}: the teacher's classes ({', '.join(cfg.data.label_names)}) are not the "
+                        f"student's ({', '.join(student.data.label_names)}), in the same order")
+    own = cfg
+    cfg = config_lib.override(own, **{"model.backbone": student.model.backbone})
+    with contextlib.suppress(UserError):
+        backbones.resolve_backbone(own.model.backbone)
+        cfg = own  # the teacher's own backbone is here: it stays
+    backbones.check_trained_on(cfg.model.backbone, len(cfg.data.label_names), info)
+    return cfg, info
 
 
 def _open_lock(path: Path) -> int:

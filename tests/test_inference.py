@@ -8,7 +8,8 @@ from lorakd import config as config_lib
 from lorakd import data as data_lib
 from lorakd import inference
 from lorakd import model as model_lib
-from lorakd.inference import TrainedModel, logits_for, merged, open_folder, open_run
+from lorakd.graphs import merged
+from lorakd.inference import TrainedModel, logits_for, open_folder, open_run
 from lorakd.predict import OnnxModel
 from lorakd.runs import load_run
 
