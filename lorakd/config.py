@@ -285,6 +285,35 @@ def safe_name(name) -> bool:
             and not any(c in name for c in "/\\"))
 
 
+# key: (the lowest value it takes, what that lowest value means): the plain lower bounds, checked first
+AT_LEAST = {
+    "model.r": (1, ""),
+    "model.budget": (0, ""),
+    "train.batch_size": (1, ""),
+    "train.max_steps": (0, ""),
+    "train.weight_decay": (0, ""),
+    "train.grad_clip": (0, ""),
+    "train.grad_accum": (1, ""),
+    "train.log_every": (1, ""),
+    "train.early_stop_patience": (0, "0 = off"),
+    "train.eval_every": (0, ""),
+    "train.checkpoint_every": (0, ""),
+    "train.eval_batch_size": (1, ""),
+    "train.threads": (0, "0 = torch's default"),
+    "data.max_length": (8, ""),
+    "data.repeat": (1, ""),
+    "data.max_train_samples": (0, ""),
+    "data.labelled": (0, "0 = every row"),
+    "distill.augment": (0, ""),
+    "distill.max_transfer": (0, ""),
+    "distill.teacher_rounds": (1, ""),
+    "distill.teacher_ensemble": (1, ""),
+    "distill.round_augment": (0, ""),
+    "distill.round_ensemble": (0, "0 = distill.teacher_ensemble"),
+    "distill.round_epochs": (0, "0 = the teacher's train.epochs"),
+}
+
+
 def validate(cfg: Config):
     flat = flatten(cfg)
     if not safe_name(cfg.name):
@@ -293,6 +322,10 @@ def validate(cfg: Config):
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise UserError(f"config key {key}: {brief(flat[key])} is not one of {', '.join(allowed)}")
+    for key, (low, note) in AT_LEAST.items():
+        if flat[key] < low:
+            raise UserError(f"config key {key}: {brief(flat[key])} must be " + (f"at least {low}" if low else ">= 0")
+                            + (f" ({note})" if note else ""))
     for ok, key, msg in _checks(cfg):
         if not ok:
             raise UserError(f"config key {key}: {brief(flat[key])} {msg}")
@@ -302,46 +335,22 @@ def _checks(cfg: Config) -> list[tuple[bool, str, str]]:
     """(holds, key, what it must be) for every value rule of the config."""
     m, t, d, dc = cfg.model, cfg.train, cfg.data, cfg.distill
     return [
-        (m.r >= 1, "model.r", "must be at least 1"),
         (m.alpha > 0, "model.alpha", "must be positive"),
         (0 <= m.dropout < 1, "model.dropout", "must be in [0, 1)"),
         (m.full_finetune or len(m.targets) > 0, "model.targets", "needs at least one module name"),
         (all(layer >= 0 for layer in m.layers), "model.layers", "layer indices start at 0"),
-        (m.budget >= 0, "model.budget", "must be >= 0"),
         (t.lr > 0, "train.lr", "must be positive"),
-        (t.batch_size >= 1, "train.batch_size", "must be at least 1"),
         (t.epochs > 0 or t.max_steps > 0, "train.epochs", "must be positive (or set train.max_steps)"),
-        (t.max_steps >= 0, "train.max_steps", "must be >= 0"),
-        (t.weight_decay >= 0, "train.weight_decay", "must be >= 0"),
         (0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)"),
-        (t.grad_clip >= 0, "train.grad_clip", "must be >= 0"),
         (m.backbone_dropout == -1.0 or 0.0 <= m.backbone_dropout < 1.0, "model.backbone_dropout",
          "must be in [0, 1), or -1 for the backbone's own"),
-        (t.grad_accum >= 1, "train.grad_accum", "must be at least 1"),
-        (t.log_every >= 1, "train.log_every", "must be at least 1"),
-        (t.early_stop_patience >= 0, "train.early_stop_patience", "must be >= 0 (0 = off)"),
-        (t.eval_every >= 0, "train.eval_every", "must be >= 0"),
-        (t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0"),
-        (t.eval_batch_size >= 1, "train.eval_batch_size", "must be at least 1"),
-        (t.threads >= 0, "train.threads", "must be >= 0 (0 = torch's default)"),
         (0 <= t.capture_warmups <= 10, "train.capture_warmups", "must be between 0 and 10"),
         (0 <= d.val_fraction < 1, "data.val_fraction", "must be in [0, 1)"),
-        (d.max_length >= 8, "data.max_length", "must be at least 8"),
         (d.pad_multiple == 0 or (d.pad_multiple >= 1 and d.max_length % d.pad_multiple == 0), "data.pad_multiple",
          "must be 0 (auto) or divide data.max_length (a padded batch never exceeds it)"),
-        (d.repeat >= 1, "data.repeat", "must be at least 1"),
-        (d.max_train_samples >= 0, "data.max_train_samples", "must be >= 0"),
-        (d.labelled >= 0, "data.labelled", "must be >= 0 (0 = every row)"),
-        (dc.augment >= 0, "distill.augment", "must be >= 0"),
         (not dc.augment or dc.augment_ops, "distill.augment_ops", "needs at least one op when distill.augment > 0"),
         (not d.labelled or d.labelled >= len(d.label_names), "data.labelled",
          f"gives some of the {len(d.label_names)} classes no labelled row (0 = every row)"),
-        (dc.max_transfer >= 0, "distill.max_transfer", "must be >= 0"),
-        (dc.teacher_rounds >= 1, "distill.teacher_rounds", "must be at least 1"),
-        (dc.teacher_ensemble >= 1, "distill.teacher_ensemble", "must be at least 1"),
-        (dc.round_augment >= 0, "distill.round_augment", "must be >= 0"),
-        (dc.round_ensemble >= 0, "distill.round_ensemble", "must be >= 0 (0 = distill.teacher_ensemble)"),
-        (dc.round_epochs >= 0, "distill.round_epochs", "must be >= 0 (0 = the teacher's train.epochs)"),
         (all(op in AUGMENT_OPS for op in dc.augment_ops), "distill.augment_ops",
          f"takes only {', '.join(AUGMENT_OPS)}"),
         (len(d.label_names) >= 2, "data.label_names", "needs at least two classes"),
