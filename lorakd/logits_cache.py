@@ -12,7 +12,7 @@ from . import dist
 from .errors import UserError
 
 
-def _weights_hash(run_dir: Path) -> str:
+def weights_hash(run_dir: Path) -> str:
     """Identifies a teacher's trained weights: retraining it changes the hash and so invalidates caches."""
     files = sorted((run_dir / "adapter").glob("*.safetensors")) + sorted((run_dir / "model").glob("*.safetensors"))
     if not files:
@@ -32,7 +32,7 @@ def cached_teacher_logits(teacher_dir, data_key: str, compute):
     """(logits [N, C], from cache?) over the rows data_key names, from TEACHER/logits/, recomputed when the
     teacher's weights or the rows changed (a stale or broken cache is rebuilt, never silently used)."""
     teacher_dir = Path(teacher_dir)
-    key = f"{_weights_hash(teacher_dir)}-{data_key}"
+    key = f"{weights_hash(teacher_dir)}-{data_key}"
     path = teacher_dir / "logits" / f"{data_key}.pt"
     if path.exists():
         try:

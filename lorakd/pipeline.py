@@ -112,11 +112,11 @@ def round_config(teacher_cfg, student_cfg, member: int, previous: list[Path]):
 
 def _predict_stage(root: Path, student_dir: Path, predict_input, log) -> str:
     """predictions.csv of the student over predict_input, skipped while both (by their hashes) are unchanged."""
-    from .logits_cache import _weights_hash
+    from .logits_cache import weights_hash
     from .predict import predict
 
     pred = root / "predictions.csv"
-    stamp = {"input": _file_hash(predict_input), "student": _weights_hash(student_dir)}
+    stamp = {"input": _file_hash(predict_input), "student": weights_hash(student_dir)}
     stamp_path = root / "predictions.json"
     try:
         old = read_json(stamp_path) if stamp_path.exists() else None
