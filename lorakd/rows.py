@@ -55,6 +55,8 @@ def _label(value, names, one_based, where):
     k = len(names)
     if value is None:
         raise UserError(f"{where}: no label")
+    if isinstance(value, str) and not value.strip():
+        raise UserError(f"{where}: label {value!r} is empty; give every row its class")
     if isinstance(value, (bool, np.bool_)):
         raise UserError(f"{where}: label {value!r} is not a class")
     if isinstance(value, (int, np.integer)) or (isinstance(value, float) and float(value).is_integer()):
@@ -165,9 +167,12 @@ def _is_number(value) -> bool:
 
 def names_from_labels(values) -> tuple[str, ...]:
     """The classes of data whose config leaves data.label_names unset: its text labels, sorted (positive,
-    negative -> negative, positive). Class numbers, and labels that are all AG News names, keep the default."""
-    text = {str(v).strip() for v in values if v is not None and not _is_number(v)}
+    negative -> negative, positive). Class numbers keep the default; labels that are all AG News names keep
+    its order (World, Sports: only those two)."""
+    text = {str(v).strip().lower() for v in values if v is not None and not _is_number(v)}
     text.discard("")
-    if not text or {t.lower() for t in text} <= {n.lower() for n in AG_NEWS_LABELS}:
+    if not text:
         return AG_NEWS_LABELS
+    if text <= {n.lower() for n in AG_NEWS_LABELS}:
+        return tuple(n for n in AG_NEWS_LABELS if n.lower() in text)
     return tuple(sorted({str(v).strip() for v in values if v is not None and str(v).strip()}))

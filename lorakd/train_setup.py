@@ -21,6 +21,7 @@ from .graphed_step import graphed
 from .runfiles import Phases, open_run_folder
 from .runs import read_metrics
 from .step import Step, TrainState, make_optimizer, make_scheduler
+from .trust import read_json
 
 
 # ---------------------------------------------------------------- the step
@@ -131,7 +132,12 @@ def check_setting(cfg, run_dir, resume, device, world):
     if resume and os.path.lexists(checkpoint):  # a planted link: resume would write and delete through it
         atomic.folder(checkpoint)
     if not resume and (run_dir / "run.json").exists():
-        raise UserError(f"{run_dir}: a run already exists here; use --resume {run_dir} or another --out")
+        try:
+            done = read_json(run_dir / "run.json").get("status") == "done"
+        except (UserError, OSError):  # a damaged run.json: the message below still holds
+            done = False
+        raise UserError(f"{run_dir}: a run already exists here" + (", finished; give another --out" if done else
+                                                                  f"; use --resume {run_dir} or another --out"))
     if not resume and run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):
         raise UserError(f"{run_dir}: a folder with other files in it; give a new or empty folder (--out)")
 

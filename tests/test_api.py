@@ -52,7 +52,7 @@ def test_train_returns_what_the_run_wrote_and_resume_returns_it_again(tiny_confi
     assert lorakd.train(resume=out, log=logs.append) == run and logs == [f"{out}: already finished"]
     with pytest.raises(UserError, match="resume takes the run's own config and folder"):
         lorakd.train(tiny_config(), resume=out)
-    with pytest.raises(UserError, match="a run already exists here"):
+    with pytest.raises(UserError, match="a run already exists here, finished; give another --out"):
         lorakd.train(tiny_config(), out=out, **QUIET)
 
 

@@ -295,6 +295,19 @@ def test_text_labels_are_taken_from_the_data_sorted(tmp_path):
     assert data.with_label_names(same, said.append) == same and len(said) == 1  # class numbers: the default names
 
 
+def test_text_labels_that_are_some_ag_news_names_keep_its_order_and_only_those(tmp_path):
+    """World and Sports only, no data.label_names: two classes in AG News order, not the four defaults (the
+    classes the data lacks would have no train row); all four keep the default quietly."""
+    (tmp_path / "train.csv").write_text("text,label\nmatch won,Sports\nsummit held,World\ncup final,sports\n")
+    cfg = config.load(None, [f"data.path={tmp_path}", "data.val_fraction=0"])
+    said = []
+    resolved = data.with_label_names(cfg, said.append)
+    assert resolved.data.label_names == ("World", "Sports") and len(said) == 1
+    assert data.load_splits(resolved.data, seed=0)["train"].labels.tolist() == [1, 0, 1]
+    (tmp_path / "train.csv").write_text("text,label\na,World\nb,Sports\nc,Business\nd,Sci/Tech\n")
+    assert data.with_label_names(cfg, said.append) == cfg and len(said) == 1
+
+
 def test_a_fixed_label_order_is_kept_and_a_label_outside_it_names_the_key(tmp_path):
     (tmp_path / "train.csv").write_text("text,label\ngood film,positive\nbad film,negative\nmeh,neutral\n")
     cfg = config.load(None, [f"data.path={tmp_path}", "data.label_names=[positive,negative]"])
