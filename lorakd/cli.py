@@ -139,6 +139,8 @@ def cmd_params(args):
             m[f"model.{key}"] = getattr(args, key)
     if args.full_finetune:
         m["model.full_finetune"] = True
+    if args.budget is not None:
+        m["model.budget"] = args.budget
     if args.labels is not None:
         m["data.label_names"] = [f"class{i}" for i in range(args.labels)]
     cfg = config_lib.override(cfg, **m) if m else cfg
@@ -283,6 +285,7 @@ def _add_design_commands(sub):
     c.add_argument("--layers", help="comma-separated layer indices (default all)")
     c.add_argument("--labels", type=int, help="number of classes (default: the config's, 4)")
     c.add_argument("--full-finetune", action="store_true", help="count a full fine-tune (a teacher)")
+    c.add_argument("--budget", type=int, help="trainable-parameter budget to check against (sets model.budget)")
     c.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.layers=[0,5]")
     c.set_defaults(func=cmd_params)
 

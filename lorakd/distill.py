@@ -57,8 +57,8 @@ def transfer_rows(cfg, splits, tokenizer=None, log=print) -> rows_lib.Split | No
     if not dc.teachers:
         if dc.unlabeled or dc.augment:
             raise UserError("distill.unlabeled / distill.augment: transfer rows need distill.teachers to label them")
-        log(f"data.labelled: the other {len(splits['unlabelled']):,} train rows are not used (no distill.teachers "
-            "to label them)")
+        log(f"data.labelled: the other {len(splits['unlabelled']):,} train rows are not used by this run (it has no "
+            "distill.teachers to label them)")
         return None
     parts = []
     if rest:

@@ -44,6 +44,8 @@ def test_params_command_prints_reference_figures(capsys):
     main(["params", "--model", "roberta-base", "--r", "6", "--alpha", "16", "--targets", "query,key,value"])
     out = capsys.readouterr().out
     assert "trainable 925,444 of 125,574,152" in out and "lora attention.self.query" in out
+    main(["params", "--model", "roberta-base", "--budget", "900000"])  # as train takes it
+    assert "budget 900,000: OVER" in capsys.readouterr().out
 
 
 def test_mpnet_counts_without_weights():

@@ -80,7 +80,8 @@ def test_transfer_rows_need_a_teacher(tiny_config):
     cfg = tiny_config(**{"data.labelled": 40})  # no teachers: the other rows are unused, and the log says so
     logs = []
     assert transfer_rows(cfg, data.load_splits(cfg.data, 0), log=logs.append) is None
-    assert logs == ["data.labelled: the other 320 train rows are not used (no distill.teachers to label them)"]
+    assert logs == ["data.labelled: the other 320 train rows are not used by this run (it has no distill.teachers "
+                    "to label them)"]
 
 
 def _teacher(tiny_config, tmp_path, **over):
