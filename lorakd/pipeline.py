@@ -131,7 +131,11 @@ def _predict_stage(root: Path, student_dir: Path, predict_input, log) -> str:
 
 
 def run_pipeline(config_path, overrides=(), out=None, data=None, predict_input=None, log=print) -> dict:
-    teacher_cfg, student_cfg = split_configs(read_yaml(config_path), overrides, data)
+    raw = read_yaml(config_path)
+    if "teacher" not in raw and not any(o.startswith("teacher.") for o in overrides):
+        log(f"{config_path}: no teacher: section, so the teacher (a full fine-tune) trains with the student's train "
+            "keys; a teacher: section sets its own (the teacher presets: lr 2e-5, batch 16, 2 epochs)")
+    teacher_cfg, student_cfg = split_configs(raw, overrides, data)
     if predict_input:  # a bad input file fails now, not after the teacher and the student have trained
         from .predict import read_input
 

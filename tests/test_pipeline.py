@@ -63,10 +63,12 @@ def test_a_bad_predict_input_fails_before_anything_trains(tiny_config, tmp_path)
     cfg_path.write_text(yaml.safe_dump(config_lib.to_dict(tiny_config())))
     dup = tmp_path / "dup.csv"
     dup.write_text("id,text\n1,election treaty\n1,nasa linux chip\n")
+    logs = []
     for bad, why in ((tmp_path / "missing.csv", "missing.csv"), (dup, "duplicate ID")):
         with pytest.raises(UserError, match=why):
-            run_pipeline(cfg_path, out=tmp_path / "pipe", predict_input=bad, log=lambda *a: None)
+            run_pipeline(cfg_path, out=tmp_path / "pipe", predict_input=bad, log=logs.append)
     assert not (tmp_path / "pipe").exists()
+    assert "no teacher: section, so the teacher (a full fine-tune) trains with the student's train keys" in logs[0]
 
 
 def test_pipeline_teacher_rounds_and_ensembles(tiny_config, tmp_path):
