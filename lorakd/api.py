@@ -141,11 +141,12 @@ def train(cfg=None, out=None, *, resume=None, plots=True, log=print) -> TrainRes
     return TrainResult.of(run_dir, summary)
 
 
-def pipeline(config, *, data=None, out=None, overrides=(), predict=None, log=print) -> PipelineResult:
+def pipeline(config, *, data=None, out=None, overrides=(), predict=None, predict_labels="index",
+             log=print) -> PipelineResult:
     """Teacher -> teacher logits -> student -> evaluation -> predictions of `predict` (a file), from a pipeline
     preset or YAML file (one with a `teacher:` section) into `out` (default runs/NAME); finished stages are
     skipped. overrides: "key=value" (the student's, and the teacher's where its section does not set the key)
-    and "teacher.key=value" (the teacher's alone)."""
+    and "teacher.key=value" (the teacher's alone). predict_labels: index, name or charcnn, as predict's."""
     from contextlib import ExitStack
 
     from .pipeline import pipeline_root, run_pipeline, split_configs, teacher_names
@@ -158,7 +159,8 @@ def pipeline(config, *, data=None, out=None, overrides=(), predict=None, log=pri
     with ExitStack() as locks:
         for name in ["", *(n for names in teacher_names(student) for n in names), "student"]:
             locks.enter_context(run_lock(root / name))
-        s = run_pipeline(path, overrides, out=root, data=data, predict_input=predict, log=log)
+        s = run_pipeline(path, overrides, out=root, data=data, predict_input=predict, log=log,
+                         predict_labels=predict_labels)
     root = Path(root)  # the folders as given (pipeline.json holds them absolute)
     return PipelineResult(root, root / "teacher", root / "student", s["stages"],
                           (s["teacher_summary"] or {}).get("validation_accuracy"),

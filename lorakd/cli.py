@@ -169,7 +169,8 @@ def _design(mc) -> str:
 
 
 def cmd_pipeline(args):
-    api.pipeline(args.config, data=args.data, out=args.out, overrides=args.overrides, predict=args.predict)
+    api.pipeline(args.config, data=args.data, out=args.out, overrides=args.overrides, predict=args.predict,
+                 predict_labels=args.predict_labels)
 
 
 def cmd_sweep(args):
@@ -294,6 +295,8 @@ def _add_design_commands(sub):
     pl.add_argument("--data", help="data folder, file or hub:ag_news (sets data.path)")
     pl.add_argument("--out", help="pipeline folder (default runs/NAME)")
     pl.add_argument("--predict", help="unlabelled input to predict at the end")
+    pl.add_argument("--predict-labels", default="index", help="the predictions' labels: index (0..K-1, default), "
+                                                              "name, or charcnn (1..K), as predict --labels")
     pl.add_argument("overrides", nargs="*", metavar="key=value",
                     help="config overrides: the student's, and the teacher's too where its `teacher:` section "
                          "does not set the key (data.*, train.max_steps, ...); teacher.KEY=VALUE for the teacher alone")

@@ -110,13 +110,16 @@ def round_config(teacher_cfg, student_cfg, member: int, previous: list[Path]):
     return config_lib.override(teacher_cfg, **over) if over else teacher_cfg
 
 
-def _predict_stage(root: Path, student_dir: Path, predict_input, log) -> str:
-    """predictions.csv of the student over predict_input, skipped while both (by their hashes) are unchanged."""
+def _predict_stage(root: Path, student_dir: Path, predict_input, label_format, log) -> str:
+    """predictions.csv of the student over predict_input, skipped while both (by their hashes) and the label
+    format are unchanged."""
     from .logits_cache import weights_hash
     from .predict import predict
 
     pred = root / "predictions.csv"
     stamp = {"input": _file_hash(predict_input), "student": weights_hash(student_dir)}
+    if label_format != "index":  # the default leaves stamps written before the option as they were
+        stamp["labels"] = label_format
     stamp_path = root / "predictions.json"
     try:
         old = read_json(stamp_path) if stamp_path.exists() else None
@@ -125,20 +128,23 @@ def _predict_stage(root: Path, student_dir: Path, predict_input, log) -> str:
     if pred.exists() and old == stamp:
         log(f"[predict] done already: {pred}")
         return "skipped"
-    predict(student_dir, predict_input, pred, log=log)
+    predict(student_dir, predict_input, pred, label_format=label_format, log=log)
     atomic.write_json(stamp_path, stamp)
     return "written"
 
 
-def run_pipeline(config_path, overrides=(), out=None, data=None, predict_input=None, log=print) -> dict:
+def run_pipeline(config_path, overrides=(), out=None, data=None, predict_input=None, log=print,
+                 predict_labels="index") -> dict:
     raw = read_yaml(config_path)
     if "teacher" not in raw and not any(o.startswith("teacher.") for o in overrides):
         log(f"{config_path}: no teacher: section, so the teacher (a full fine-tune) trains with the student's train "
             "keys; a teacher: section sets its own (the teacher presets: lr 2e-5, batch 16, 2 epochs)")
     teacher_cfg, student_cfg = split_configs(raw, overrides, data)
     if predict_input:  # a bad input file fails now, not after the teacher and the student have trained
-        from .predict import read_input
+        from .predict import LABEL_FORMATS, read_input
 
+        if predict_labels not in LABEL_FORMATS:
+            raise UserError(f"--predict-labels {predict_labels!r}: expected one of {', '.join(LABEL_FORMATS)}")
         read_input(predict_input)
     # text labels: both stages take the data's classes now, as train would, so their configs match their runs'
     from .data import with_label_names
@@ -178,7 +184,7 @@ def run_pipeline(config_path, overrides=(), out=None, data=None, predict_input=N
     if len(rounds) > 1 or len(rounds[0]) > 1:
         summary["teacher_summaries"] = {d.name: read_json(d / "run.json").get("summary") for f in rounds for d in f}
     if predict_input:
-        stages["predict"] = _predict_stage(root, student_dir, predict_input, log)
+        stages["predict"] = _predict_stage(root, student_dir, predict_input, predict_labels, log)
         summary["predictions"] = str(root / "predictions.csv")
     summary["wall_s"] = round(time.time() - t0, 2)
     atomic.write_json(root / "pipeline.json", summary)

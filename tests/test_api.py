@@ -150,4 +150,5 @@ def test_the_cli_commands_go_through_the_api(learned_run, tmp_path, monkeypatch)
     assert calls[0][1:] == ((str(learned_run), "test"), {"device": "auto", "backbone": None})
     assert calls[1][2]["labels"] == "name" and calls[2][2]["onnx"] is True
     assert calls[3][1][0].model.r == 2 and calls[3][1][1] == "x"
-    assert calls[4][2] == {"data": "d", "out": None, "overrides": ["teacher.train.epochs=1"], "predict": None}
+    assert calls[4][2] == {"data": "d", "out": None, "overrides": ["teacher.train.epochs=1"], "predict": None,
+                            "predict_labels": "index"}

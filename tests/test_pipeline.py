@@ -36,6 +36,11 @@ def test_pipeline_runs_then_skips(tiny_config, tmp_path):
 
     s2 = run_pipeline(cfg_path, out=out, predict_input=inp, log=lambda *a: None)
     assert s2["stages"] == {"teacher": "skipped", "logits": "cached", "student": "skipped", "predict": "skipped"}
+    s3 = run_pipeline(cfg_path, out=out, predict_input=inp, predict_labels="name", log=lambda *a: None)
+    assert s3["stages"]["predict"] == "written"  # another label format: predicted again, with class names
+    assert {r[1] for r in list(csv.reader((out / "predictions.csv").open()))[1:]} <= set(student_cfg.data.label_names)
+    with pytest.raises(UserError, match="--predict-labels 'names': expected one of index, name, charcnn"):
+        run_pipeline(cfg_path, out=out, predict_input=inp, predict_labels="names", log=lambda *a: None)
     assert json.loads((out / "pipeline.json").read_text())["stages"]["student"] == "skipped"
 
     # a LoRA key reaches the full-FT teacher too, which does not use it: the teacher stays done; the student
