@@ -141,10 +141,9 @@ def run_pipeline(config_path, overrides=(), out=None, data=None, predict_input=N
             "keys; a teacher: section sets its own (the teacher presets: lr 2e-5, batch 16, 2 epochs)")
     teacher_cfg, student_cfg = split_configs(raw, overrides, data)
     if predict_input:  # a bad input file fails now, not after the teacher and the student have trained
-        from .predict import LABEL_FORMATS, read_input
+        from .predict import check_label_format, read_input
 
-        if predict_labels not in LABEL_FORMATS:
-            raise UserError(f"--predict-labels {predict_labels!r}: expected one of {', '.join(LABEL_FORMATS)}")
+        check_label_format(predict_labels, "--predict-labels")
         read_input(predict_input)
     # text labels: both stages take the data's classes now, as train would, so their configs match their runs'
     from .data import with_label_names

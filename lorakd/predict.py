@@ -30,6 +30,12 @@ ONNX_NAMES = ("model.int8.onnx", "model.onnx")  # a folder with no PyTorch weigh
 RUNTIMES = ("onnxruntime", "openvino")
 
 
+def check_label_format(label_format, option="--labels"):
+    """The predictions' label format is one of LABEL_FORMATS; else an error naming the option that gave it."""
+    if label_format not in LABEL_FORMATS:
+        raise UserError(f"{option} {label_format!r}: expected one of {', '.join(LABEL_FORMATS)}")
+
+
 # ---------------------------------------------------------------- reading the input
 
 def read_input(path, size=None, layout="auto"):
@@ -309,8 +315,7 @@ def predict(run_dir, input_path, out_path, device="auto", batch_size=None, label
     one (Score). layout: a headerless CSV's, readers.LAYOUTS."""
     from tqdm import tqdm
 
-    if label_format not in LABEL_FORMATS:
-        raise UserError(f"--labels {label_format!r}: expected one of {', '.join(LABEL_FORMATS)}")
+    check_label_format(label_format)
     check_options(batch_size, threads, layout)
     kind, path = model_kind(run_dir, runtime)
     names = _labels_of(kind, path)
