@@ -20,6 +20,7 @@ every run, so a call stopped at its time limit still returns what it measured.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import statistics
 import sys
@@ -105,10 +106,13 @@ def main():
                     help="with --merge: also write distill-scale-summary.json (issue 30's regimes, best student each)")
     ap.add_argument("--prior", help="with --scale-summary: a scale summary whose arms and teachers that the merged "
                                     "raw JSONs lack are kept as they are (mean, sd, n of an earlier call)")
+    ap.add_argument("--pool", nargs="*", default=[], metavar="REGIME:STUDENT:ARM",
+                    help="with --prior: these arms' prior figures are runs of other seeds than the raw JSONs': "
+                         "pool the two (mean and sd of every run) instead of keeping only the raw ones")
     args = ap.parse_args()
     out = Path(args.out)
     if args.merge:
-        return merge(args.merge, out, args.scale_summary, args.students, args.prior)
+        return merge(args.merge, out, args.scale_summary, args.students, args.prior, args.pool)
     t_start = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="lorakd-gain-"))
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -151,7 +155,7 @@ def parse_variant(text):
     return name, re.split(r",(?![^\[]*\])", keys)
 
 
-def merge(paths, out, scale=False, students="", prior=None):
+def merge(paths, out, scale=False, students="", prior=None, pool=()):
     """One summary from the raw results of several processes (seeds run side by side, or calls one after
     another: a CE-only call and a teachers' call of the same seeds)."""
     import json
@@ -164,7 +168,8 @@ def merge(paths, out, scale=False, students="", prior=None):
                                                        for x in rows}.values())
     summary = summarize(merged)
     if scale:
-        scaled = scale_summary(summary, students.split(","), json.loads(Path(prior).read_text()) if prior else None)
+        scaled = scale_summary(summary, students.split(","), json.loads(Path(prior).read_text()) if prior else None,
+                               pool)
         atomic.write_json(out / "distill-scale-summary.json", scaled)
         print(json.dumps(scaled, indent=1))
         return
@@ -172,17 +177,28 @@ def merge(paths, out, scale=False, students="", prior=None):
     print_summary(summary)
 
 
-def scale_summary(summary, students, prior=None):
+def pooled(a, b):
+    """Mean, sd and n of two groups of runs given as mean/sd/n (in %): the sd of all the runs together."""
+    n = a["n"] + b["n"]
+    mean = (a["n"] * a["mean"] + b["n"] * b["mean"]) / n
+    ss = sum((g["n"] - 1) * (g["sd"] or 0) ** 2 + g["n"] * (g["mean"] - mean) ** 2 for g in (a, b))
+    return {"mean": round(mean, 2), "sd": round(math.sqrt(ss / (n - 1)), 2), "n": n}
+
+
+def scale_summary(summary, students, prior=None, pool=()):
     """Issue 30's figures per regime: the round-one teacher, the best student arm under the budget (a KD arm or
     a CE arm, by mean among the arms run on the most seeds, up to 2), its best KD arm's gain over the same
     student's best CE arm, and the seeds; plus every arm's mean/sd/n. With `prior` (an earlier scale summary):
-    the arms and teachers the raw results lack are kept from it."""
+    the arms and teachers the raw results lack are kept from it, and the `pool` arms' runs are pooled with it."""
     from lorakd.budget import count_params
 
     out = {"metric": summary["metric"], "device": summary["device"], "regimes": {}}
     for regime in sorted(set(summary["regimes"]) | set((prior or {}).get("regimes", {}))):
         entry, old = summary["regimes"].get(regime, {}), (prior or {}).get("regimes", {}).get(regime, {})
         arms = {s: {**old.get("arms", {}).get(s, {}), **entry.get(s, {}).get("arms", {})} for s in students}
+        for s, a in ((s, a) for s in students for a in entry.get(s, {}).get("arms", {})):
+            if f"{regime}:{s}:{a}" in pool and a in old.get("arms", {}).get(s, {}):
+                arms[s][a] = pooled(old["arms"][s][a], entry[s]["arms"][a])
         arms = {s: a for s, a in arms.items() if a}
         if not arms:
             continue
@@ -220,13 +236,25 @@ def pipeline_speedup(folder):
         if not ours_path.exists():
             continue
         peer, ours = json.loads(peer_path.read_text()), json.loads(ours_path.read_text())
-        peer_s = peer["extrapolated_full_s"] if peer.get("capped") else peer["wall_s"]
+        peer_s = recipe_time(peer)
         out[peer["regime"]] = {"lorakd_s": ours["command_to_exit_s"], "trainer_way_s": peer_s,
                                "trainer_way_capped": bool(peer.get("capped")),
+                               "trainer_way_measured_s": peer["wall_s"],
                                "speedup": round(peer_s / ours["command_to_exit_s"], 2),
                                "teacher_acc": {"lorakd": ours["teacher_acc"], "trainer_way": peer["teacher_acc"]},
                                "student_acc": {"lorakd": ours["student_acc"], "trainer_way": peer["student_acc"]}}
     return out
+
+
+def recipe_time(peer) -> float:
+    """The Trainer way's wall time at its recipe's steps: each phase's steps short of the recipe's (a capped run)
+    added, or past them subtracted (a cap above the recipe's steps lengthened training before 2026-12-04's fix
+    of trainer_way.py), at the phase's steady per-step time."""
+    extra = 0.0
+    for name, ph in peer["train_phases"].items():
+        batch = peer["recipe"][name.removesuffix("_train")]["train.batch_size"]
+        extra += (ph["full_steps"] - ph["steps"]) * batch / ph["steady_samples_per_s"]
+    return round(peer["wall_s"] + extra, 1)
 
 
 def one_seed(args, seed, run, result, raw_path, tmp, quiet, variants, base_student):

@@ -123,11 +123,17 @@ class DistillTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def training_args(t, out_dir, seed, max_steps):
-    """The run's TrainConfig as TrainingArguments: no checkpoints, no reporting, bf16 on GPU."""
+def recipe_steps(n_rows, t) -> int:
+    return math.ceil(t.epochs * math.ceil(n_rows / t.batch_size))
+
+
+def training_args(t, out_dir, seed, max_steps, n_rows):
+    """The run's TrainConfig as TrainingArguments: no checkpoints, no reporting, bf16 on GPU. A cap at or above
+    the recipe's steps is no cap (Trainer's max_steps would replace the epochs and train longer)."""
+    capped = 0 < max_steps < recipe_steps(n_rows, t)
     kwargs = dict(output_dir=str(out_dir), per_device_train_batch_size=t.batch_size,
                   per_device_eval_batch_size=t.eval_batch_size, learning_rate=t.lr, num_train_epochs=t.epochs,
-                  max_steps=max_steps or -1, weight_decay=t.weight_decay, lr_scheduler_type=t.schedule,
+                  max_steps=max_steps if capped else -1, weight_decay=t.weight_decay, lr_scheduler_type=t.schedule,
                   max_grad_norm=t.grad_clip, bf16=GPU, save_strategy="no", report_to=[], seed=seed,
                   logging_steps=200, disable_tqdm=True, remove_unused_columns=False, label_names=["labels"])
     # transformers 5 dropped warmup_ratio: a float warmup_steps is the ratio there.
@@ -162,7 +168,7 @@ def train_phase(trainer, clock, n_rows, t):
     if GPU:
         torch.cuda.synchronize()
     train_s = time.time() - t0
-    full_steps = math.ceil(t.epochs * math.ceil(n_rows / t.batch_size))
+    full_steps = recipe_steps(n_rows, t)
     half = clock.ends[len(clock.ends) // 2:]
     step_s = (half[-1] - half[0]) / (len(half) - 1) if len(half) > 1 else train_s / max(out.global_step, 1)
     return {"rows": n_rows, "steps": out.global_step, "full_steps": full_steps, "train_s": round(train_s, 2),
@@ -218,7 +224,8 @@ def run(args):
     teacher = teacher.float()
     tt = teacher_cfg.train
     steps = StepClock(args.deadline_s)
-    trainer = Trainer(model=teacher, args=training_args(tt, tmp / "teacher", args.seed, args.max_steps),
+    targs = training_args(tt, tmp / "teacher", args.seed, args.max_steps, len(teacher_train))
+    trainer = Trainer(model=teacher, args=targs,
                       train_dataset=teacher_train, data_collator=DataCollatorWithPadding(t_tok), callbacks=[steps])
     res["phases"]["teacher_train"] = train_phase(trainer, steps, len(teacher_train), tt)
     clock.lap("teacher_train")
@@ -237,7 +244,8 @@ def run(args):
                                                  lora_dropout=m.dropout, target_modules=list(m.targets)))
     res["student_trainable"] = student.get_nb_trainable_parameters()[0]
     steps = StepClock(args.deadline_s)
-    trainer = DistillTrainer(model=student, args=training_args(st, tmp / "student", args.seed, args.max_steps),
+    sargs = training_args(st, tmp / "student", args.seed, args.max_steps, len(student_train))
+    trainer = DistillTrainer(model=student, args=sargs,
                              train_dataset=student_train, data_collator=PairCollator(s_tok, t_tok), callbacks=[steps],
                              teacher=teacher, alpha=dc.alpha, temperature=dc.temperature)
     res["phases"]["student_train"] = train_phase(trainer, steps, len(student_train), st)

@@ -62,7 +62,10 @@ class TrainConfig:
     log_every: int = 20  # steps between train-loss records
     eval_every: int = 0  # steps between evaluations; 0 = each epoch
     early_stop_patience: int = 0  # stop after N evaluations without a better validation accuracy; 0 = off
-    checkpoint_every: int = 200  # steps between resumable checkpoints; 0 = only on SIGTERM or Ctrl-C
+    # resumable checkpoints: every N steps and/or every M minutes of wall time (0 = off; both off = only on SIGTERM or
+    # Ctrl-C). By time by default: a GPU step takes milliseconds, and a full fine-tune's checkpoint seconds.
+    checkpoint_every: int = 0
+    checkpoint_minutes: float = 5.0
     eval_batch_size: int = 256
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on GPU) | bf16 | fp32
@@ -297,7 +300,8 @@ AT_LEAST = {
     "train.log_every": (1, ""),
     "train.early_stop_patience": (0, "0 = off"),
     "train.eval_every": (0, ""),
-    "train.checkpoint_every": (0, ""),
+    "train.checkpoint_every": (0, "0 = off"),
+    "train.checkpoint_minutes": (0, "0 = off"),
     "train.eval_batch_size": (1, ""),
     "train.threads": (0, "0 = torch's default"),
     "data.max_length": (8, ""),

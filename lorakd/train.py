@@ -142,6 +142,7 @@ def _train_loop(run, plots) -> dict:
     if plots and run.rank == 0:  # matplotlib imports while the GPU trains (the host mostly waits), not after
         threading.Thread(target=_import_plotting, daemon=True).start()
     batches, batches_epoch = None, None
+    last_checkpoint = time.perf_counter()
     with StopOnSignal(run.rank == 0 or run.world == 1) as stop:
         try:
             while st.step < run.total:
@@ -168,10 +169,11 @@ def _train_loop(run, plots) -> dict:
                     evaluate_and_keep_best(run, runlog)
                     if should_stop_early(run) and not last:
                         break
-                if (tc.checkpoint_every and st.step % tc.checkpoint_every == 0) or stop.signal:
+                if checkpoint_due(run, log_now, last_checkpoint) or stop.signal:
                     phases.mark("train_loop")
                     save_checkpoint(run, runlog, lr)
                     phases.mark("checkpoints")
+                    last_checkpoint = time.perf_counter()
                 if stop.signal:
                     run.log(f"stopped by signal at step {st.step}; continue with: lorakd train --resume {run_dir}")
                     stop.exit()
@@ -179,6 +181,20 @@ def _train_loop(run, plots) -> dict:
             runlog.close()
     phases.mark("train_loop")
     return finish(run, plots)
+
+
+def checkpoint_due(run, log_now, since) -> bool:
+    """train.checkpoint_every steps, or train.checkpoint_minutes since the last checkpoint: the clock is read where
+    the loss is logged, and the processes agree (any one due), so that every rank checkpoints at the same step."""
+    tc = run.cfg.train
+    if tc.checkpoint_every and run.state.step % tc.checkpoint_every == 0:
+        return True
+    if not (tc.checkpoint_minutes and log_now):
+        return False
+    due = time.perf_counter() - since >= 60 * tc.checkpoint_minutes
+    if run.world > 1:
+        due = bool(dist.reduce_mean(torch.tensor(float(due), device=run.device), run.world) > 0)
+    return due
 
 
 def should_stop_early(run) -> bool:

@@ -80,3 +80,64 @@ def test_trainer_way_runs_on_lorakd_rows_and_extrapolates(tmp_path, tiny_backbon
     assert out["capped"] and all(p["full_train_s"] > p["train_s"] for p in out["train_phases"].values())
     assert out["extrapolated_full_s"] == pytest.approx(out["wall_s"] + sum(
         p["full_train_s"] - p["train_s"] for p in out["train_phases"].values()), abs=0.2)
+
+
+def test_pooled_figures_are_those_of_every_run(gain):
+    """--pool: an arm's runs of an earlier call (mean, sd, n) and of the raw JSONs give the mean and sample sd
+    of all the runs together."""
+    import statistics
+
+    a, b = [93.65], [93.54, 93.34]
+    got = gain.pooled({"mean": 93.65, "sd": None, "n": 1},
+                      {"mean": statistics.mean(b), "sd": statistics.stdev(b), "n": 2})
+    assert got == {"mean": round(statistics.mean(a + b), 2), "sd": round(statistics.stdev(a + b), 2), "n": 3}
+
+
+def test_trainer_way_time_is_at_the_recipe_steps(gain):
+    """pipeline_speedup's Trainer-way time: a capped phase's missing steps are added and a phase that ran past
+    the recipe's steps has its extra ones taken off, each at the phase's steady step time."""
+    peer = {"wall_s": 100.0, "recipe": {"teacher": {"train.batch_size": 16}, "student": {"train.batch_size": 24}},
+            "train_phases": {"teacher_train": {"steps": 150, "full_steps": 110, "steady_samples_per_s": 160.0},
+                             "student_train": {"steps": 150, "full_steps": 600, "steady_samples_per_s": 240.0}}}
+    assert gain.recipe_time(peer) == pytest.approx(100 - 40 * 0.1 + 450 * 0.1)
+
+
+@pytest.mark.slow  # imports transformers' Trainer
+def test_trainer_way_cap_above_the_recipe_is_no_cap():
+    """--max-steps above a phase's recipe steps must not replace its epochs (Trainer's max_steps would train on)."""
+    spec = importlib.util.spec_from_file_location("trainer_way", REPO / "bench" / "trainer_way.py")
+    way = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(way)
+    from lorakd.config import TrainConfig
+
+    t = TrainConfig(batch_size=16, epochs=2)  # 100 rows: 7 steps an epoch, 14 in all
+    assert way.recipe_steps(100, t) == 14
+    assert way.training_args(t, "/tmp/x", 1, 1500, 100).max_steps == -1
+    assert way.training_args(t, "/tmp/x", 1, 5, 100).max_steps == 5
+    assert way.training_args(t, "/tmp/x", 1, 0, 100).max_steps == -1
+
+
+@pytest.mark.slow  # a `lorakd pipeline` subprocess (teacher and student) on the tiny backbone
+def test_pipeline_way_times_the_pipeline_and_reads_its_folder(tmp_path, tiny_backbone, tiny_data):
+    """bench/pipeline_way.py: a fresh `lorakd pipeline` process with the preset, rows and overrides the Trainer
+    way reads; its JSON holds the command-to-exit time, both accuracies from the runs' eval.json and each run's
+    phases, under the name pipeline_speedup pairs with trainer-way-labelled<N>.json."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(REPO / "bench" / "pipeline_way.py"), "--teacher-backbone", str(tiny_backbone),
+           "--student-backbone", str(tiny_backbone), "--data", str(tiny_data), "--labelled", "100",
+           "--out", str(tmp_path), "data.max_length=32", "data.val_fraction=0.1", "distill.augment=0",
+           "train.max_steps=3", "teacher.train.max_steps=3", "train.threads=1", "teacher.train.threads=1"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    out = json.loads((tmp_path / "lorakd-pipeline-labelled100.json").read_text())
+    assert out["regime"] == "labelled=100" and out["stages"] == {"teacher": "trained", "logits": "cached",
+                                                                 "student": "trained"}
+    assert 0 <= out["teacher_acc"] <= 1 and 0 <= out["student_acc"] <= 1
+    phases = out["teacher_phases_s"]["total"] + out["student_phases_s"]["total"]
+    assert phases < out["command_to_exit_s"]  # the process's own start and the logits come on top
+    assert "data.labelled=100" in out["command"] and out["device"] == "cpu"

@@ -62,6 +62,22 @@ def test_nan_loss_stops_with_clear_message(tiny_config, tmp_path):
     assert info["status"] == "done" and "error" not in info and resumed["steps"] > 0
 
 
+@pytest.mark.parametrize("every, minutes, saved_at", [(0, 1e-9, [2, 4, 6]), (3, 0, [3, 6]), (0, 0, []),
+                                                      (0, 60, [])])
+def test_checkpoints_by_steps_or_by_minutes(tiny_config, tmp_path, monkeypatch, every, minutes, saved_at):
+    """train.checkpoint_every counts steps; train.checkpoint_minutes is read where the loss is logged (every
+    train.log_every steps): due once that much wall time has passed since the last checkpoint."""
+    import lorakd.train as train_module
+    steps, save = [], train_module.save_checkpoint
+    monkeypatch.setattr(train_module, "save_checkpoint", lambda run, *a: (steps.append(run.state.step), save(run, *a)))
+    cfg = tiny_config(**{"train.max_steps": 6, "train.log_every": 2, "train.checkpoint_every": every,
+                         "train.checkpoint_minutes": minutes})
+    train(cfg, tmp_path / "run", log=lambda *a: None)
+    assert steps == saved_at
+    phases = json.loads((tmp_path / "run" / "run.json").read_text())["summary"]["phases_s"]
+    assert ("checkpoints" in phases) == bool(saved_at)  # their time is its own phase
+
+
 def test_existing_run_folder_is_not_overwritten(tiny_config, tmp_path):
     cfg = tiny_config(**{"train.max_steps": 2})
     train(cfg, tmp_path / "run", log=lambda *a: None)
