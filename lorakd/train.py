@@ -169,7 +169,7 @@ def _train_loop(run, plots) -> dict:
                     evaluate_and_keep_best(run, runlog)
                     if should_stop_early(run) and not last:
                         break
-                if checkpoint_due(run, log_now, last_checkpoint) or stop.signal:
+                if checkpoint_due(run, log_now and not last, last_checkpoint) or stop.signal:
                     phases.mark("train_loop")
                     save_checkpoint(run, runlog, lr)
                     phases.mark("checkpoints")
@@ -185,7 +185,8 @@ def _train_loop(run, plots) -> dict:
 
 def checkpoint_due(run, log_now, since) -> bool:
     """train.checkpoint_every steps, or train.checkpoint_minutes since the last checkpoint: the clock is read where
-    the loss is logged, and the processes agree (any one due), so that every rank checkpoints at the same step."""
+    the loss is logged (not at the last step: the run's files follow), and the processes agree (any one due), so
+    that every rank checkpoints at the same step."""
     tc = run.cfg.train
     if tc.checkpoint_every and run.state.step % tc.checkpoint_every == 0:
         return True
