@@ -9,10 +9,10 @@ The recipe (teacher and student lr, batch, epochs, LoRA shape, distill alpha and
 the same pipeline preset lorakd runs, and the rows come from lorakd's own reader: the same train/validation carve,
 the same labelled rows and the same transfer rows (the train rows data.labelled leaves out, plus the preset's
 augmented copies) as `lorakd pipeline --config PRESET data.labelled=N train.seed=SEED`. --labelled 0: all labels.
---max-steps N caps each Trainer (a CPU smoke test, a time-limited GPU call), and --deadline-s S stops whichever
-phase is training once the command has run S seconds (then it evaluates and writes the JSON); a capped run's JSON
-holds each phase's samples/s and `extrapolated_full_s`: the wall time with every capped phase's missing steps added
-at the steady per-step time of its second half.
+--max-steps N caps each Trainer below its recipe's steps (a CPU smoke test, a time-limited GPU call), and
+--deadline-s S stops whichever phase is training once the command has run S seconds (then it evaluates and writes
+the JSON); a capped run's JSON holds each phase's samples/s and `extrapolated_full_s`: the wall time with every
+capped phase's missing steps added at the steady per-step time of its second half.
 Writes OUT/trainer-way-labelled<N>.json (N = 0: all labels).
 """
 from __future__ import annotations
