@@ -20,6 +20,8 @@ mkdir -p /tmp/res /tmp/d50
 S=$PWD/.device-carry/minilm
 G="python bench/distill_gain.py --students minilm-fill --seeds ${SEEDS:-42,43,44} --student-backbone $S --data /tmp/d50"
 G="$G --out /tmp/res --deadline-s ${DEADLINE:-560}"
+K="--teacher-backbone /tmp/mpnet --kd-set train.lr=1e-3 --students minilm-fill,mpnet-r6-qkv"  # the KD runs
+K="$K --student-set mpnet-r6-qkv:train.lr=5e-4"  # the base-size student's lr (preset pipeline-mpnet-r6)
 if [ "$1" = ce ]; then
   setsid nohup $G --teachers 0 --regimes 50k-1000 --tag=-ce1000 \
     --variants ce_lr1e3_e10:train.lr=1e-3,train.epochs=10 ce_lr1e3_e30:train.lr=1e-3,train.epochs=30 \
@@ -32,8 +34,6 @@ if [ "$1" = ce ]; then
     > /tmp/res/memory.log 2>&1 &
 fi
 if [ "$1" = kd ]; then  # two streams side by side (six at once slowed the mpnet teacher ~4x): 8,791 labels; all, then 1,000
-  K="--teacher-backbone /tmp/mpnet --kd-set train.lr=1e-3 --students minilm-fill,mpnet-r6-qkv"
-  K="$K --student-set mpnet-r6-qkv:train.lr=5e-4"  # the base-size student's lr (preset pipeline-mpnet-r6)
   setsid nohup $G $K --teachers 2 --round2 --regimes 50k-8791 --tag=-kd8791 --deadline-s ${DEADLINE_A:-1100} \
     --arms minilm-fill:kd_transfer,minilm-fill:kd_ens,minilm-fill:kd_r2,mpnet-r6-qkv:kd_ens > /tmp/res/kd8791.log 2>&1 &
   setsid nohup bash -c "$G $K --regimes 50k-all --tag=-kdall --deadline-s ${DEADLINE_B1:-480} \
@@ -58,8 +58,6 @@ if [ "$1" = ce-lr1e3 ]; then  # the all-label CE twin at lr 1e-3 (3 epochs) for 
   exit
 fi
 if [ "$1" = more ]; then
-  K="--teacher-backbone /tmp/mpnet --kd-set train.lr=1e-3 --students minilm-fill,mpnet-r6-qkv"
-  K="$K --student-set mpnet-r6-qkv:train.lr=5e-4"
   setsid nohup $G $K --seeds $2 --teachers 2 --round2 --regimes 50k-8791 --tag=-kd8791-s$2 --deadline-s 900 \
     --arms minilm-fill:kd_r2,mpnet-r6-qkv:kd_ens > /tmp/res/kd8791-s$2.log 2>&1 &
   echo $! >> /tmp/res/more.pids  # to wait on: `for p in $(cat /tmp/res/more.pids); do while kill -0 $p...`

@@ -45,7 +45,7 @@ def run(args, folder: Path) -> dict:
     runs = {role: json.loads((folder / role / "run.json").read_text())["summary"] for role in ("teacher", "student")}
     acc = {role: json.loads((folder / role / "eval.json").read_text())["validation"]["accuracy"]
            for role in ("teacher", "student")}
-    return {"regime": "all labels" if not args.labelled else f"labelled={args.labelled}", "seed": args.seed,
+    return {"regime": regime(args.labelled), "seed": args.seed,
             "config": args.config, "overrides": args.overrides,
             "command": " ".join(["python -m lorakd.cli pipeline", *command[4:]]),
             "command_to_exit_s": round(wall, 2),
@@ -57,17 +57,27 @@ def run(args, folder: Path) -> dict:
             "device": runs["student"]["device"]}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def comparison_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments both sides of the comparison take (this script and bench/trainer_way.py): the same preset,
+    backbones, rows and overrides."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--teacher-backbone", required=True)
     p.add_argument("--student-backbone", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--labelled", type=int, default=8791, help="labelled train rows; 0 = all")
-    p.add_argument("--config", default="pipeline-mpnet", help="the pipeline preset (name or file)")
+    p.add_argument("--config", default="pipeline-mpnet", help="the pipeline preset lorakd runs (name or file)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", default="bench/results")
     p.add_argument("overrides", nargs="*", help="key=value for the preset, as `lorakd pipeline` takes them")
-    args = p.parse_args(argv)
+    return p
+
+
+def regime(labelled: int) -> str:
+    return "all labels" if not labelled else f"labelled={labelled}"
+
+
+def main(argv=None):
+    args = comparison_parser(__doc__).parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pipeline-way-") as tmp:
         res = run(args, Path(tmp) / "pipeline")
     res["date"] = datetime.date.today().isoformat()

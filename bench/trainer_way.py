@@ -21,7 +21,6 @@ import time
 
 T0 = time.time()  # command start, before the heavy imports: what a user's clock sees
 
-import argparse  # noqa: E402
 import inspect  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -43,8 +42,7 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Dat
                           Trainer, TrainerCallback, TrainingArguments)
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from lorakd import atomic  # noqa: E402
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
 from lorakd import config as config_lib  # noqa: E402
 from lorakd import data as data_lib  # noqa: E402
 from lorakd import distill  # noqa: E402
@@ -52,6 +50,8 @@ from lorakd import backbones  # noqa: E402
 from lorakd.errors import UserError  # noqa: E402
 from lorakd.pipeline import split_configs  # noqa: E402
 from lorakd.yaml_files import preset_path, read_yaml  # noqa: E402
+from pipeline_way import comparison_parser, regime  # noqa: E402
+from result_files import result_paths, write_result  # noqa: E402
 
 GPU = torch.cuda.is_available()
 
@@ -259,18 +259,10 @@ def run(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher-backbone", required=True)
-    p.add_argument("--student-backbone", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--labelled", type=int, default=8791, help="labelled train rows; 0 = all")
-    p.add_argument("--config", default="pipeline-mpnet", help="the pipeline preset lorakd runs (name or file)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--out", default="bench/results")
+    p = comparison_parser(__doc__)
     p.add_argument("--max-steps", type=int, default=0, help="cap each Trainer's steps (0 = full epochs)")
     p.add_argument("--deadline-s", type=float, default=0, help="stop training once the command has run this long, "
                    "then evaluate and write the JSON (a call's time limit; 0 = none)")
-    p.add_argument("overrides", nargs="*", help="key=value for the preset, as `lorakd pipeline` takes them")
     args = p.parse_args(argv)
     try:
         res, clock = run(args)
@@ -282,7 +274,7 @@ def main(argv=None):
     # each capped phase at its full steps; the rest of the command (imports, data, evaluation) already ran in full
     capped = any(ph["steps"] < ph["full_steps"] for ph in phases.values())
     extra = sum(ph["full_train_s"] - ph["train_s"] for ph in phases.values())
-    out = {"regime": "all labels" if not args.labelled else f"labelled={args.labelled}", "seed": args.seed,
+    out = {"regime": regime(args.labelled), "seed": args.seed,
            "config": args.config, "overrides": args.overrides, "wall_s": round(wall, 2),
            "phases_s": {**clock.phases, "total": round(wall, 2)}, "teacher_acc": res.pop("teacher_acc"),
            "student_acc": res.pop("student_acc"), "max_steps": args.max_steps, "deadline_s": args.deadline_s,
@@ -291,13 +283,8 @@ def main(argv=None):
            "device": torch.cuda.get_device_name() if GPU else "cpu",
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}}
     name = f"trainer-way-labelled{args.labelled}"
-    try:  # bench/result_files.py (main since 72216ca): the current file and a timestamped copy in scratch/
-        from result_files import result_paths, write_result
-        paths = result_paths(name, args.out, out["device"])
-        write_result(paths, out)
-    except ImportError:  # a tree before it
-        paths = (Path(args.out) / f"{name}.json",)
-        atomic.write_json(paths[0], out)
+    paths = result_paths(name, args.out, out["device"])  # the current file and a timestamped copy in scratch/
+    write_result(paths, out)
     path = paths[0]
     print(f"\n{out['regime']}, seed {args.seed}, {out['device']}: wall {out['wall_s']} s"
           + (f" (capped; the full run about {out['extrapolated_full_s']} s)" if capped else ""))
